@@ -1,0 +1,30 @@
+# Every target works as the first command on a fresh machine: the venv is built on demand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= /tmp/b2t_demo
+# Default test parallelism: the suite is CPU bound and this machine has 2 cores.
+PYTEST_ARGS ?= -n 2
+
+.PHONY: setup demo test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Trains the demo triple model end to end on freshly generated synthetic t15 data.
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(PY) tools/make_synthetic_data.py --out=$(DEMO_DIR)/data
+	$(PY) -m b2t_jax.main --config=configs/demo.py --workdir=$(DEMO_DIR)/work --config.data_dir=$(DEMO_DIR)/data
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,27 @@
+"""Stateless batch sampling: training batch k is a pure function of (seed, k), so resume needs only k."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def train_batch_indices(seed: int, step: int, day_indices: dict[int, np.ndarray], batch_size: int,
+                        days_per_batch: int) -> np.ndarray:
+  """The reference recipe: `days_per_batch` distinct days drawn uniformly, then `batch_size / days_per_batch`
+  trials per day drawn with replacement. Returns trial indices (batch_size,), grouped by day."""
+  if batch_size % days_per_batch:
+    raise ValueError(f"config.data.batch_size={batch_size} must be a multiple of "
+                     f"config.data.days_per_batch={days_per_batch}")
+  days = np.asarray(sorted(day_indices))
+  if len(days) < days_per_batch:
+    raise ValueError(f"config.data.days_per_batch={days_per_batch} but the training split has only "
+                     f"{len(days)} day(s) with trials; lower days_per_batch")
+  rng = np.random.default_rng([seed, step])
+  chosen = rng.choice(days, size=days_per_batch, replace=False)
+  per_day = batch_size // days_per_batch
+  return np.concatenate([rng.choice(day_indices[d], size=per_day, replace=True) for d in chosen])
+
+
+def eval_batch_indices(n_trials: int, batch_size: int) -> list[np.ndarray]:
+  """Covers trials 0..n-1 exactly once, in order, in chunks of `batch_size` (the last may be short)."""
+  return [np.arange(s, min(s + batch_size, n_trials)) for s in range(0, n_trials, batch_size)]

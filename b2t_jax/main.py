@@ -1,0 +1,72 @@
+"""Entry point: python -m b2t_jax.main --config=configs/demo.py --workdir=DIR [--config.field=value ...]
+
+Modes (config.mode): train (default; resumes from WORKDIR), eval (best checkpoint -> val PER),
+summary (parameter counts as JSON, nothing allocated).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# Config files import their base as `configs.default`; make the checkout's root importable wherever we run.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_ROOT, "configs")) and _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's writers import TensorFlow; keep its banner quiet
+
+import logging as py_logging  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from b2t_jax import train  # noqa: E402
+from b2t_jax.summary import parameter_counts  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and logs (local or gs://)")
+
+
+def _quiet_library_logs() -> None:
+  """Orbax logs every save step at INFO through absl; keep its warnings, drop the chatter."""
+  def keep(record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+  logging.get_absl_handler().addFilter(keep)
+
+
+def main(argv):
+  _quiet_library_logs()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config=configs/NAME.py is required")
+  if config.distributed:
+    jax.distributed.initialize()
+  if config.mode == "summary":
+    print(json.dumps(parameter_counts(config)))
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required for mode train/eval")
+  if config.mode == "train":
+    with config.unlocked():
+      result = train.train_and_evaluate(config, _WORKDIR.value)
+    if "val_per" in result and jax.process_index() == 0:
+      print(f"final val_per={result['val_per']:.4f} val_loss={result['val_loss']:.4f}")
+  elif config.mode == "eval":
+    with config.unlocked():
+      result = train.evaluate_checkpoint(config, _WORKDIR.value)
+    if jax.process_index() == 0:
+      print(train.format_per_day(result["per_day"], config.data.sessions))
+      print(f"step={result['step']} val_loss={result['val_loss']:.4f} val_infeasible={result['val_infeasible']}")
+      print(f"val_per={result['val_per']:.4f}")
+  else:
+    raise app.UsageError(f"config.mode={config.mode!r}: expected train, eval or summary")
+  logging.info("done")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,96 @@
+"""AdamW with the reference's parameter groups (SPEC §4).
+
+Two groups: day layers (own LR schedule, no weight decay, absent-day rule) and everything else
+(AdamW, decay on GRU/Dense kernels and h0 only). Global-norm clipping sits outside both so one norm
+covers all gradients.
+
+The absent-day rule: the reference keeps one parameter per day, so a day absent from a batch has no
+gradient and PyTorch's Adam skips it entirely (moments and its own step count untouched). `day_adam`
+reproduces that with per-day moments and per-day step counts, driven by a `day_present` mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+DAY_PARAMS = ("day_weights", "day_biases")
+DECAYED_PARAMS = ("w_ih", "w_hh", "kernel", "h0")
+
+
+def _leaf_name(path) -> str:
+  last = path[-1]
+  return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def param_groups(params) -> Any:
+  """'day' for per-day input layers, 'main' for the rest (same tree structure as params)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: "day" if _leaf_name(p) in DAY_PARAMS else "main", params)
+
+
+def decay_mask(params) -> Any:
+  """True for GRU/Dense kernels and h0 (weight decay applies), False for biases and day layers."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) in DECAYED_PARAMS, params)
+
+
+class DayAdamState(NamedTuple):
+  count: Any   # per leaf: (n_days,) int32, Adam steps taken by each day
+  mu: Any
+  nu: Any
+
+
+def day_adam(learning_rate: optax.Schedule, b1: float, b2: float, eps: float
+             ) -> optax.GradientTransformationExtraArgs:
+  """Adam over leaves whose axis 0 is the day; days with `day_present[d] == False` are skipped entirely.
+
+  The learning rate follows the global step (as the reference's scheduler does); bias correction uses
+  each day's own step count (as PyTorch's per-parameter Adam state does).
+  """
+
+  def init_fn(params):
+    zeros = lambda p: jnp.zeros_like(p, dtype=jnp.float32)
+    return DayAdamState(count=jax.tree.map(lambda p: jnp.zeros((p.shape[0],), jnp.int32), params),
+                        mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params)), jnp.zeros([], jnp.int32)
+
+  def update_fn(updates, state, params=None, *, day_present=None, **extra):
+    del params, extra
+    adam, step = state
+    lr = learning_rate(step)
+    if day_present is None:
+      day_present = jnp.ones(jax.tree.leaves(adam.count)[0].shape, bool)
+
+    def where_present(g, new, old):
+      return jnp.where(day_present.reshape((-1,) + (1,) * (g.ndim - 1)), new, old)
+
+    mu = jax.tree.map(lambda g, m: where_present(g, b1 * m + (1 - b1) * g, m), updates, adam.mu)
+    nu = jax.tree.map(lambda g, v: where_present(g, b2 * v + (1 - b2) * jnp.square(g), v), updates, adam.nu)
+    count = jax.tree.map(lambda c: c + day_present.astype(jnp.int32), adam.count)
+
+    def step_of(g, m, v, c):
+      c = jnp.maximum(c, 1).astype(jnp.float32).reshape((-1,) + (1,) * (g.ndim - 1))
+      u = -lr * (m / (1 - b1 ** c)) / (jnp.sqrt(v / (1 - b2 ** c)) + eps)
+      return where_present(g, u, 0.0).astype(g.dtype)
+
+    return jax.tree.map(step_of, updates, mu, nu, count), (DayAdamState(count, mu, nu), step + 1)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def lr_schedule(peak: float, end: float, warmup_steps: int, decay_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0, cosine to `end` at `decay_steps` (warm-up included), flat afterwards."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, decay_steps, end)
+
+
+def create_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  """The full optimizer; `update` takes the extra keyword `day_present` (n_days,) bool."""
+  main = optax.adamw(lr_schedule(cfg.lr_peak, cfg.lr_min, cfg.warmup_steps, cfg.decay_steps),
+                     b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+  day = day_adam(lr_schedule(cfg.day_lr_peak, cfg.day_lr_min, cfg.day_warmup_steps, cfg.decay_steps),
+                 cfg.b1, cfg.b2, cfg.eps)
+  parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
+  return optax.chain(*parts, optax.multi_transform({"main": main, "day": day}, param_groups))

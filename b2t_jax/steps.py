@@ -1,0 +1,109 @@
+"""The train and eval steps: pure functions of (state, batch), jitted with shardings by train.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+from flax import struct
+
+from b2t_jax import losses
+from b2t_jax.data.augment import preprocess
+from b2t_jax.models.frontend import n_patches
+from b2t_jax.optim import lr_schedule
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a resume needs: the step (which also fixes the next batch), params, optimizer state and
+  the base PRNG key (per-step keys are `fold_in(rng, step)`, so no key is carried forward)."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, config, example_batch
+                       ) -> TrainState:
+  """Initialises params from `config.seed` on a shape-only example batch."""
+  key = jax.random.PRNGKey(config.seed)
+  init_key, base_key = jax.random.split(key)
+  params = model.init({"params": init_key}, example_batch["features"], example_batch["day"])["params"]
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), rng=base_key)
+
+
+def grl_lambda(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """λ of the gradient reversal: linear ramp from 0 over the adversarial warm-up, then constant."""
+  lam = jnp.asarray(config.model.grl_lambda, jnp.float32)
+  warm = config.loss.adversarial_warmup_steps
+  if warm > 0:
+    lam = lam * jnp.minimum(step.astype(jnp.float32) / warm, 1.0)
+  return lam
+
+
+def _micro_batches(tree, n: int):
+  """(B, ...) -> (n, B / n, ...), micro-batch i = rows i, i + n, ... so every device keeps its own rows."""
+  return jax.tree.map(lambda a: a.reshape((a.shape[0] // n, n) + a.shape[1:]).swapaxes(0, 1), tree)
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
+  """One optimizer step: augment -> model ('full' mode) -> loss -> grads (accumulated) -> AdamW."""
+  key = jax.random.fold_in(state.rng, state.step)
+  aug_key, drop_key = jax.random.split(key)
+  x, lengths = preprocess(aug_key, batch["features"], batch["n_time_steps"], config.aug)
+  input_lens = n_patches(lengths, config.model.patch_size, config.model.patch_stride)
+  feasible = losses.feasible_mask(input_lens, batch["labels"], batch["label_lens"])
+  # One normaliser for the whole batch makes the accumulated loss equal the large-batch mean.
+  denom = jnp.maximum(jnp.sum(batch["weight"] * feasible), 1.0)
+  lam = grl_lambda(config, state.step)
+  n_micro = config.optim.grad_accum_steps
+
+  def loss_fn(params, mb, rng):
+    outputs = model.apply({"params": params}, mb["x"], mb["day"], train=True, mode="full", grl_lambda=lam,
+                          rngs={"dropout": rng})
+    return losses.decoder_loss(outputs, mb["input_lens"], mb["labels"], mb["label_lens"], mb["weight"],
+                               noisy_weight=config.loss.noisy_weight,
+                               noise_l2_weight=config.loss.noise_l2_weight / n_micro, denom=denom)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  data = {"x": x, "day": batch["day"], "input_lens": input_lens, "labels": batch["labels"],
+          "label_lens": batch["label_lens"], "weight": batch["weight"]}
+  if n_micro == 1:
+    (loss, aux), grads = grad_fn(state.params, data, drop_key)
+  else:
+    micro = _micro_batches(data, n_micro)
+
+    def body(carry, inp):
+      i, mb = inp
+      (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(drop_key, i))
+      return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda a: a[0], micro), drop_key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1], shapes[1]))
+    (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(n_micro), micro))
+    if "noise_l2" in aux:  # a per-micro-batch mean, summed: report the mean
+      aux = {**aux, "noise_l2": aux["noise_l2"] / n_micro}
+  n_days = len(config.data.sessions)
+  day_present = jnp.zeros((n_days,), jnp.float32).at[batch["day"]].add(batch["weight"]) > 0
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, day_present=day_present)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
+             "param_norm": optax.tree.norm(params), "grl_lambda": lam,
+             "lr": lr_schedule(config.optim.lr_peak, config.optim.lr_min, config.optim.warmup_steps,
+                               config.optim.decay_steps)(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: dict, *, model: nn.Module, config: ml_collections.ConfigDict) -> dict:
+  """Inference-mode forward pass on a padded eval batch: per-trial CTC loss and per-frame argmax."""
+  x, lengths = preprocess(None, batch["features"], batch["n_time_steps"], config.aug)
+  input_lens = n_patches(lengths, config.model.patch_size, config.model.patch_stride)
+  logits = model.apply({"params": params}, x, batch["day"], train=False, mode="inference")
+  nll, feasible = losses.ctc_per_trial(logits, input_lens, batch["labels"], batch["label_lens"])
+  return {"nll": jnp.where(feasible, nll, 0.0), "feasible": feasible, "input_lens": jnp.maximum(input_lens, 0),
+          "pred": jnp.argmax(logits, axis=-1).astype(jnp.int32)}

@@ -1,0 +1,87 @@
+"""Reference hyper-parameters of SPEC §4 (the NEJM GRU baseline); other configs start from this one.
+
+Launch: python -m b2t_jax.main --config=configs/default.py --workdir=DIR --config.data_dir=.../hdf5_data_final
+"""
+
+import ml_collections
+
+from b2t_jax.data.t15 import T15_SESSIONS
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "train"            # train | eval | summary
+  c.seed = 10                 # model init / dropout / augmentation PRNG seed
+  c.mesh_shape = (-1, 1)      # (data, model) device mesh; -1 takes all remaining devices
+  c.distributed = False       # call jax.distributed.initialize() (multi-host pods)
+
+  c.data = d = ml_collections.ConfigDict()
+  d.data_dir = ""             # hdf5_data_final-style root; "" = generate synthetic data in WORKDIR/synthetic_data
+  d.sessions = T15_SESSIONS   # session list: position = day index
+  d.n_features = 512          # features per 20 ms bin in the files
+  d.feature_pool = 1          # average each group of this many adjacent feature columns (1 = off)
+  d.batch_size = 64           # global trials per optimizer step
+  d.days_per_batch = 4        # distinct days per training batch, trials sampled with replacement within a day
+  d.seed = 1                  # batch-sampler seed (batch k depends only on (seed, k))
+  d.eval_batch_size = 64      # trials per validation batch (padded with masked rows)
+  d.time_buckets = (256, 512, 768, 1024, 1536, 2048, 3072)  # padded lengths in bins (one compile each)
+  d.max_label_len = 128       # phoneme label padding; longer labels are an error naming the trial
+  d.on_bad_trial = "error"    # error | skip: what the reader does with a malformed trial
+  d.synthetic = s = ml_collections.ConfigDict()  # used only when data_dir == ""
+  s.seed = 0                  # generator seed
+  s.n_sessions = 8            # first N sessions of the list get a folder
+  s.trials_per_session = 60   # train trials per session (val and test get a quarter each)
+  s.noise_std = 1.0           # per-bin Gaussian noise on every channel
+
+  c.aug = a = ml_collections.ConfigDict()
+  a.static_gain_std = 0.0     # std of a per-trial channel-mixing perturbation (0 = off)
+  a.white_noise_std = 1.0     # per-bin, per-channel Gaussian noise
+  a.constant_offset_std = 0.2  # per-trial, per-channel offset
+  a.random_walk_std = 0.0     # per-bin random-walk step std (0 = off)
+  a.random_cut = 3            # drop the first c ~ U{0..random_cut-1} bins (one c per batch)
+  a.smooth_kernel_std = 2.0   # Gaussian smoothing sigma in bins (train and eval)
+  a.smooth_kernel_size = 100  # support of the sampled Gaussian before thresholding
+  a.smooth_threshold = 0.01   # taps at or below this are dropped, the rest renormalised
+
+  c.model = m = ml_collections.ConfigDict()
+  m.kind = "gru"              # gru (NEJM baseline) | triple (noise/clean/noisy)
+  m.dtype = "float32"         # compute dtype of matmul inputs; params, GRU carry and CTC stay fp32
+  m.n_classes = 41            # blank + 39 phonemes + word boundary
+  m.patch_size = 14           # bins per patch
+  m.patch_stride = 4          # bins between patch starts
+  m.input_dropout = 0.2       # dropout after the day layer (training only)
+  m.rnn_dropout = 0.4         # dropout between GRU layers
+  m.hidden = 768              # GRU width (baseline; clean and noisy decoders of the triple)
+  m.n_layers = 5              # GRU layers of the baseline
+  m.noise_layers = 2          # triple: NoiseModel GRU layers (width = patch_size * features)
+  m.clean_layers = 3          # triple: CleanSpeechModel GRU layers
+  m.noisy_layers = 2          # triple: NoisySpeechModel GRU layers
+  m.grl_lambda = 0.5          # triple: gradient-reversal strength after warm-up
+  m.gru_unroll = 1            # time steps unrolled per scan iteration
+
+  c.loss = l = ml_collections.ConfigDict()
+  l.noisy_weight = 0.2        # triple: weight of the adversarial CTC term
+  l.noise_l2_weight = 0.0     # triple: weight of mean(noise^2)
+  l.adversarial_warmup_steps = 0  # triple: GRL lambda ramps linearly from 0 over this many steps
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr_peak = 0.005           # peak learning rate
+  o.lr_min = 1e-4             # learning rate at the end of the cosine
+  o.warmup_steps = 1000       # linear warm-up from 0
+  o.decay_steps = 120_000     # step at which the cosine reaches lr_min (includes warm-up)
+  o.day_lr_peak = 0.005       # day layers: peak learning rate
+  o.day_lr_min = 1e-4         # day layers: final learning rate
+  o.day_warmup_steps = 1000   # day layers: warm-up steps
+  o.b1 = 0.9                  # Adam beta1
+  o.b2 = 0.999                # Adam beta2
+  o.eps = 0.1                 # Adam epsilon (large on purpose, as in the reference)
+  o.weight_decay = 0.001      # AdamW decay on GRU/Dense kernels and h0 only
+  o.grad_clip_norm = 10.0     # global-norm clipping (0 = off)
+  o.grad_accum_steps = 1      # micro-batches per optimizer step (inside the jitted step)
+
+  c.train = t = ml_collections.ConfigDict()
+  t.num_steps = 120_000       # optimizer steps
+  t.eval_every = 2000         # validate after step 0 and every N steps, and after the last
+  t.log_every = 100           # write train metrics every N steps
+  t.checkpoint_every = 2000   # save the resumable 'latest' checkpoint every N steps
+  t.max_checkpoints = 2       # 'latest' checkpoints kept
+  return c

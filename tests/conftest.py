@@ -1,0 +1,42 @@
+"""Shared fixtures. Eight simulated CPU devices stand in for a TPU slice (set before JAX is imported)."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from b2t_jax.data.synthetic import make_synthetic_dataset  # noqa: E402
+from b2t_jax.data.t15 import T15_SESSIONS  # noqa: E402
+from configs import demo  # noqa: E402
+
+
+def tiny_config(data_dir: str = ""):
+  """The demo config shrunk to test size: 8 features, widths 16, batch 8, 3 sessions."""
+  c = demo.get_config()
+  c.data.data_dir = data_dir
+  c.data.feature_pool = 64          # 8 features per bin -> noise GRU width 112
+  c.model.hidden = 16
+  c.data.batch_size = 8
+  c.data.days_per_batch = 2
+  c.data.eval_batch_size = 8
+  c.data.time_buckets = (256, 512)
+  c.train.num_steps = 4
+  c.train.eval_every = 1000
+  c.train.log_every = 1
+  c.train.checkpoint_every = 1000
+  c.optim.warmup_steps = c.optim.day_warmup_steps = 2
+  c.optim.decay_steps = 10
+  return c
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("t15")
+  return make_synthetic_dataset(str(out), T15_SESSIONS, n_sessions=3, trials_per_session=16, seed=0)
+
+
+@pytest.fixture
+def tiny(synthetic_dir):
+  return tiny_config(synthetic_dir)

@@ -1,0 +1,154 @@
+"""The t15 layout: synthetic files, the reader's documented errors, the sampler and batching."""
+
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from b2t_jax.data import batching, sampler, t15
+from b2t_jax.data.synthetic import make_synthetic_dataset
+from b2t_jax.data.t15 import DataError, T15_SESSIONS, load_split
+
+
+def test_synthetic_files_follow_the_t15_layout(synthetic_dir):
+  assert sorted(os.listdir(synthetic_dir)) == list(T15_SESSIONS[:3])
+  assert not os.path.exists(os.path.join(synthetic_dir, T15_SESSIONS[0], "data_val.hdf5"))  # as in the release
+  with h5py.File(os.path.join(synthetic_dir, T15_SESSIONS[1], "data_train.hdf5")) as f:
+    assert sorted(f.keys())[:2] == ["trial_0000", "trial_0001"] and len(f.keys()) == 16
+    g = f["trial_0003"]
+    assert set(g.keys()) == {"input_features", "seq_class_ids", "transcription"}
+    assert g["input_features"].dtype == np.float32 and g["input_features"].shape[1] == 512
+    assert set(g.attrs.keys()) == {"n_time_steps", "seq_len", "sentence_label", "session", "block_num", "trial_num"}
+    assert g.attrs["n_time_steps"] == g["input_features"].shape[0]
+    ids = g["seq_class_ids"][()]
+    n = g.attrs["seq_len"]
+    assert ids[:n].min() >= 1 and ids[:n].max() <= 40 and not ids[n:].any() and ids[n - 1] == 40
+    text = "".join(chr(c) for c in g["transcription"][()] if c)
+    assert text == g.attrs["sentence_label"] and g.attrs["session"] == T15_SESSIONS[1]
+  with h5py.File(os.path.join(synthetic_dir, T15_SESSIONS[1], "data_test.hdf5")) as f:
+    assert set(f["trial_0000"].keys()) == {"input_features"}
+    assert "seq_len" not in f["trial_0000"].attrs
+
+
+def test_synthetic_is_deterministic(tmp_path):
+  a = make_synthetic_dataset(str(tmp_path / "a"), T15_SESSIONS, n_sessions=2, trials_per_session=4, seed=5)
+  b = make_synthetic_dataset(str(tmp_path / "b"), T15_SESSIONS, n_sessions=2, trials_per_session=4, seed=5)
+  sa, sb = load_split(a, T15_SESSIONS, "train"), load_split(b, T15_SESSIONS, "train")
+  assert len(sa) == len(sb) == 8
+  for x, y in zip(sa.trials, sb.trials):
+    np.testing.assert_array_equal(x.features, y.features)
+    np.testing.assert_array_equal(x.labels, y.labels)
+
+
+def test_reader_loads_days_in_session_order(synthetic_dir):
+  train = load_split(synthetic_dir, T15_SESSIONS, "train", feature_pool=64)
+  assert [t.day for t in train.trials] == [0] * 16 + [1] * 16 + [2] * 16
+  assert train.trials[0].features.shape[1] == 8
+  val = load_split(synthetic_dir, T15_SESSIONS, "val")
+  assert {t.day for t in val.trials} == {1, 2}
+  test = load_split(synthetic_dir, T15_SESSIONS, "test")
+  assert all(t.labels is None and t.sentence is None for t in test.trials)
+
+
+@pytest.fixture
+def one_session(tmp_path, synthetic_dir):
+  """A private copy of one session's train file to corrupt."""
+  root = tmp_path / "root"
+  (root / T15_SESSIONS[1]).mkdir(parents=True)
+  path = root / T15_SESSIONS[1] / "data_train.hdf5"
+  shutil.copy(os.path.join(synthetic_dir, T15_SESSIONS[1], "data_train.hdf5"), path)
+  return str(root), str(path)
+
+
+def _edit(path, fn):
+  with h5py.File(path, "r+") as f:
+    fn(f)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda f: f["trial_0002"].__delitem__("input_features"), r"trial_0002: field 'input_features': missing dataset"),
+    (lambda f: f["trial_0002"].attrs.__delitem__("seq_len"), r"trial_0002: field 'seq_len': missing attribute"),
+    (lambda f: f["trial_0005"].attrs.__delitem__("n_time_steps"), r"trial_0005: field 'n_time_steps'"),
+    (lambda f: (f["trial_0001"].__delitem__("input_features"),
+                f["trial_0001"].create_dataset("input_features", data=np.zeros((50, 256), np.float32))),
+     r"trial_0001: field 'input_features': shape \(50, 256\), expected \(n_time_steps, 512\)"),
+    (lambda f: f["trial_0004"]["input_features"].__setitem__((3, 7), np.nan),
+     r"trial_0004: field 'input_features': 1 non-finite values.*first at bin 3"),
+    (lambda f: f["trial_0003"]["seq_class_ids"].__setitem__(0, 41), r"trial_0003: field 'seq_class_ids': ids must lie"),
+    (lambda f: f.__delitem__("trial_0007"), r"not contiguous.*missing \['trial_0007'\]"),
+    (lambda f: f["trial_0000"].attrs.__setitem__("session", "t15.2099.01.01"), r"trial_0000: field 'session'"),
+])
+def test_bad_files_raise_named_errors(one_session, corrupt, message):
+  root, path = one_session
+  _edit(path, corrupt)
+  with pytest.raises(DataError, match=message) as e:
+    load_split(root, T15_SESSIONS, "train")
+  if "contiguous" not in message:
+    assert path in str(e.value)
+
+
+def test_skip_mode_counts_bad_trials(one_session):
+  root, path = one_session
+  _edit(path, lambda f: f["trial_0004"]["input_features"].__setitem__((3, 7), np.inf))
+  _edit(path, lambda f: f["trial_0006"]["input_features"].__setitem__((0, 0), np.nan))
+  split = load_split(root, T15_SESSIONS, "train", on_bad_trial="skip")
+  assert len(split) == 14 and split.skipped == {"'input_features'": 2}
+
+
+def test_truncated_file_is_reported(one_session):
+  root, path = one_session
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(size // 3)
+  with pytest.raises(DataError, match="cannot be opened as HDF5.*corrupt or truncated"):
+    load_split(root, T15_SESSIONS, "train")
+
+
+def test_unknown_session_folder_and_missing_dir(one_session, tmp_path):
+  root, _ = one_session
+  os.mkdir(os.path.join(root, "t15.2030.01.01"))
+  with pytest.raises(DataError, match=r"\['t15.2030.01.01'\] are not in config.data.sessions"):
+    load_split(root, T15_SESSIONS, "train")
+  with pytest.raises(DataError, match="does not exist"):
+    load_split(str(tmp_path / "nowhere"), T15_SESSIONS, "train")
+
+
+def test_label_longer_than_padding_is_an_error(synthetic_dir):
+  with pytest.raises(DataError, match="exceed config.data.max_label_len=3"):
+    load_split(synthetic_dir, T15_SESSIONS, "train", max_label_len=3)
+
+
+def test_sampler_is_a_pure_function_of_seed_and_step(synthetic_dir):
+  days = load_split(synthetic_dir, T15_SESSIONS, "train").day_indices()
+  a = sampler.train_batch_indices(1, 7, days, 8, 2)
+  assert np.array_equal(a, sampler.train_batch_indices(1, 7, days, 8, 2))
+  assert not np.array_equal(a, sampler.train_batch_indices(1, 8, days, 8, 2))
+  day_of = np.repeat(np.arange(3), 16)
+  chosen = day_of[a]
+  assert len(set(chosen[:4])) == 1 and len(set(chosen[4:])) == 1 and chosen[0] != chosen[4]
+  with pytest.raises(ValueError, match="multiple of config.data.days_per_batch"):
+    sampler.train_batch_indices(1, 0, days, 9, 2)
+  with pytest.raises(ValueError, match="only 3 day"):
+    sampler.train_batch_indices(1, 0, days, 8, 4)
+
+
+def test_eval_batches_cover_each_trial_once():
+  chunks = sampler.eval_batch_indices(21, 8)
+  assert [len(c) for c in chunks] == [8, 8, 5]
+  assert np.array_equal(np.concatenate(chunks), np.arange(21))
+
+
+def test_batches_pad_to_buckets(synthetic_dir):
+  trials = load_split(synthetic_dir, T15_SESSIONS, "train", feature_pool=64).trials
+  idx = np.array([0, 5, 17])
+  b = batching.make_batch(trials, idx, buckets=(64, 256, 512), max_label_len=40, n_rows=4)
+  longest = max(trials[i].n_time_steps for i in idx)
+  assert b["features"].shape == (4, 256 if longest > 64 else 64, 8)
+  assert list(b["weight"]) == [1, 1, 1, 0] and b["day"][2] == 1
+  np.testing.assert_array_equal(b["features"][1, :trials[5].n_time_steps], trials[5].features)
+  assert not b["features"][1, trials[5].n_time_steps:].any()
+  assert b["label_lens"][0] == len(trials[0].labels)
+  with pytest.raises(ValueError, match="add a bucket"):
+    batching.check_buckets(trials, (32,), "train split")

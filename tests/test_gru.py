@@ -1,0 +1,91 @@
+"""The GRU layer against the SPEC equations in NumPy and against torch.nn.GRU with the same weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from b2t_jax.models.gru import GRULayer, GRUStack
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def numpy_gru(x, h0, w_ih, w_hh, b_ih, b_hh):
+  """SPEC §3.2 written out per time step; weights in PyTorch layout (3H, in), rows [r; z; n]."""
+  hdim = w_hh.shape[1]
+  h = np.broadcast_to(h0, (x.shape[0], hdim)).astype(np.float64)
+  out = []
+  for t in range(x.shape[1]):
+    gi = x[:, t] @ w_ih.T + b_ih
+    gh = h @ w_hh.T + b_hh
+    r = _sigmoid(gi[:, :hdim] + gh[:, :hdim])
+    z = _sigmoid(gi[:, hdim:2 * hdim] + gh[:, hdim:2 * hdim])
+    n = np.tanh(gi[:, 2 * hdim:] + r * gh[:, 2 * hdim:])
+    h = (1 - z) * n + z * h
+    out.append(h)
+  return np.stack(out, axis=1)
+
+
+def _layer_params(p):
+  return (np.asarray(p["w_ih"]).T, np.asarray(p["cell"]["w_hh"]).T, np.asarray(p["b_ih"]),
+          np.asarray(p["cell"]["b_hh"]))
+
+
+def test_gru_layer_matches_numpy_spec():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((3, 7, 5)).astype(np.float32)
+  h0 = rng.standard_normal((4,)).astype(np.float32)
+  layer = GRULayer(hidden=4)
+  params = layer.init(jax.random.PRNGKey(1), x, h0)["params"]
+  got = np.asarray(layer.apply({"params": params}, x, h0))
+  want = numpy_gru(x.astype(np.float64), h0, *_layer_params(params))
+  assert got.shape == (3, 7, 4) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_gru_init_follows_spec():
+  layer = GRULayer(hidden=32)
+  params = layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 48)), jnp.zeros((32,)))["params"]
+  w_hh = np.asarray(params["cell"]["w_hh"])            # (H, 3H): rows orthonormal == torch's (3H, H) columns
+  np.testing.assert_allclose(w_hh @ w_hh.T, np.eye(32), atol=1e-5)
+  bound = 1 / np.sqrt(32)
+  for b in (params["b_ih"], params["cell"]["b_hh"]):
+    assert np.abs(np.asarray(b)).max() <= bound and np.abs(np.asarray(b)).max() > 0.5 * bound
+  xavier = np.sqrt(6 / (48 + 96))
+  assert np.abs(np.asarray(params["w_ih"])).max() <= xavier
+
+
+def test_gru_stack_matches_torch():
+  import torch  # the [test] extra installs it; a missing torch is a failure, not a skip
+  rng = np.random.default_rng(0)
+  b, t, d_in, hdim, layers = 2, 9, 12, 8, 3
+  x = rng.standard_normal((b, t, d_in)).astype(np.float32)
+  stack = GRUStack(n_layers=layers, hidden=hdim, dropout_rate=0.0)
+  params = stack.init(jax.random.PRNGKey(3), x, deterministic=True)["params"]
+  got = np.asarray(stack.apply({"params": params}, x, deterministic=True))
+
+  ref = torch.nn.GRU(d_in, hdim, num_layers=layers, batch_first=True)
+  with torch.no_grad():
+    for k in range(layers):
+      w_ih, w_hh, b_ih, b_hh = _layer_params(params[f"layer_{k}"])
+      getattr(ref, f"weight_ih_l{k}").copy_(torch.tensor(w_ih))
+      getattr(ref, f"weight_hh_l{k}").copy_(torch.tensor(w_hh))
+      getattr(ref, f"bias_ih_l{k}").copy_(torch.tensor(b_ih))
+      getattr(ref, f"bias_hh_l{k}").copy_(torch.tensor(b_hh))
+    h0 = torch.tensor(np.asarray(params["h0"])).expand(layers, b, hdim).contiguous()
+    want, _ = ref(torch.from_numpy(x), h0)
+  np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
+
+
+def test_gru_bf16_keeps_fp32_carry_and_close_values():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 6, 16)).astype(np.float32)
+  h0 = np.zeros((8,), np.float32)
+  f32 = GRULayer(hidden=8)
+  params = f32.init(jax.random.PRNGKey(0), x, h0)["params"]
+  bf16 = GRULayer(hidden=8, dtype=jnp.bfloat16)
+  out16 = bf16.apply({"params": params}, x, h0)
+  assert out16.dtype == jnp.bfloat16 and out16.shape == (2, 6, 8)
+  out32 = f32.apply({"params": params}, x, h0)
+  np.testing.assert_allclose(np.asarray(out16, np.float32), np.asarray(out32), atol=3e-2)
