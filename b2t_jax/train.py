@@ -111,7 +111,7 @@ def make_eval_batches(config, split: t15.Split) -> list[tuple[dict, np.ndarray]]
   rows = d.eval_batch_size // jax.process_count()
   lo = jax.process_index() * rows
   out = []
-  for idx in sampler.eval_batch_indices(len(split), d.eval_batch_size):
+  for idx in sampler.eval_batch_indices(split.day_indices(), d.eval_batch_size):
     batch = batching.make_batch(split.trials, idx, buckets=d.time_buckets, max_label_len=d.max_label_len,
                                 n_rows=d.eval_batch_size)
     out.append(({k: v[lo:lo + rows] for k, v in batch.items()}, idx))

@@ -134,9 +134,10 @@ def test_sampler_is_a_pure_function_of_seed_and_step(synthetic_dir):
     sampler.train_batch_indices(1, 0, days, 8, 4)
 
 
-def test_eval_batches_cover_each_trial_once():
-  chunks = sampler.eval_batch_indices(21, 8)
-  assert [len(c) for c in chunks] == [8, 8, 5]
+def test_eval_batches_are_per_day_and_cover_each_trial_once():
+  days = {0: np.arange(0, 10), 3: np.arange(10, 13), 5: np.arange(13, 21)}
+  chunks = sampler.eval_batch_indices(days, 8)
+  assert [len(c) for c in chunks] == [8, 2, 3, 8]
   assert np.array_equal(np.concatenate(chunks), np.arange(21))
 
 

@@ -22,6 +22,7 @@ def train_batch_indices(seed: int, step: int, day_indices: dict[int, np.ndarray]
   return np.concatenate([rng.choice(day_indices[d], size=per_day, replace=True) for d in chosen])
 
 
-def eval_batch_indices(n_trials: int, batch_size: int) -> list[np.ndarray]:
-  """Covers trials 0..n-1 exactly once, in order, in chunks of `batch_size` (the last may be short)."""
-  return [np.arange(s, min(s + batch_size, n_trials)) for s in range(0, n_trials, batch_size)]
+def eval_batch_indices(day_indices: dict[int, np.ndarray], batch_size: int) -> list[np.ndarray]:
+  """Per-day eval batches, as the reference validates: each day's trials in order, in chunks of at most
+  `batch_size`; together they cover every trial exactly once."""
+  return [idx[s:s + batch_size] for _, idx in sorted(day_indices.items()) for s in range(0, len(idx), batch_size)]
