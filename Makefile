@@ -20,8 +20,8 @@ setup: $(STAMP)
 # Trains the demo triple model end to end on freshly generated synthetic t15 data.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(PY) tools/make_synthetic_data.py --out=$(DEMO_DIR)/data
-	$(PY) -m b2t_jax.main --config=configs/demo.py --workdir=$(DEMO_DIR)/work --config.data_dir=$(DEMO_DIR)/data
+	$(PY) tools/make_synthetic_data.py --out=$(DEMO_DIR)/data --sessions=8 --trials_per_session=80 --seed=0
+	$(PY) -m b2t_jax.main --config=configs/demo.py --workdir=$(DEMO_DIR)/work --config.data.data_dir=$(DEMO_DIR)/data
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) tests
