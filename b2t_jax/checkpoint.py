@@ -51,15 +51,21 @@ class Checkpoints:
     return True
 
   def restore(self, abstract_state: Any, which: str = "latest") -> Any | None:
-    """Restores into the structure/shardings of `abstract_state` (arrays or ShapeDtypeStructs); None if empty."""
+    """Restores the newest readable checkpoint into the structure/shardings of `abstract_state` (arrays or
+    ShapeDtypeStructs); None if there is none. Half-written saves are never listed by orbax; a finalized
+    one that fails to read is skipped with a warning in favour of the one before it."""
     mngr = self.latest if which == "latest" else self.best
-    step = mngr.latest_step()
-    if step is None:
-      return None
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    logging.info("restored %s checkpoint of step %d from %s", which, step, mngr.directory)
-    return restored["state"]
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint must not block the older ones
+        logging.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to an older one",
+                        mngr.directory, step, type(e).__name__, str(e)[:300])
+        continue
+      logging.info("restored %s checkpoint of step %d from %s", which, step, mngr.directory)
+      return restored["state"]
+    return None
 
   def wait(self) -> None:
     self.latest.wait_until_finished()

@@ -37,6 +37,20 @@ def _quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(keep)
 
 
+def init_distributed(config) -> None:
+  """Joins the job's processes: auto-detected on Cloud TPU pods, explicit coordinator elsewhere."""
+  if not config.distributed:
+    return
+  jax.config.update("jax_cpu_collectives_implementation", config.cpu_collectives)
+  if config.coordinator_address:
+    jax.distributed.initialize(coordinator_address=config.coordinator_address,
+                               num_processes=config.num_processes, process_id=config.process_id)
+  else:
+    jax.distributed.initialize()
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
 def main(argv):
   _quiet_library_logs()
   if len(argv) > 1:
@@ -44,8 +58,7 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config=configs/NAME.py is required")
-  if config.distributed:
-    jax.distributed.initialize()
+  init_distributed(config)
   if config.mode == "summary":
     print(json.dumps(parameter_counts(config)))
     return
@@ -55,7 +68,8 @@ def main(argv):
     with config.unlocked():
       result = train.train_and_evaluate(config, _WORKDIR.value)
     if "val_per" in result and jax.process_index() == 0:
-      print(f"final val_per={result['val_per']:.4f} val_loss={result['val_loss']:.4f}")
+      print(f"final step={result['step']} train_loss={result['train'].get('loss', float('nan')):.6f} "
+            f"val_loss={result['val_loss']:.4f} val_per={result['val_per']:.4f}")
   elif config.mode == "eval":
     with config.unlocked():
       result = train.evaluate_checkpoint(config, _WORKDIR.value)

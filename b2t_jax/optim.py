@@ -88,6 +88,10 @@ def lr_schedule(peak: float, end: float, warmup_steps: int, decay_steps: int) ->
 
 def create_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
   """The full optimizer; `update` takes the extra keyword `day_present` (n_days,) bool."""
+  for name in ("warmup_steps", "day_warmup_steps"):
+    if not 0 <= cfg[name] < cfg.decay_steps:
+      raise ValueError(f"config.optim.{name}={cfg[name]} must be below config.optim.decay_steps={cfg.decay_steps} "
+                       "(the cosine ends at decay_steps, warm-up included)")
   main = optax.adamw(lr_schedule(cfg.lr_peak, cfg.lr_min, cfg.warmup_steps, cfg.decay_steps),
                      b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
   day = day_adam(lr_schedule(cfg.day_lr_peak, cfg.day_lr_min, cfg.day_warmup_steps, cfg.decay_steps),

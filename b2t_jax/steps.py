@@ -32,7 +32,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, confi
   """Initialises params from `config.seed` on a shape-only example batch."""
   key = jax.random.PRNGKey(config.seed)
   init_key, base_key = jax.random.split(key)
-  params = model.init({"params": init_key}, example_batch["features"], example_batch["day"])["params"]
+  params = nn.unbox(model.init({"params": init_key}, example_batch["features"], example_batch["day"])["params"])
   return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), rng=base_key)
 
 

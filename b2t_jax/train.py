@@ -54,11 +54,18 @@ class Experiment:
     self.mesh = sharding.create_mesh(config.mesh_shape) if mesh is None else mesh
     repl = sharding.replicated(self.mesh)
     data = sharding.batch_sharding(self.mesh)
+    shapes = self.example_batch(1, min(config.data.time_buckets))
+    boxed = jax.eval_shape(lambda x, d: self.model.init(jax.random.PRNGKey(0), x, d)["params"],
+                           shapes["features"], shapes["day"])
+    self.param_shardings = sharding.param_shardings(boxed, self.mesh, config.logical_axis_rules)
+    self.state_shardings = sharding.state_shardings(jax.eval_shape(self._create_state), self.param_shardings,
+                                                    self.mesh)
+    st = self.state_shardings
     self.train_step = jax.jit(functools.partial(train_step, model=self.model, tx=self.tx, config=config),
-                              in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+                              in_shardings=(st, data), out_shardings=(st, repl), donate_argnums=0)
     self.eval_step = jax.jit(functools.partial(eval_step, model=self.model, config=config),
-                             in_shardings=(repl, data), out_shardings=data)
-    self._init = jax.jit(self._create_state, out_shardings=repl)
+                             in_shardings=(st.params, data), out_shardings=data)
+    self._init = jax.jit(self._create_state, out_shardings=st)
 
   @property
   def n_features(self) -> int:
@@ -81,7 +88,9 @@ class Experiment:
     return self._init()
 
   def abstract_state(self) -> TrainState:
-    return jax.eval_shape(self._init)
+    """Shapes, dtypes and shardings of the train state, without allocating it."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        jax.eval_shape(self._create_state), self.state_shardings)
 
 
 def evaluate(exp: Experiment, params: Any, split: t15.Split, eval_batches: list) -> dict[str, Any]:

@@ -12,7 +12,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.mode = "train"            # train | eval | summary
   c.seed = 10                 # model init / dropout / augmentation PRNG seed
   c.mesh_shape = (-1, 1)      # (data, model) device mesh; -1 takes all remaining devices
-  c.distributed = False       # call jax.distributed.initialize() (multi-host pods)
+  # Logical axis -> mesh axis (MaxText style). The NoiseModel's 7168-wide GRU kernels are split over 'model'
+  # along their hidden axis; the 768-wide GRUs, day layers and heads stay replicated.
+  c.logical_axis_rules = (("noise_hidden", "model"), ("hidden", None), ("gru_in", None))
+  c.distributed = False       # call jax.distributed.initialize() (multi-host pods, multi-process CPU)
+  c.coordinator_address = ""  # host:port of process 0; "" = auto-detect (Cloud TPU, SLURM)
+  c.num_processes = 0         # with coordinator_address: total processes
+  c.process_id = -1           # with coordinator_address: this process's index
+  c.cpu_collectives = "gloo"  # cross-process collectives of the CPU backend (ignored on TPU/GPU)
 
   c.data = d = ml_collections.ConfigDict()
   d.data_dir = ""             # hdf5_data_final-style root; "" = generate synthetic data in WORKDIR/synthetic_data

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import linen as nn
+
 from b2t_jax.models.gru import GRULayer, GRUStack
 
 
@@ -28,8 +30,10 @@ def numpy_gru(x, h0, w_ih, w_hh, b_ih, b_hh):
 
 
 def _layer_params(p):
-  return (np.asarray(p["w_ih"]).T, np.asarray(p["cell"]["w_hh"]).T, np.asarray(p["b_ih"]),
-          np.asarray(p["cell"]["b_hh"]))
+  """Our (in, 3, H) / (3, H) layout -> PyTorch's (3H, in) / (3H,), rows [r; z; n]."""
+  w_ih, w_hh = np.asarray(p["w_ih"]), np.asarray(p["cell"]["w_hh"])
+  return (w_ih.reshape(w_ih.shape[0], -1).T, w_hh.reshape(w_hh.shape[0], -1).T,
+          np.asarray(p["b_ih"]).reshape(-1), np.asarray(p["cell"]["b_hh"]).reshape(-1))
 
 
 def test_gru_layer_matches_numpy_spec():
@@ -37,7 +41,7 @@ def test_gru_layer_matches_numpy_spec():
   x = rng.standard_normal((3, 7, 5)).astype(np.float32)
   h0 = rng.standard_normal((4,)).astype(np.float32)
   layer = GRULayer(hidden=4)
-  params = layer.init(jax.random.PRNGKey(1), x, h0)["params"]
+  params = nn.unbox(layer.init(jax.random.PRNGKey(1), x, h0)["params"])
   got = np.asarray(layer.apply({"params": params}, x, h0))
   want = numpy_gru(x.astype(np.float64), h0, *_layer_params(params))
   assert got.shape == (3, 7, 4) and got.dtype == np.float32
@@ -46,8 +50,8 @@ def test_gru_layer_matches_numpy_spec():
 
 def test_gru_init_follows_spec():
   layer = GRULayer(hidden=32)
-  params = layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 48)), jnp.zeros((32,)))["params"]
-  w_hh = np.asarray(params["cell"]["w_hh"])            # (H, 3H): rows orthonormal == torch's (3H, H) columns
+  params = nn.unbox(layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 48)), jnp.zeros((32,)))["params"])
+  w_hh = np.asarray(params["cell"]["w_hh"]).reshape(32, 96)  # rows orthonormal == torch's (3H, H) columns
   np.testing.assert_allclose(w_hh @ w_hh.T, np.eye(32), atol=1e-5)
   bound = 1 / np.sqrt(32)
   for b in (params["b_ih"], params["cell"]["b_hh"]):
@@ -62,7 +66,7 @@ def test_gru_stack_matches_torch():
   b, t, d_in, hdim, layers = 2, 9, 12, 8, 3
   x = rng.standard_normal((b, t, d_in)).astype(np.float32)
   stack = GRUStack(n_layers=layers, hidden=hdim, dropout_rate=0.0)
-  params = stack.init(jax.random.PRNGKey(3), x, deterministic=True)["params"]
+  params = nn.unbox(stack.init(jax.random.PRNGKey(3), x, deterministic=True)["params"])
   got = np.asarray(stack.apply({"params": params}, x, deterministic=True))
 
   ref = torch.nn.GRU(d_in, hdim, num_layers=layers, batch_first=True)
@@ -83,7 +87,7 @@ def test_gru_bf16_keeps_fp32_carry_and_close_values():
   x = rng.standard_normal((2, 6, 16)).astype(np.float32)
   h0 = np.zeros((8,), np.float32)
   f32 = GRULayer(hidden=8)
-  params = f32.init(jax.random.PRNGKey(0), x, h0)["params"]
+  params = nn.unbox(f32.init(jax.random.PRNGKey(0), x, h0)["params"])
   bf16 = GRULayer(hidden=8, dtype=jnp.bfloat16)
   out16 = bf16.apply({"params": params}, x, h0)
   assert out16.dtype == jnp.bfloat16 and out16.shape == (2, 6, 8)

@@ -2,8 +2,11 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.data.feature_pool=64", "--config.model.hidden=16", "--config.data.batch_size=8",
@@ -11,12 +14,20 @@ TINY = ["--config.data.feature_pool=64", "--config.model.hidden=16", "--config.d
         "--config.train.eval_every=2", "--config.train.log_every=1", "--config.data.time_buckets=(256,512)"]
 
 
+def _env(devices: int):
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
 def _run(*args, cwd=ROOT):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  p = subprocess.run([sys.executable, "-m", "b2t_jax.main", *args], cwd=cwd, env=env, capture_output=True,
+  p = subprocess.run([sys.executable, "-m", "b2t_jax.main", *args], cwd=cwd, env=_env(8), capture_output=True,
                      text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   return p.stdout.strip().splitlines()
+
+
+def _final(line: str) -> dict[str, float]:
+  assert line.startswith("final "), line
+  return {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
 
 
 def test_summary_prints_parameter_counts_as_last_line(tmp_path):
@@ -28,8 +39,41 @@ def test_summary_prints_parameter_counts_as_last_line(tmp_path):
 
 def test_train_then_eval_from_the_command_line(tmp_path, synthetic_dir):
   common = ["--config=configs/demo.py", f"--workdir={tmp_path}", f"--config.data.data_dir={synthetic_dir}", *TINY]
-  out = _run(*common)
-  assert out[-1].startswith("final val_per=")
+  final = _final(_run(*common)[-1])
+  assert final["step"] == 3 and final["train_loss"] > 0
   last = _run(*common, "--config.mode=eval")[-1]
   assert last.startswith("val_per=")
   assert 0.0 <= float(last.split("=")[1]) <= 5.0
+
+
+def test_synthetic_data_tool(tmp_path):
+  p = subprocess.run([sys.executable, "tools/make_synthetic_data.py", f"--out={tmp_path}", "--sessions=2",
+                      "--trials_per_session=4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path)) == ["t15.2023.08.11", "t15.2023.08.13"]
+  assert sorted(os.listdir(tmp_path / "t15.2023.08.13")) == ["data_test.hdf5", "data_train.hdf5", "data_val.hdf5"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path, synthetic_dir):
+  """Two local processes x 4 CPU devices (a stand-in for a 2-host pod) follow one 8-device process."""
+  common = ["--config=configs/demo.py", f"--config.data.data_dir={synthetic_dir}", *TINY]
+  single = _final(_run(*common, f"--workdir={tmp_path / 'one'}")[-1])
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "b2t_jax.main", *common, f"--workdir={tmp_path / 'two'}", "--config.distributed=True",
+       f"--config.coordinator_address=localhost:{port}", "--config.num_processes=2", f"--config.process_id={i}"],
+      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "process 1 of 2, 4 local / 8 global devices" in outs[1][1]
+  finals = [[l for l in out.splitlines() if l.startswith("final ")] for out, _ in outs]
+  assert len(finals[0]) == 1 and not finals[1]         # only process 0 reports
+  two = _final(finals[0][0])
+  assert two["step"] == single["step"] == 3
+  assert two["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+  assert two["val_per"] == pytest.approx(single["val_per"], abs=1e-4)
+  assert os.path.isdir(tmp_path / "two" / "checkpoints" / "3")

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from b2t_jax.models import create_model, gradient_reversal
 from b2t_jax.models.frontend import DayFrontEnd, n_patches, patchify
@@ -85,7 +86,7 @@ def test_triple_modes_shapes_and_dtypes(tiny, dtype):
   model = create_model(tiny)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 40, 8)), jnp.float32)
   day = jnp.array([0, 2], jnp.int32)
-  params = model.init(jax.random.PRNGKey(0), x, day)["params"]
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), x, day)["params"])
   assert set(params) == {"noise_model", "clean_model", "noisy_model"}
   p = n_patches(40, 14, 4)
   logits = model.apply({"params": params}, x, day, mode="inference")
@@ -105,7 +106,7 @@ def test_triple_noise_gets_reversed_gradient_from_noisy_branch(tiny):
   model = create_model(tiny)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 40, 8)), jnp.float32)
   day = jnp.array([0, 1], jnp.int32)
-  params = model.init(jax.random.PRNGKey(0), x, day)["params"]
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), x, day)["params"])
 
   def noisy_sum(p, lam):
     return jnp.sum(model.apply({"params": p}, x, day, mode="full", grl_lambda=lam)[1])

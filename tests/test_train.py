@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import sharding, train
 from b2t_jax.data import batching, sampler, t15
 from b2t_jax.sharding import create_mesh
@@ -99,3 +100,23 @@ def test_tpu_v4_train_step_compiles_at_full_size():
   compiled = lowered.compile()
   mem = compiled.memory_analysis()
   assert mem is not None and mem.argument_size_in_bytes > 687_568_466 * 4 * 3 / 8  # params + 2 moments
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, caplog):
+  tiny.train.num_steps = 3
+  tiny.train.checkpoint_every = 1
+  train.train_and_evaluate(tiny, str(tmp_path))
+  ckpt_dir = tmp_path / "checkpoints"
+  assert sorted(os.listdir(ckpt_dir)) == ["2", "3"]
+  for root, _, files in os.walk(ckpt_dir / "3" / "state"):   # corrupt every array file of step 3
+    for f in files:
+      if "manifest" in f or f.startswith("d") or "ocdbt" in root:
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+  os.makedirs(ckpt_dir / "4.orbax-checkpoint-tmp")              # a save interrupted half-way
+  exp = train.Experiment(tiny)
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path))
+  with caplog.at_level("WARNING"):
+    state = ckpts.restore(exp.abstract_state())
+  assert int(state.step) == 2
+  assert "unreadable" in caplog.text

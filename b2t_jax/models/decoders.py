@@ -38,9 +38,9 @@ class _FrontEndMixin:
     return DayFrontEnd(n_days=m.n_days, n_features=m.n_input_features, patch_size=m.patch_size,
                        patch_stride=m.patch_stride, dropout_rate=m.input_dropout, dtype=self.dtype, name=name)
 
-  def stack(self, n_layers: int, hidden: int, name: str) -> GRUStack:
+  def stack(self, n_layers: int, hidden: int, name: str, hidden_axis: str = "hidden") -> GRUStack:
     return GRUStack(n_layers=n_layers, hidden=hidden, dropout_rate=self.cfg.rnn_dropout, dtype=self.dtype,
-                    unroll=self.cfg.gru_unroll, name=name)
+                    unroll=self.cfg.gru_unroll, hidden_axis=hidden_axis, name=name)
 
   def head(self, name: str) -> nn.Dense:
     return nn.Dense(self.cfg.n_classes, dtype=self.dtype, name=name)
@@ -69,7 +69,7 @@ class NoiseModel(nn.Module, _FrontEndMixin):
   @nn.compact
   def __call__(self, x, day, *, train: bool):
     h = self.front_end("frontend")(x, day, deterministic=not train)
-    return self.stack(self.cfg.noise_layers, h.shape[-1], "gru")(h, deterministic=not train)
+    return self.stack(self.cfg.noise_layers, h.shape[-1], "gru", "noise_hidden")(h, deterministic=not train)
 
 
 class CleanSpeechModel(nn.Module, _FrontEndMixin):

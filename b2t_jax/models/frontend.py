@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from b2t_jax.models.gru import matmul
+
 
 def n_patches(n_time_steps, patch_size: int, patch_stride: int):
   """Number of patches `floor((T - size) / stride) + 1` (works on ints and arrays; <= 0 means too short)."""
@@ -51,8 +53,7 @@ class DayFrontEnd(nn.Module):
     w = self.param("day_weights", _identity_stack, (self.n_days, self.n_features, self.n_features))
     b = self.param("day_biases", nn.initializers.zeros, (self.n_days, self.n_features))
     # One batched matmul over the gathered per-trial matrices; the gather's transpose leaves absent days at 0.
-    w_b = jnp.take(w, day, axis=0).astype(self.dtype)
-    y = jnp.einsum("btf,bfg->btg", x.astype(self.dtype), w_b, preferred_element_type=jnp.float32)
+    y = matmul("btf,bfg->btg", x, jnp.take(w, day, axis=0), self.dtype)
     y = nn.soft_sign(y + jnp.take(b, day, axis=0)[:, None, :])
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     return patchify(y.astype(self.dtype), self.patch_size, self.patch_stride)

@@ -1,0 +1,51 @@
+"""Per-device memory of a config's compiled train step on several meshes, from XLA's memory analysis.
+
+Compiles against abstract inputs (nothing is allocated), so the full tpu_v4 model fits on a laptop:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tools/memory_report.py \\
+      --config=configs/tpu_v4.py --meshes=8x1,4x2 --time_bins=768
+Prints one JSON line per mesh. Numbers come from the CPU compiler; a TPU compile differs in layout and fusion
+but not in what is stored (parameters, optimizer state, activations kept for the backward pass).
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from b2t_jax import train  # noqa: E402
+from b2t_jax.sharding import create_mesh  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tpu_v4.py", "config file")
+_MESHES = flags.DEFINE_list("meshes", ["8x1", "4x2"], "data x model mesh shapes")
+_T = flags.DEFINE_integer("time_bins", 768, "padded trial length in 20 ms bins")
+
+GIB = 1024 ** 3
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  for mesh_str in _MESHES.value:
+    shape = tuple(int(v) for v in mesh_str.split("x"))
+    t0 = time.time()
+    exp = train.Experiment(config, mesh=create_mesh(shape))
+    compiled = exp.train_step.lower(exp.abstract_state(), exp.example_batch(config.data.batch_size, _T.value)
+                                    ).compile()
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    print(json.dumps({
+        "config": os.path.basename(_CONFIG.value.__dict__.get("_filename", "") or "config"), "mesh": shape,
+        "batch": config.data.batch_size, "grad_accum": config.optim.grad_accum_steps, "time_bins": _T.value,
+        "dtype": config.model.dtype, "arguments_gib": round(m.argument_size_in_bytes / GIB, 2),
+        "temp_gib": round(m.temp_size_in_bytes / GIB, 2), "output_gib": round(m.output_size_in_bytes / GIB, 2),
+        "aliased_gib": round(m.alias_size_in_bytes / GIB, 2), "per_device_total_gib": round(total / GIB, 2),
+        "compile_s": round(time.time() - t0, 1)}))
+
+
+if __name__ == "__main__":
+  app.run(main)
