@@ -39,7 +39,7 @@ def main(argv):
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     print(json.dumps({
-        "config": os.path.basename(_CONFIG.value.__dict__.get("_filename", "") or "config"), "mesh": shape,
+        "config": os.path.basename(flags.FLAGS["config"].config_filename), "mesh": shape,
         "batch": config.data.batch_size, "grad_accum": config.optim.grad_accum_steps, "time_bins": _T.value,
         "dtype": config.model.dtype, "arguments_gib": round(m.argument_size_in_bytes / GIB, 2),
         "temp_gib": round(m.temp_size_in_bytes / GIB, 2), "output_gib": round(m.output_size_in_bytes / GIB, 2),
