@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from b2t_jax.data import batching, sampler, t15
+from b2t_jax.data import batching, sampler
 from b2t_jax.data.synthetic import make_synthetic_dataset
 from b2t_jax.data.t15 import DataError, T15_SESSIONS, load_split
 

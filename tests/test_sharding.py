@@ -3,10 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax.sharding import PartitionSpec as P
 
-from b2t_jax import losses, sharding, train
+from b2t_jax import losses, train
 from b2t_jax.sharding import create_mesh
 from test_train import _batches, _losses
 
