@@ -51,9 +51,8 @@ def state_shardings(abstract_state: Any, params_sharding: Any, mesh: Mesh) -> An
   """Shardings for a whole train state: a leaf whose key path ends with a parameter's path and has that
   parameter's shape (params, Adam moments) takes the parameter's sharding; everything else (step counts,
   keys, per-day counters) is replicated."""
-  by_path = {}
-  for path, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]:
-    by_path[tuple(str(k) for k in path)] = s
+  by_path = {tuple(str(k) for k in path): s
+             for path, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]}
   shapes = {tuple(str(k) for k in path): leaf.shape
             for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
   repl = replicated(mesh)

@@ -11,6 +11,7 @@ from b2t_jax.models import create_model
 
 
 def abstract_params(config: ml_collections.ConfigDict):
+  """The model's params as ShapeDtypeStructs, still boxed with their logical axis names."""
   model = create_model(config)
   f = config.data.n_features // config.data.feature_pool
   x = jax.ShapeDtypeStruct((1, min(config.data.time_buckets), f), jnp.float32)

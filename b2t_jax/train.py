@@ -23,6 +23,7 @@ from b2t_jax.data.synthetic import make_synthetic_dataset
 from b2t_jax.models import create_model
 from b2t_jax.optim import create_optimizer
 from b2t_jax.steps import TrainState, create_train_state, eval_step, train_step
+from b2t_jax.summary import abstract_params
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -54,12 +55,9 @@ class Experiment:
     self.mesh = sharding.create_mesh(config.mesh_shape) if mesh is None else mesh
     repl = sharding.replicated(self.mesh)
     data = sharding.batch_sharding(self.mesh)
-    shapes = self.example_batch(1, min(config.data.time_buckets))
-    boxed = jax.eval_shape(lambda x, d: self.model.init(jax.random.PRNGKey(0), x, d)["params"],
-                           shapes["features"], shapes["day"])
-    self.param_shardings = sharding.param_shardings(boxed, self.mesh, config.logical_axis_rules)
-    self.state_shardings = sharding.state_shardings(jax.eval_shape(self._create_state), self.param_shardings,
-                                                    self.mesh)
+    self.param_shardings = sharding.param_shardings(abstract_params(config), self.mesh, config.logical_axis_rules)
+    self._state_shapes = jax.eval_shape(self._create_state)
+    self.state_shardings = sharding.state_shardings(self._state_shapes, self.param_shardings, self.mesh)
     st = self.state_shardings
     self.train_step = jax.jit(functools.partial(train_step, model=self.model, tx=self.tx, config=config),
                               in_shardings=(st, data), out_shardings=(st, repl), donate_argnums=0)
@@ -90,7 +88,7 @@ class Experiment:
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without allocating it."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        jax.eval_shape(self._create_state), self.state_shardings)
+                        self._state_shapes, self.state_shardings)
 
 
 def evaluate(exp: Experiment, params: Any, split: t15.Split, eval_batches: list) -> dict[str, Any]:
