@@ -12,16 +12,29 @@ from b2t_jax.data.t15 import T15_SESSIONS  # noqa: E402
 from configs import demo  # noqa: E402
 
 
+# The test-size model and batches, shared by in-process tests, CLI tests and the notebook test.
+TINY_SIZES = {
+    "data.feature_pool": 64,         # 8 features per bin -> noise GRU width 112
+    "model.hidden": 16,
+    "data.batch_size": 8,
+    "data.days_per_batch": 2,
+    "data.eval_batch_size": 8,
+    "data.time_buckets": (256, 512),
+}
+
+
+def as_flags(overrides: dict) -> list[str]:
+  """{'a.b': v} -> ['--config.a.b=v'] for b2t_jax.main."""
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
 def tiny_config(data_dir: str = ""):
   """The demo config shrunk to test size: 8 features, widths 16, batch 8, 3 sessions."""
   c = demo.get_config()
   c.data.data_dir = data_dir
-  c.data.feature_pool = 64          # 8 features per bin -> noise GRU width 112
-  c.model.hidden = 16
-  c.data.batch_size = 8
-  c.data.days_per_batch = 2
-  c.data.eval_batch_size = 8
-  c.data.time_buckets = (256, 512)
+  for key, value in TINY_SIZES.items():
+    section, field = key.split(".")
+    c[section][field] = value
   c.train.num_steps = 4
   c.train.eval_every = 1000
   c.train.log_every = 1

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
+from conftest import TINY_SIZES, as_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.data.feature_pool=64", "--config.model.hidden=16", "--config.data.batch_size=8",
-        "--config.data.days_per_batch=2", "--config.data.eval_batch_size=8", "--config.train.num_steps=3",
-        "--config.train.eval_every=2", "--config.train.log_every=1", "--config.data.time_buckets=(256,512)"]
+TINY = [*as_flags(TINY_SIZES), "--config.train.num_steps=3", "--config.train.eval_every=2",
+        "--config.train.log_every=1"]
 
 
 def _env(devices: int):

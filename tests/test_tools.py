@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 
+from conftest import TINY_SIZES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -33,9 +35,7 @@ def test_colab_notebook_runs_on_cpu(tmp_path, synthetic_dir):
   ns: dict = {}
   exec(runnable[0], ns)                                   # the settings cell, then shrink it for the test
   ns.update(DATA_DIR=synthetic_dir, WORKDIR=str(tmp_path), NUM_STEPS=2,
-            OVERRIDES={"data.feature_pool": 64, "model.hidden": 16, "data.batch_size": 8, "data.days_per_batch": 2,
-                       "data.eval_batch_size": 8, "data.time_buckets": (256, 512),
-                       "optim.warmup_steps": 1, "optim.day_warmup_steps": 1})
+            OVERRIDES={**TINY_SIZES, "optim.warmup_steps": 1, "optim.day_warmup_steps": 1})
   for cell in runnable[1:]:
     exec(cell, ns)
   assert ns["result"]["step"] == 2 and 0.0 <= ns["best"]["val_per"]
