@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.noisy_layers = 2          # triple: NoisySpeechModel GRU layers
   m.grl_lambda = 0.5          # triple: gradient-reversal strength after warm-up
   m.gru_unroll = 1            # time steps unrolled per scan iteration
+  m.gru_backward = "custom"   # custom (weight gradients as one matmul after the reverse scan) | autodiff
 
   c.loss = l = ml_collections.ConfigDict()
   l.noisy_weight = 0.2        # triple: weight of the adversarial CTC term

@@ -5,15 +5,25 @@ only `h @ W_h`. Kernels are stored as (in, 3, H): the gate axis is separate so t
 sharded over the 'model' mesh axis with every device holding r, z and n of its own hidden units (gates
 stay local; only h is all-gathered per step). A PyTorch `weight_ih_l{k}` (3H, in) converts with
 `.T.reshape(in, 3, H)`.
+
+Two backward passes compute the same gradients (`GRULayer.backward`):
+- "autodiff": `nn.scan` over `GRUStep`, differentiated by JAX. The transpose of the scan adds a rank-B update
+  of the whole (H, 3, H) recurrent kernel inside the reverse loop at every time step: the kernel's gradient is
+  read and written P times per step (617 MB each time for the 7168-wide NoiseModel).
+- "custom": `gru_recurrence`, a `jax.custom_vjp` whose reverse scan carries only dL/dh and stacks the gate
+  gradients; the kernel gradient is then one (H, B·P) x (B·P, 3H) matmul over all time steps (what cuDNN does).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+BACKWARDS = ("custom", "autodiff")
 
 
 def _bias_init(hidden: int):
@@ -49,6 +59,14 @@ def gru_gates(xp: jax.Array, hp: jax.Array, h: jax.Array) -> jax.Array:
   return (1.0 - z) * n + z * h
 
 
+def _recurrent_params(module: nn.Module, hidden: int, hidden_axis: str) -> tuple[jax.Array, jax.Array]:
+  """Declares `w_hh` (H, 3, H) and `b_hh` (3, H) on `module` (both backward variants use the same tree)."""
+  w_hh = module.param("w_hh", nn.with_logical_partitioning(
+      _as_gate_kernel(nn.initializers.orthogonal()), ("gru_in", None, hidden_axis)), (hidden, 3, hidden))
+  b_hh = module.param("b_hh", nn.with_logical_partitioning(_bias_init(hidden), (None, hidden_axis)), (3, hidden))
+  return w_hh, b_hh
+
+
 class GRUStep(nn.Module):
   """The recurrent half of a GRU step: owns `w_hh` (H, 3, H) and `b_hh` (3, H); the carry is fp32."""
 
@@ -58,14 +76,74 @@ class GRUStep(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, xp: jax.Array):
-    w_hh = self.param("w_hh", nn.with_logical_partitioning(
-        _as_gate_kernel(nn.initializers.orthogonal()), ("gru_in", None, self.hidden_axis)),
-        (self.hidden, 3, self.hidden))
-    b_hh = self.param("b_hh", nn.with_logical_partitioning(_bias_init(self.hidden), (None, self.hidden_axis)),
-                      (3, self.hidden))
+    w_hh, b_hh = _recurrent_params(self, self.hidden, self.hidden_axis)
     hp = matmul("bi,igh->bgh", h, w_hh, self.dtype) + b_hh
     h_new = gru_gates(xp, hp, h)
     return h_new, h_new.astype(self.dtype)
+
+
+class RecurrentParams(nn.Module):
+  """Holds the recurrent weights for the custom-VJP path under the same name ('cell') as the scanned GRUStep."""
+
+  hidden: int
+  hidden_axis: str = "hidden"
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    return _recurrent_params(self, self.hidden, self.hidden_axis)
+
+
+def _recurrence_fwd(xp, h0, w_hh, b_hh, dtype, unroll):
+  """Forward scan over time-major inputs; returns (outputs, residuals for the backward pass)."""
+  def step(h, xp_t):
+    hp = matmul("bi,igh->bgh", h, w_hh, dtype) + b_hh
+    r = jax.nn.sigmoid(xp_t[:, 0] + hp[:, 0])
+    z = jax.nn.sigmoid(xp_t[:, 1] + hp[:, 1])
+    n = jnp.tanh(xp_t[:, 2] + r * hp[:, 2])
+    h_new = (1.0 - z) * n + z * h
+    return h_new, (h_new, r, z, n, hp[:, 2])
+
+  _, (hs, r, z, n, hp_n) = jax.lax.scan(step, h0, jnp.swapaxes(xp, 0, 1), unroll=unroll)
+  ys = jnp.swapaxes(hs, 0, 1).astype(dtype)
+  h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)   # (P, B, H): the state each step started from
+  return ys, (h_prev, r, z, n, hp_n, w_hh)
+
+
+def _recurrence_bwd(dtype, unroll, res, g):
+  h_prev, r, z, n, hp_n, w_hh = res
+
+  def step(dh_next, inputs):
+    g_t, hprev_t, r_t, z_t, n_t, hpn_t = inputs
+    dh = g_t + dh_next
+    dn_pre = dh * (1.0 - z_t) * (1.0 - n_t * n_t)
+    dz_pre = dh * (hprev_t - n_t) * z_t * (1.0 - z_t)
+    dr_pre = dn_pre * hpn_t * r_t * (1.0 - r_t)
+    dxp = jnp.stack([dr_pre, dz_pre, dn_pre], axis=1)                # d(x @ W_i + b_i), (B, 3, H)
+    dhp = dxp.at[:, 2].multiply(r_t)                                    # d(h @ W_h + b_h)
+    dh_prev = dh * z_t + matmul("bgh,igh->bi", dhp, w_hh, dtype)
+    return dh_prev, dxp
+
+  g = jnp.swapaxes(g, 0, 1).astype(jnp.float32)
+  dh0, dxp = jax.lax.scan(step, jnp.zeros_like(h_prev[0]), (g, h_prev, r, z, n, hp_n),
+                          reverse=True, unroll=unroll)
+  # Only dL/dh crossed the loop; the kernel gradient is one matmul over all (time, batch) rows.
+  dhp = dxp.at[:, :, 2].multiply(r)
+  dw_hh = matmul("pbi,pbgh->igh", h_prev, dhp, dtype)
+  return jnp.swapaxes(dxp, 0, 1), dh0, dw_hh.astype(w_hh.dtype), dhp.sum(axis=(0, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def gru_recurrence(xp: jax.Array, h0: jax.Array, w_hh: jax.Array, b_hh: jax.Array, dtype=jnp.float32,
+                   unroll: int = 1) -> jax.Array:
+  """GRU recurrence over input projections xp (B, P, 3, H) (input biases included) from h0 (B, H) -> (B, P, H).
+
+  Same values as scanning `GRUStep`; its VJP computes the recurrent-kernel gradient after the reverse loop.
+  """
+  return _recurrence_fwd(xp, h0, w_hh, b_hh, dtype, unroll)[0]
+
+
+gru_recurrence.defvjp(lambda xp, h0, w_hh, b_hh, dtype, unroll: _recurrence_fwd(xp, h0, w_hh, b_hh, dtype, unroll),
+                      _recurrence_bwd)
 
 
 class GRULayer(nn.Module):
@@ -75,6 +153,7 @@ class GRULayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   unroll: int = 1
   hidden_axis: str = "hidden"   # logical name of the hidden axis (the sharding rules map it to a mesh axis)
+  backward: str = "custom"      # custom | autodiff (see the module docstring; same values and gradients)
 
   @nn.compact
   def __call__(self, x: jax.Array, h0: jax.Array) -> jax.Array:
@@ -86,6 +165,11 @@ class GRULayer(nn.Module):
     # Hoisted input projection: one (B*P, in) x (in, 3H) matmul for all time steps.
     xp = matmul("bpi,igh->bpgh", x, w_ih, self.dtype) + b_ih
     h0 = jnp.broadcast_to(h0.astype(jnp.float32), (x.shape[0], self.hidden))
+    if self.backward == "custom":
+      w_hh, b_hh = RecurrentParams(self.hidden, self.hidden_axis, name="cell")()
+      return gru_recurrence(xp, h0, w_hh, b_hh, self.dtype, self.unroll)
+    if self.backward != "autodiff":
+      raise ValueError(f"model.gru_backward={self.backward!r}: expected one of {BACKWARDS}")
     scan = nn.scan(GRUStep, variable_broadcast="params", split_rngs={"params": False},
                    in_axes=1, out_axes=1, unroll=self.unroll)
     _, ys = scan(hidden=self.hidden, dtype=self.dtype, hidden_axis=self.hidden_axis, name="cell")(h0, xp)
@@ -101,12 +185,13 @@ class GRUStack(nn.Module):
   dtype: jnp.dtype = jnp.float32
   unroll: int = 1
   hidden_axis: str = "hidden"
+  backward: str = "custom"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
     h0 = self.param("h0", nn.with_logical_partitioning(_h0_init, (self.hidden_axis,)), (self.hidden,))
     for i in range(self.n_layers):
-      x = GRULayer(self.hidden, self.dtype, self.unroll, self.hidden_axis, name=f"layer_{i}")(x, h0)
+      x = GRULayer(self.hidden, self.dtype, self.unroll, self.hidden_axis, self.backward, name=f"layer_{i}")(x, h0)
       if i < self.n_layers - 1:
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     return x
