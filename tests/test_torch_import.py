@@ -26,45 +26,79 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_DAYS, FEATURES, HIDDEN, LAYERS, CLASSES, SIZE, STRIDE = 3, 512, 32, 2, 41, 14, 4
 
 
-class TorchGRUDecoder(tnn.Module):
-  """An independent torch model with the reference's parameter layout (SPEC §3.1-3.3, §6)."""
+def _torch_front(x, day, weights, biases, size, stride):
+  """Day layer (x @ W, SPEC §3.1) + softsign + patches via unfold over time, as the reference does."""
+  w = torch.stack([weights[int(i)] for i in day])
+  b = torch.cat([biases[int(i)] for i in day]).unsqueeze(1)
+  x = torch.nn.functional.softsign(torch.einsum("btd,bdk->btk", x, w) + b)
+  x = x.permute(0, 2, 1).unfold(2, size, stride).permute(0, 2, 3, 1)  # (B, P, size, F)
+  return x.reshape(x.shape[0], x.shape[1], -1)
 
-  def __init__(self, n_days, f, hidden, layers, classes, size, stride):
+
+class TorchSub(tnn.Module):
+  """Optional day layers -> nn.GRU with a learned h0 shared by its layers -> optional Linear head."""
+
+  def __init__(self, n_days, f, d_in, hidden, layers, classes):
     super().__init__()
-    self.size, self.stride, self.layers, self.hidden = size, stride, layers, hidden
-    self.day_weights = tnn.ParameterList([tnn.Parameter(torch.eye(f)) for _ in range(n_days)])
-    self.day_biases = tnn.ParameterList([tnn.Parameter(torch.zeros(1, f)) for _ in range(n_days)])
-    self.gru = tnn.GRU(f * size, hidden, layers, batch_first=True)
-    self.out = tnn.Linear(hidden, classes)
+    self.hidden, self.layers = hidden, layers
+    if n_days:
+      self.day_weights = tnn.ParameterList([tnn.Parameter(torch.eye(f)) for _ in range(n_days)])
+      self.day_biases = tnn.ParameterList([tnn.Parameter(torch.zeros(1, f)) for _ in range(n_days)])
+    self.gru = tnn.GRU(d_in, hidden, layers, batch_first=True)
+    if classes:
+      self.out = tnn.Linear(hidden, classes)
     self.h0 = tnn.Parameter(torch.zeros(1, 1, hidden))
 
+  def front(self, x, day):
+    return _torch_front(x, day, self.day_weights, self.day_biases, SIZE, STRIDE)
+
+  def rnn(self, x):
+    return self.gru(x, self.h0.expand(self.layers, x.shape[0], self.hidden).contiguous())[0]
+
+
+class TorchGRUDecoder(TorchSub):
+  """An independent torch model with the reference's parameter layout (SPEC §3.1-3.3, §6)."""
+
+  def __init__(self, n_days, f, hidden, layers, classes):
+    super().__init__(n_days, f, f * SIZE, hidden, layers, classes)
+
   def forward(self, x, day):
-    w = torch.stack([self.day_weights[int(i)] for i in day])
-    b = torch.cat([self.day_biases[int(i)] for i in day]).unsqueeze(1)
-    x = torch.nn.functional.softsign(torch.einsum("btd,bdk->btk", x, w) + b)
-    # unfold over time: (B, F, P, size) -> (B, P, size, F) -> (B, P, size * F)
-    x = x.permute(0, 2, 1).unfold(2, self.size, self.stride).permute(0, 2, 3, 1)
-    x = x.reshape(x.shape[0], x.shape[1], -1)
-    out, _ = self.gru(x, self.h0.expand(self.layers, x.shape[0], self.hidden).contiguous())
-    return self.out(out)
+    return self.out(self.rnn(self.front(x, day)))
+
+
+class TorchTriple(tnn.Module):
+  """The TripleGRUDecoder key layout of b2t_jax/torch_import.py; forward = inference mode (clean logits)."""
+
+  def __init__(self, n_days, f, hidden, classes):
+    super().__init__()
+    w = f * SIZE
+    self.noise_model = TorchSub(n_days, f, w, w, 2, 0)
+    self.clean_model = TorchSub(n_days, f, w, hidden, 3, classes)
+    self.noisy_model = TorchSub(0, f, w, hidden, 2, classes)
+
+  def forward(self, x, day):
+    noise = self.noise_model.rnn(self.noise_model.front(x, day))
+    return self.clean_model.out(self.clean_model.rnn(self.clean_model.front(x, day) - noise))
+
+
+def _perturb(m):
+  with torch.no_grad():  # move every parameter off its init so that a transposed or swapped tensor shows
+    for name, p in m.named_parameters():
+      p.add_((0.02 if "day_weights" in name else 0.05) * torch.randn_like(p))
+      if name.endswith("h0"):
+        p.normal_(0.0, 0.5)
+  return m.eval()
 
 
 def _torch_model(seed=0):
   torch.manual_seed(seed)
-  m = TorchGRUDecoder(N_DAYS, FEATURES, HIDDEN, LAYERS, CLASSES, SIZE, STRIDE)
-  with torch.no_grad():  # move every parameter off its init so that a transposed or swapped tensor shows
-    for p in m.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-    for w in m.day_weights:
-      w.add_(0.02 * torch.randn_like(w))
-    m.h0.normal_(0.0, 0.5)
-  return m.eval()
+  return _perturb(TorchGRUDecoder(N_DAYS, FEATURES, HIDDEN, LAYERS, CLASSES))
 
 
-def _args_yaml(**model_extra):
-  return {"model": {"n_input_features": FEATURES, "n_units": HIDDEN, "rnn_dropout": 0.4, "n_layers": LAYERS,
+def _args_yaml(features=FEATURES, **model_extra):
+  return {"model": {"n_input_features": features, "n_units": HIDDEN, "rnn_dropout": 0.4, "n_layers": LAYERS,
                     "patch_size": SIZE, "patch_stride": STRIDE,
-                    "input_network": {"n_input_layers": 1, "input_layer_sizes": [FEATURES],
+                    "input_network": {"n_input_layers": 1, "input_layer_sizes": [features],
                                       "input_layer_dropout": 0.2}, **model_extra},
           "lr_max": 0.005, "lr_min": 0.0001, "lr_decay_steps": 120000, "lr_warmup_steps": 1000, "epsilon": 0.1,
           "seed": 10, "init_checkpoint_path": "None", "num_training_batches": 120000,
@@ -97,17 +131,20 @@ def _load_config(path):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
+  """The user's path: the reference's files -> tools/import_torch_checkpoint.py -> a workdir."""
   tmp = tmp_path_factory.mktemp("torch_import")
   model = _torch_model()
   ckpt = _save_reference(model, str(tmp / "checkpoint"))
-  info = import_checkpoint(ckpt, str(tmp / "work"), default.get_config())
-  return model, info, str(tmp / "work")
+  p = subprocess.run([sys.executable, "tools/import_torch_checkpoint.py", f"--checkpoint={ckpt}",
+                      f"--out={tmp / 'work'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "imported a gru model (" in p.stdout and "val_PER=0.2500 val_loss=1.5000" in p.stdout
+  return model, str(tmp / "work")
 
 
 def test_import_matches_torch_logits_and_phonemes(imported, synthetic_dir):
-  model, info, workdir = imported
-  assert info["kind"] == "gru" and info["val_PER"] == 0.25 and info["val_loss"] == 1.5
-  config = _load_config(info["config"])
+  model, workdir = imported
+  config = _load_config(os.path.join(workdir, "config.py"))
   config.data.data_dir = synthetic_dir
   assert config.model.hidden == HIDDEN and config.model.n_layers == LAYERS
   assert config.data.sessions == T15_SESSIONS[:N_DAYS] and config.aug.smooth_kernel_std == 2.0
@@ -152,24 +189,23 @@ def test_import_matches_torch_logits_and_phonemes(imported, synthetic_dir):
 
 
 def test_eval_cli_runs_on_the_imported_workdir(imported, synthetic_dir):
-  _, info, workdir = imported
+  _, workdir = imported
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  p = subprocess.run([sys.executable, "-m", "b2t_jax.main", f"--config={info['config']}", f"--workdir={workdir}",
+  p = subprocess.run([sys.executable, "-m", "b2t_jax.main", f"--config={workdir}/config.py", f"--workdir={workdir}",
                       "--config.mode=eval", f"--config.data.data_dir={synthetic_dir}"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.strip().splitlines()[-1].startswith("val_per=")
 
 
-def test_tool_reports_a_corrupted_checkpoint(tmp_path):
+def test_corrupted_checkpoint_is_named(tmp_path):
   path = _save_reference(_torch_model(), str(tmp_path / "ckpt"))
   data = open(path, "rb").read()
   with open(path, "wb") as f:
     f.write(data[:len(data) // 2])
-  p = subprocess.run([sys.executable, "tools/import_torch_checkpoint.py", f"--checkpoint={path}",
-                      f"--out={tmp_path / 'work'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert p.returncode == 1
-  assert f"{path}: cannot read as a PyTorch checkpoint" in p.stderr and "Traceback" not in p.stderr
+  with pytest.raises(CheckpointImportError, match=f"{path}: cannot read as a PyTorch checkpoint"):
+    import_checkpoint(path, str(tmp_path / "work"), default.get_config())
+  assert not os.path.exists(tmp_path / "work")  # nothing half-written
 
 
 def test_untrusted_pickle_is_refused(tmp_path):
@@ -211,3 +247,28 @@ def test_wrong_args_yaml_size_is_a_shape_error(tmp_path):
     yaml.safe_dump(args, f)
   with pytest.raises(CheckpointImportError, match="field 'model.n_units' is missing"):
     import_checkpoint(path, str(tmp_path / "work"), default.get_config())
+
+
+def test_triple_import_matches_torch(tmp_path):
+  f = 8  # a 112-wide noise GRU keeps the test small
+  torch.manual_seed(1)
+  model = _perturb(TorchTriple(N_DAYS, f, HIDDEN, CLASSES))
+  path = _save_reference(model, str(tmp_path / "ckpt"), prefix="module.", args=_args_yaml(f))
+  info = import_checkpoint(path, str(tmp_path / "work"), default.get_config())
+  assert info["kind"] == "triple"  # detected from the noise_model.* keys
+  config = _load_config(info["config"])
+  assert (config.model.noise_layers, config.model.clean_layers, config.model.noisy_layers) == (2, 3, 2)
+  exp = Experiment(config)
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path / "work"))
+  state = ckpts.restore(exp.abstract_state(), "latest")
+  ckpts.close()
+  x = np.random.default_rng(0).normal(size=(N_DAYS, 40, f)).astype(np.float32)
+  day = np.array([2, 0, 1], np.int32)
+  ours = np.asarray(exp.model.apply({"params": state.params}, x, day, train=False, mode="inference"))
+  with torch.no_grad():
+    ref = model(torch.from_numpy(x), torch.from_numpy(day)).numpy()
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+  assert np.abs(ref).max() > 0.1
+  # The noisy decoder (training only) converts too: its head is the torch head, transposed.
+  np.testing.assert_array_equal(np.asarray(state.params["noisy_model"]["out"]["kernel"]),
+                                model.noisy_model.out.weight.detach().numpy().T)

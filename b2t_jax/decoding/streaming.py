@@ -193,7 +193,8 @@ class StreamingDecoder:
     self.pool = config.data.feature_pool
     self.raw_features = config.data.n_features
     self.size, self.stride = config.model.patch_size, config.model.patch_stride
-    self.params = stream_params(params, self.kind, day)
+    # One trial is a batch of one: run on a single device even when `params` come sharded over a mesh.
+    self.params = jax.device_put(stream_params(params, self.kind, day), jax.devices()[0])
     self._step = jax.jit(functools.partial(stream_step, geo=self.geo, kind=self.kind,
                                            dtype=jnp.dtype(config.model.dtype)), donate_argnums=1)
     self.reset()
