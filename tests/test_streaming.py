@@ -1,6 +1,9 @@
 """Streaming inference equals the offline eval-mode forward pass, for both model kinds, whatever the chunking."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +109,12 @@ def test_bad_geometry_and_inputs_are_named():
     decoder.feed(np.zeros((4, 8), np.float32))
   with pytest.raises(ValueError, match="day 5 is outside"):
     StreamingDecoder(c, params, day=5)
+
+
+def test_benchmark_tool_runs():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  p = subprocess.run([sys.executable, "tools/benchmark_streaming.py", "--chunks=5", "--warmup=5",
+                      "--config.data.feature_pool=64", "--config.model.hidden=16", "--config.model.n_layers=1"],
+                     cwd=root, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "5 timed chunks, 6 logit rows emitted" in p.stdout and "per-chunk latency: median" in p.stdout

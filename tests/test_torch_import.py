@@ -18,6 +18,7 @@ from b2t_jax import metrics, sharding  # noqa: E402
 from b2t_jax.data import batching, t15  # noqa: E402
 from b2t_jax.data.augment import gaussian_kernel  # noqa: E402
 from b2t_jax.data.t15 import T15_SESSIONS  # noqa: E402
+from b2t_jax.decoding.streaming import StreamingDecoder  # noqa: E402
 from b2t_jax.torch_import import CheckpointImportError, import_checkpoint, state_dict_to_params  # noqa: E402
 from b2t_jax.train import Experiment  # noqa: E402
 from configs import default  # noqa: E402
@@ -186,6 +187,17 @@ def test_import_matches_torch_logits_and_phonemes(imported, synthetic_dir):
     assert ours_seq == metrics.greedy_decode(ref_ids, n)
     n_same += len(ours_seq) > 0
   assert n_same > 0  # some trial decodes to a non-empty phoneme sequence
+
+  # Streaming on the restored (mesh-sharded) params follows the torch model too.
+  trial = split.trials[0]
+  decoder = StreamingDecoder(config, state.params, trial.day)
+  streamed = np.concatenate([decoder.feed(trial.features[i:i + 4]) for i in range(0, trial.features.shape[0], 4)]
+                            + [decoder.finish()])
+  xt = torch.from_numpy(trial.features).T[:, None, :]
+  smoothed = torch.nn.functional.conv1d(xt, taps.view(1, 1, -1), padding="same")[:, 0, :].T
+  with torch.no_grad():
+    ref = model(smoothed[None], torch.tensor([trial.day]))[0].numpy()
+  np.testing.assert_allclose(streamed, ref, atol=1e-4, rtol=0)
 
 
 def test_eval_cli_runs_on_the_imported_workdir(imported, synthetic_dir):
