@@ -99,7 +99,13 @@ def load_torch_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, A
     if not isinstance(value, torch.Tensor):
       raise CheckpointImportError(f"{path}: state-dict entry {key!r} is a {type(value).__name__}, not a tensor")
     arrays[key] = value.detach().to(torch.float32).cpu().numpy()
-  meta = {k: float(blob[k]) for k in ("val_PER", "val_loss") if k in blob and blob is not sd}
+  meta = {}
+  for k in ("val_PER", "val_loss"):
+    if blob is not sd and k in blob:
+      try:
+        meta[k] = float(blob[k])
+      except (TypeError, ValueError):  # informational only: a missing or odd value must not block the import
+        pass
   return strip_prefixes(arrays), meta
 
 

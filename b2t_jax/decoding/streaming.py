@@ -77,7 +77,7 @@ def geometry(config: ml_collections.ConfigDict, chunk: int | None = None) -> Str
   taps = (tuple(float(t) for t in gaussian_kernel(a.smooth_kernel_std, a.smooth_kernel_size, a.smooth_threshold))
           if a.smooth_kernel_std > 0 else (1.0,))
   lag = len(taps) // 2
-  keep = m.patch_size - m.patch_stride
+  keep = max(m.patch_size - m.patch_stride, 0)
   while (keep + lag) % m.patch_stride:  # align every step's frame buffer to a patch start
     keep += 1
   return StreamGeometry(chunk=chunk, taps=taps, size=m.patch_size, stride=m.patch_stride, keep=keep,
