@@ -114,6 +114,12 @@ def _save_reference(model, folder, *, prefix="_orig_mod.", args=None):
   os.makedirs(folder, exist_ok=True)
   opt = torch.optim.AdamW(model.parameters(), lr=0.005, eps=0.1)
   sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0])
+  # One training step fills the optimizer state (exp_avg, exp_avg_sq, step tensors) as in a real checkpoint.
+  f = model.clean_model.day_weights[0].shape[0] if isinstance(model, TorchTriple) else model.day_weights[0].shape[0]
+  model(torch.randn(1, SIZE + STRIDE, f), torch.tensor([0])).square().mean().backward()
+  opt.step()
+  sched.step()
+  model.zero_grad()
   sd = {prefix + k: v for k, v in model.state_dict().items()}
   path = os.path.join(folder, "best_checkpoint")
   # val_loss is np.mean(...) in the reference: a numpy scalar, which weights_only must be allowed to read.
