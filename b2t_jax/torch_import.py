@@ -411,6 +411,8 @@ def import_checkpoint(checkpoint: str, out: str, base_config: ml_collections.Con
   from b2t_jax.optim import create_optimizer  # noqa: PLC0415
   from b2t_jax.steps import TrainState  # noqa: PLC0415
 
+  if not os.path.isfile(checkpoint):
+    raise CheckpointImportError(f"{checkpoint}: no such checkpoint file")
   for sub in ("best", "checkpoints"):
     d = os.path.join(out, sub)
     if os.path.isdir(d) and os.listdir(d):
