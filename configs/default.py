@@ -86,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
   o.grad_clip_norm = 10.0     # global-norm clipping (0 = off)
   o.grad_accum_steps = 1      # micro-batches per optimizer step (inside the jitted step)
 
+  c.stream = st = ml_collections.ConfigDict()  # b2t_jax.decoding.streaming
+  st.chunk_bins = 4           # 20 ms bins per streaming step (80 ms); a multiple of model.patch_stride
+
   c.train = t = ml_collections.ConfigDict()
   t.num_steps = 120_000       # optimizer steps
   t.eval_every = 2000         # validate after step 0 and every N steps, and after the last
