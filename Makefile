@@ -7,7 +7,7 @@ DEMO_DIR ?= /tmp/b2t_demo
 # Default test parallelism: the suite is CPU bound and this machine has 2 cores.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# b2t_jax vs the PyTorch reference step on the same shapes (alternating runs), then the triple model.
+bench: $(STAMP)
+	$(PY) tools/bench_compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -151,3 +151,23 @@ def test_custom_vjp_bf16_matches_autodiff_dtypes_and_values():
   for c, a in zip(jax.tree.leaves(got["custom"][1]), jax.tree.leaves(got["autodiff"][1])):
     assert c.dtype == a.dtype == jnp.float32
     np.testing.assert_allclose(c, a, rtol=5e-2, atol=5e-2)
+
+
+def test_stack_gradients_equal_across_unroll_remat_and_backward():
+  """The speed knobs (unroll, remat, backward) change how the step is computed, never what (dropout on)."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 9, 6)), jnp.float32)
+  proj = jax.random.normal(jax.random.PRNGKey(7), (2, 9, 5))
+  base = GRUStack(n_layers=3, hidden=5, dropout_rate=0.3)
+  params = nn.unbox(base.init(jax.random.PRNGKey(0), x, deterministic=True)["params"])
+  results = {}
+  for knobs in [dict(), dict(unroll=4), dict(remat=True), dict(backward="autodiff", unroll=2)]:
+    stack = GRUStack(n_layers=3, hidden=5, dropout_rate=0.3, **knobs)
+    loss = lambda p: jnp.sum(stack.apply({"params": p}, x, deterministic=False,
+                                         rngs={"dropout": jax.random.PRNGKey(5)}) * proj)
+    results[str(knobs)] = jax.jit(jax.value_and_grad(loss))(params)
+  ref_value, ref_grads = results.pop("{}")
+  for name, (value, grads) in results.items():
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6, err_msg=name)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6, err_msg=name)

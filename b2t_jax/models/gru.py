@@ -186,12 +186,14 @@ class GRUStack(nn.Module):
   unroll: int = 1
   hidden_axis: str = "hidden"
   backward: str = "custom"
+  remat: bool = False           # recompute each layer's forward in the backward pass instead of storing it
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
     h0 = self.param("h0", nn.with_logical_partitioning(_h0_init, (self.hidden_axis,)), (self.hidden,))
+    layer_cls = nn.remat(GRULayer) if self.remat else GRULayer
     for i in range(self.n_layers):
-      x = GRULayer(self.hidden, self.dtype, self.unroll, self.hidden_axis, self.backward, name=f"layer_{i}")(x, h0)
+      x = layer_cls(self.hidden, self.dtype, self.unroll, self.hidden_axis, self.backward, name=f"layer_{i}")(x, h0)
       if i < self.n_layers - 1:
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     return x
