@@ -81,7 +81,7 @@ def build_decoders(config: ml_collections.ConfigDict) -> tuple[dict[str, lexicon
                                                                lexicon_lm.Lexicon, str]:
   """The lexicon-only decoder and, when `config.decode.lm_path` is set, the LM decoder, over one lexicon."""
   dc = config.decode
-  needs_train = dc.vocabulary == "train" or (dc.vocabulary == "auto" and not dc.lm_path)
+  needs_train = dc.vocabulary in ("train", "cmudict") or (dc.vocabulary == "auto" and not dc.lm_path)
   sentences = list(ngram.dataset_sentences(config.data.data_dir, "train")) if needs_train else None
   vocab, source = lexicon_lm.decoding_vocabulary(dc, sentences)
   extra = lexicon_lm.read_lexicon_file(dc.lexicon_path) if dc.lexicon_path else None

@@ -104,7 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
   dc.beam_size_token = 41     # classes tried per frame (41 = all)
   dc.beam_threshold = 25.0    # drop hypotheses scoring this far below the best
   dc.lm_weight = 2.0          # weight of the log10 LM score (ignored without lm_path)
-  dc.word_score = 0.0         # added per emitted word (>0 favours more words)
+  dc.word_score = 0.0         # added per emitted word with the LM (>0 offsets the LM's per-word cost)
+  dc.word_score_no_lm = 0.0   # added per emitted word in lexicon-only decoding (no LM cost to offset)
   dc.sil_score = 0.0          # added per word-boundary/silence frame
   dc.unk_score = float("-inf")  # score of an out-of-lexicon word; -inf = never emit one
   dc.log_add = False          # merge equal hypotheses by log-add (True) or max (Viterbi)

@@ -24,7 +24,7 @@ _CORPUS = flags.DEFINE_string("corpus", "", "text file, one sentence per line; e
                               "of --data_dir")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "t15 hdf5_data_final-style folder whose train split is the "
                                 "default corpus")
-_ORDER = flags.DEFINE_integer("order", 3, "n-gram order")
+_ORDER = flags.DEFINE_integer("order", 3, "n-gram order (>= 2: KenLM loads no unigram-only model)")
 _OUT = flags.DEFINE_string("out", None, "output ARPA path", required=True)
 _FALLBACK = flags.DEFINE_list("discount_fallback", [str(d) for d in ngram.FALLBACK_DISCOUNTS],
                               "D1,D2,D3+ used for an order whose count-of-counts cannot give the discounts")
@@ -70,6 +70,8 @@ def build_lm(lines: Iterable[str], order: int, out: str, fallback=ngram.FALLBACK
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _ORDER.value < 2:
+    raise app.UsageError(f"--order={_ORDER.value}: KenLM, which the decoder loads the LM with, needs order >= 2")
   if _CORPUS.value:
     lines = _file_lines(_CORPUS.value)
   elif _DATA_DIR.value:

@@ -26,6 +26,7 @@ from b2t_jax.data.t15 import BLANK_ID, PHONEMES, SIL_ID
 from b2t_jax.decoding import ngram
 
 UNK_WORD = ngram.UNK
+TRIE_MAX_LABELS = 6         # flashlight-text's kTrieMaxLabel: words one trie node (one spelling) can hold
 _PHONEME_ID = {p: i for i, p in enumerate(PHONEMES)}
 
 
@@ -43,6 +44,11 @@ def cmudict_pronunciations() -> dict[str, tuple[tuple[int, ...], ...]]:
         ids.append(p)
     out[word] = tuple(ids)
   return out
+
+
+def phoneme_names(ids: Sequence[int]) -> str:
+  """(29, 18) -> 'S IY'."""
+  return " ".join(PHONEMES[i].strip() for i in ids)
 
 
 def parse_pronunciation(word: str, phonemes: str) -> tuple[int, ...]:
@@ -169,13 +175,32 @@ class LexiconLMDecoder:
       self.lm = _tie_break_lm(len(lexicon.words) + 1)
       lm_weight = 1.0
     # Trie over phoneme ids; each leaf's score is the word's LM score after <s>, smeared (max) towards the
-    # root so partial words carry a look-ahead LM estimate.
+    # root so partial words carry a look-ahead LM estimate. flashlight keeps at most TRIE_MAX_LABELS words per
+    # spelling (and drops the rest with only a stderr line): keep the LM's favourites (ties: lexicon order)
+    # and report the others.
     start = self.lm.start(False)
-    self.trie = fl.Trie(len(PHONEMES), sil_id)
+    by_spelling: dict[tuple[int, ...], list[tuple[float, int]]] = collections.defaultdict(list)
     for i, w in enumerate(lexicon.words):
       score = self.lm.score(start, i)[1]
       for pron in lexicon.pronunciations[w]:
-        self.trie.insert(list(pron) + [sil_id], i, score)
+        by_spelling[tuple(pron) + (sil_id,)].append((score, i))
+    self.trie = fl.Trie(len(PHONEMES), sil_id)
+    kept, dropped, n_over = set(), {}, 0
+    for spelling, entries in by_spelling.items():
+      n_over += len(entries) > TRIE_MAX_LABELS
+      entries.sort(key=lambda e: (-e[0], e[1]))
+      for score, i in entries[:TRIE_MAX_LABELS]:
+        self.trie.insert(list(spelling), i, score)
+        kept.add(i)
+      for _, i in entries[TRIE_MAX_LABELS:]:
+        dropped[lexicon.words[i]] = phoneme_names(spelling[:-1])
+    self.undecodable = sorted(lexicon.words[i] for i in set(range(len(lexicon.words))) - kept)
+    if dropped:
+      logging.warning("%d spellings have more homophones than the %d words per spelling the decoder's trie holds: "
+                      "%d words lose that spelling (e.g. %s), %d of them cannot be decoded at all (%s%s)", n_over,
+                      TRIE_MAX_LABELS, len(dropped), ", ".join(f"{w} [{p}]" for w, p in list(dropped.items())[:5]),
+                      len(self.undecodable), ", ".join(self.undecodable[:10]),
+                      " ..." if len(self.undecodable) > 10 else "")
     self.trie.smear(fl.SmearingMode.MAX)
     self.options = fl.LexiconDecoderOptions(
         beam_size=beam_size, beam_size_token=beam_size_token, beam_threshold=beam_threshold,
@@ -186,12 +211,13 @@ class LexiconLMDecoder:
 
   @classmethod
   def from_config(cls, lexicon: Lexicon, decode_config, *, use_lm: bool) -> "LexiconLMDecoder":
-    """A decoder with every option from `config.decode`; `use_lm=False` ignores `lm_path` (lexicon only)."""
+    """A decoder with every option from `config.decode`; `use_lm=False` ignores `lm_path` and uses
+    `word_score_no_lm` (lexicon only)."""
     d = decode_config
     return cls(lexicon, lm_path=d.lm_path if use_lm else "", beam_size=d.beam_size,
                beam_size_token=d.beam_size_token, beam_threshold=d.beam_threshold, lm_weight=d.lm_weight,
-               word_score=d.word_score, sil_score=d.sil_score, unk_score=d.unk_score, log_add=d.log_add,
-               blank_penalty=d.blank_penalty)
+               word_score=d.word_score if use_lm else d.word_score_no_lm, sil_score=d.sil_score,
+               unk_score=d.unk_score, log_add=d.log_add, blank_penalty=d.blank_penalty)
 
   def emissions(self, scores: np.ndarray) -> np.ndarray:
     """log-softmax over classes, then the blank penalty (subtracted from the blank's log-probability)."""
@@ -223,8 +249,9 @@ def decoding_vocabulary(decode_config, train_sentences: Sequence[str] | None) ->
   """The decoder's word list and where it came from, by `config.decode.vocabulary`:
   'auto' = the LM's unigrams when `lm_path` is set, else the words of the training sentences;
   'lm' | 'train' | 'cmudict' name one source; anything else is a file with one word per line.
-  The order decides exact ties of lexicon-only decoding: most probable unigram first ('lm'), most frequent
-  first ('train'), alphabetical ('cmudict'), file order."""
+  The order decides exact ties of lexicon-only decoding (and which homophones keep a trie slot): most probable
+  unigram first ('lm'), most frequent first ('train'), training words by frequency then the rest alphabetically
+  ('cmudict'), file order."""
   from b2t_jax.metrics import sentence_words
 
   source = decode_config.vocabulary
@@ -237,12 +264,13 @@ def decoding_vocabulary(decode_config, train_sentences: Sequence[str] | None) ->
       return ngram.arpa_vocabulary(decode_config.lm_path), f"LM {decode_config.lm_path}"
     raise ValueError(f"config.decode.lm_path={decode_config.lm_path!r} is not an .arpa file, so its vocabulary "
                      "cannot be read; set config.decode.vocabulary to 'train', 'cmudict' or a word-list file")
+  counts = collections.Counter(w for s in train_sentences or () for w in sentence_words(s))
   if source == "train":
     if train_sentences is None:
       raise ValueError("config.decode.vocabulary='train' needs the training sentences")
-    counts = collections.Counter(w for s in train_sentences for w in sentence_words(s))
     return [w for w, _ in counts.most_common()], "training sentences"
   if source == "cmudict":
-    return sorted(cmudict_pronunciations()), "CMUdict"
+    seen = [w for w, _ in counts.most_common()]
+    return seen + sorted(set(cmudict_pronunciations()) - set(seen)), "CMUdict"
   with open(source, encoding="utf-8") as f:
     return [w.strip().lower() for w in f if w.strip()], source
