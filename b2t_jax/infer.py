@@ -9,7 +9,8 @@ Restores DIR/best (else DIR/checkpoints), runs `config.infer.split` and writes i
                   the LM, the true sentence and phonemes when the split is labelled
 - per_day.csv     per-day greedy PER and WERs (labelled splits), per_day.png the same as a plot
 - metrics.json    the aggregate numbers; logits.npz (with infer.save_logits) the raw logits per trial
-- missing_words.txt  words of the decoding vocabulary without a pronunciation (when there are any)
+- missing_words.txt  words of the decoding vocabulary without a pronunciation (when there are any); words that
+                  lost every trie slot to more probable homophones are listed in metrics.json
 The text of the CSV is the LM decoding when `config.decode.lm_path` is set, else the lexicon-only decoding.
 """
 
@@ -132,9 +133,10 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         wer[name].add(trial.day, text.split(), metrics_lib.sentence_words(trial.sentence))
     records.append(rec)
 
+  undecodable = sorted(set().union(*(d.undecodable for d in decoders.values())))
   result: dict[str, Any] = {"split": ic.split, "step": step, "n_trials": len(records), "labelled": labelled,
                             "vocabulary": vocab_source, "n_words": len(lexicon.words),
-                            "missing_words": lexicon.missing}
+                            "missing_words": lexicon.missing, "undecodable_words": undecodable}
   if labelled:
     result["greedy_per"] = per.rate()
     result["wer_no_lm"] = wer[NO_LM].rate()

@@ -119,6 +119,20 @@ def test_lexicon_file_adds_and_overrides_pronunciations(tmp_path, synthetic_lexi
     lexicon_lm.read_lexicon_file(str(path))
 
 
+def test_homophones_beyond_the_trie_limit_are_reported(tmp_path, caplog):
+  """flashlight's trie holds 6 words per spelling; the 7th and 8th are reported, the LM's favourites kept."""
+  words = [f"w{i}" for i in range(8)]
+  extra = {w: [(_ID["K"], _ID["AA"])] for w in words}
+  lex = lexicon_lm.build_lexicon(words, extra)
+  with caplog.at_level("WARNING"):
+    dec = lexicon_lm.LexiconLMDecoder(lex)
+  assert dec.undecodable == ["w6", "w7"] and "2 of them cannot be decoded" in caplog.text
+  lm = _lm(tmp_path, "w7", ["w7"] * 5 + ["w6"] * 4 + [" ".join(words)])
+  assert "w7" not in lexicon_lm.LexiconLMDecoder(lex, lm_path=lm).undecodable
+  x = emissions(["w0"], {"w0": "K AA"}, np.random.default_rng(5), noise=0.3)
+  assert lexicon_lm.LexiconLMDecoder(lex, lm_path=lm).decode(x) == "w7"
+
+
 def test_wer_normalisation_follows_the_reference():
   assert metrics.normalize_sentence("Hello, World!  It's a well-known FACT.") == "hello world it's a well-known fact"
   # as the reference: a hyphen before a space goes, a lone one stays; " '" joins the quote to its word

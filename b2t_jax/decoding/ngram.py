@@ -124,10 +124,6 @@ def _log10(p: float) -> float:
   return LOG10_ZERO if p <= 0.0 else math.log10(p)
 
 
-def _sort_key(gram: Ngram) -> tuple:
-  return gram
-
-
 def write_arpa(path: str, probs: list[dict[Ngram, float]], backoffs: list[dict[Ngram, float]]) -> None:
   """Writes the estimates as an ARPA file: log10 probability, the n-gram, and (below the highest order) the
   log10 backoff weight (0 for n-grams that are never a context)."""
@@ -138,7 +134,7 @@ def write_arpa(path: str, probs: list[dict[Ngram, float]], backoffs: list[dict[N
       f.write(f"ngram {n + 1}={len(probs[n])}\n")
     for n in range(order):
       f.write(f"\n\\{n + 1}-grams:\n")
-      for gram in sorted(probs[n], key=_sort_key):
+      for gram in sorted(probs[n]):
         line = f"{_log10(probs[n][gram]):.7f}\t{' '.join(gram)}"
         if n < order - 1:
           bo = backoffs[n].get(gram)
