@@ -95,10 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Word decoding (b2t_jax/decoding/lexicon_lm.py): flashlight-text LexiconDecoder over a CMUdict phoneme trie.
   # Emissions are natural-log CTC posteriors, KenLM scores are log10: a hypothesis scores
   # Σ log p(frame) + lm_weight·log10 P_LM + word_score·#words + sil_score·#silence frames. The reference's
-  # WFST decoder (acoustic scale 0.325 on natural-log LM costs) corresponds to lm_weight ≈ ln(10)/0.325 ≈ 7.
+  # WFST decoder (acoustic scale 0.325 on natural-log LM costs) corresponds roughly to lm_weight ≈ ln(10)/0.325 ≈ 7.
   c.decode = dc = ml_collections.ConfigDict()
   dc.lm_path = ""             # word n-gram LM (ARPA from tools/build_lm.py, or KenLM binary); "" = no LM
-  dc.vocabulary = "auto"      # decoder words: auto (LM unigrams if lm_path else training words) | lm | train | cmudict | FILE
+  dc.vocabulary = "auto"      # auto (= lm if lm_path else train) | lm | train | cmudict | FILE: the decoder's words
   dc.lexicon_path = ""        # extra/overriding pronunciations, lines 'word PH PH ...' (CMUdict style)
   dc.beam_size = 100          # hypotheses kept per frame
   dc.beam_size_token = 41     # classes tried per frame (41 = all)
