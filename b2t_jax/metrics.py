@@ -1,7 +1,8 @@
-"""Greedy CTC decoding, edit distance and phoneme error rates (aggregate and per day), on the host."""
+"""Greedy CTC decoding, edit distance, phoneme and word error rates (aggregate and per day), on the host."""
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -50,3 +51,17 @@ class ErrorRate:
 
   def per_day(self) -> dict[int, float]:
     return {d: self.errors[d] / max(self.lengths[d], 1) for d in sorted(self.errors)}
+
+
+def normalize_sentence(sentence: str) -> str:
+  """WER normalisation (SPEC §5, as the reference's `remove_punctuation`): keep letters, apostrophes, hyphens
+  and spaces; a hyphen ending a word and a double hyphen are dropped, " '" joins its word; lowercase; single
+  spaces."""
+  s = re.sub(r"[^a-zA-Z\- ']", "", sentence)
+  s = s.replace("- ", " ").replace("--", "").replace(" '", "'").lower()
+  return " ".join(s.split())
+
+
+def sentence_words(sentence: str) -> list[str]:
+  """The words WER counts: the normalised sentence split on spaces."""
+  return normalize_sentence(sentence).split()

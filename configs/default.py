@@ -9,7 +9,7 @@ from b2t_jax.data.t15 import T15_SESSIONS
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"            # train | eval | summary
+  c.mode = "train"            # train | eval | infer | summary
   c.seed = 10                 # model init / dropout / augmentation PRNG seed
   c.mesh_shape = (-1, 1)      # (data, model) device mesh; -1 takes all remaining devices
   # Logical axis -> mesh axis (MaxText style). The NoiseModel's 7168-wide GRU kernels are split over 'model'
@@ -96,4 +96,31 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 100           # write train metrics every N steps
   t.checkpoint_every = 2000   # save the resumable 'latest' checkpoint every N steps
   t.max_checkpoints = 2       # 'latest' checkpoints kept
+
+  # Word decoding (b2t_jax/decoding/lexicon_lm.py): flashlight-text LexiconDecoder over a CMUdict phoneme trie.
+  # Emissions are natural-log CTC posteriors, KenLM scores are log10: a hypothesis scores
+  # Σ log p(frame) + lm_weight·log10 P_LM + word_score·#words + sil_score·#silence frames. The reference's
+  # WFST decoder (acoustic scale 0.325 on natural-log LM costs) corresponds roughly to lm_weight ≈ ln(10)/0.325 ≈ 7.
+  c.decode = dc = ml_collections.ConfigDict()
+  dc.lm_path = ""             # word n-gram LM (ARPA from tools/build_lm.py, or KenLM binary); "" = no LM
+  dc.vocabulary = "auto"      # auto (= lm if lm_path else train) | lm | train | cmudict | FILE: the decoder's words
+  dc.lexicon_path = ""        # extra/overriding pronunciations, lines 'word PH PH ...' (CMUdict style)
+  dc.beam_size = 100          # hypotheses kept per frame
+  dc.beam_size_token = 41     # classes tried per frame (41 = all)
+  dc.beam_threshold = 25.0    # drop hypotheses scoring this far below the best
+  dc.lm_weight = 2.0          # weight of the log10 LM score (ignored without lm_path)
+  dc.word_score = 0.0         # added per emitted word with the LM (>0 offsets the LM's per-word cost)
+  dc.word_score_no_lm = 0.0   # added per emitted word in lexicon-only decoding (no LM cost to offset)
+  dc.sil_score = 0.0          # added per word-boundary/silence frame
+  dc.unk_score = float("-inf")  # score of an out-of-lexicon word; -inf = never emit one
+  dc.log_add = False          # merge equal hypotheses by log-add (True) or max (Viterbi)
+  dc.blank_penalty = 0.0      # subtracted from the blank's log-probability (the reference used log(90) ≈ 4.5)
+
+  # mode=infer (b2t_jax/infer.py): run a split through the best (else latest) checkpoint and decode it.
+  c.infer = inf = ml_collections.ConfigDict()
+  inf.split = "val"           # val (with PER/WER) | test (competition CSV) | train
+  inf.out_dir = ""            # "" = WORKDIR/infer_<split>
+  inf.checkpoint = "best"     # best | latest: which checkpoint manager to restore from (falls back to latest)
+  inf.save_logits = False     # also write logits.npz: raw (T, 41) logits keyed '<session>/trial_NNNN'
+  inf.plot = True             # write per_day.png (per-day PER and WER)
   return c

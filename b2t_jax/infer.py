@@ -1,0 +1,235 @@
+"""mode=infer: a checkpoint -> per-trial logits of one split (batched, jitted) -> greedy phonemes and words.
+
+python -m b2t_jax.main --config=CONFIG.py --workdir=DIR --config.mode=infer [--config.decode.lm_path=lm.arpa]
+
+Restores DIR/best (else DIR/checkpoints), runs `config.infer.split` and writes into `config.infer.out_dir`
+(default DIR/infer_<split>):
+- submission.csv  `id,text`: ids 0..N-1 in split order (session-list order, then file order; SPEC §5)
+- trials.jsonl    one object per trial: id, session, day, block, trial, greedy phonemes, words without and with
+                  the LM, the true sentence and phonemes when the split is labelled
+- per_day.csv     per-day greedy PER and WERs (labelled splits), per_day.png the same as a plot
+- metrics.json    the aggregate numbers; logits.npz (with infer.save_logits) the raw logits per trial
+- missing_words.txt  words of the decoding vocabulary without a pronunciation (when there are any); words that
+                  lost every trie slot to more probable homophones are listed in metrics.json
+The text of the CSV is the LM decoding when `config.decode.lm_path` is set, else the lexicon-only decoding.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from b2t_jax import checkpoint as ckpt_lib
+from b2t_jax import metrics as metrics_lib
+from b2t_jax import sharding
+from b2t_jax import train
+from b2t_jax.data import batching, t15
+from b2t_jax.data.augment import preprocess
+from b2t_jax.decoding import lexicon_lm, ngram
+from b2t_jax.models.frontend import n_patches
+
+NO_LM, WITH_LM = "lexicon", "lm"
+
+
+def logits_step(params: Any, batch: dict, *, model, config: ml_collections.ConfigDict) -> dict:
+  """Inference forward pass on a padded batch: float32 logits (B, P, 41) and the valid patch count per trial."""
+  x, lengths = preprocess(None, batch["features"], batch["n_time_steps"], config.aug)
+  input_lens = n_patches(lengths, config.model.patch_size, config.model.patch_stride)
+  logits = model.apply({"params": params}, x, batch["day"], train=False, mode="inference")
+  return {"logits": logits.astype(jnp.float32), "input_lens": jnp.maximum(input_lens, 0)}
+
+
+def split_logits(exp: train.Experiment, params: Any, split: t15.Split) -> list[np.ndarray]:
+  """Per-trial logits (n_patches_i, 41) of every trial of `split`, in split order."""
+  data = sharding.batch_sharding(exp.mesh)
+  step = jax.jit(functools.partial(logits_step, model=exp.model, config=exp.config),
+                 in_shardings=(exp.state_shardings.params, data), out_shardings=data)
+  out: list[np.ndarray | None] = [None] * len(split)
+  batches = train.make_eval_batches(exp.config, split)
+  for batch, idx in tqdm(batches, desc=f"{split.name} logits", unit="batch", disable=jax.process_index() > 0):
+    res = sharding.to_host(step(params, sharding.shard_batch(batch, exp.mesh)))
+    for r, i in enumerate(idx):
+      out[i] = np.asarray(res["logits"][r, :int(res["input_lens"][r])])
+  return out
+
+
+def restore_params(exp: train.Experiment, workdir: str, which: str) -> tuple[Any, int]:
+  """Params and step of the `which` ('best' or 'latest') checkpoint of `workdir`, falling back to 'latest'."""
+  ckpts = ckpt_lib.Checkpoints(workdir)
+  try:
+    state = ckpts.restore(exp.abstract_state(), which)
+    if state is None and which != "latest":
+      state = ckpts.restore(exp.abstract_state(), "latest")
+  finally:
+    ckpts.close()
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/best or {workdir}/checkpoints; train first (or import "
+                            "a PyTorch checkpoint into this workdir)")
+  return state.params, int(jax.device_get(state.step))
+
+
+def build_decoders(config: ml_collections.ConfigDict) -> tuple[dict[str, lexicon_lm.LexiconLMDecoder],
+                                                               lexicon_lm.Lexicon, str]:
+  """The lexicon-only decoder and, when `config.decode.lm_path` is set, the LM decoder, over one lexicon."""
+  dc = config.decode
+  needs_train = dc.vocabulary in ("train", "cmudict") or (dc.vocabulary == "auto" and not dc.lm_path)
+  sentences = list(ngram.dataset_sentences(config.data.data_dir, "train")) if needs_train else None
+  vocab, source = lexicon_lm.decoding_vocabulary(dc, sentences)
+  extra = lexicon_lm.read_lexicon_file(dc.lexicon_path) if dc.lexicon_path else None
+  lexicon = lexicon_lm.build_lexicon(vocab, extra, source=source)
+  decoders = {NO_LM: lexicon_lm.LexiconLMDecoder.from_config(lexicon, dc, use_lm=False)}
+  if dc.lm_path:
+    decoders[WITH_LM] = lexicon_lm.LexiconLMDecoder.from_config(lexicon, dc, use_lm=True)
+  logging.info("decoding vocabulary: %d words from %s (%d without pronunciation)", len(lexicon.words), source,
+               len(lexicon.missing))
+  return decoders, lexicon, source
+
+
+def phoneme_string(ids) -> str:
+  return " ".join(t15.PHONEMES[i].strip() for i in ids)
+
+
+def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs mode=infer (see module doc); returns the aggregate metrics, per-day metrics and output paths."""
+  ic = config.infer
+  if ic.split not in t15.SPLITS:
+    raise ValueError(f"config.infer.split={ic.split!r}: expected one of {t15.SPLITS}")
+  config.data.data_dir = train.resolve_data_dir(config, workdir)
+  split = t15.load_split_from_config(config, ic.split)
+  if not len(split):
+    raise t15.DataError(f"{config.data.data_dir}: the {ic.split} split has no trials")
+  batching.check_buckets(split.trials, config.data.time_buckets, f"{ic.split} split")
+  exp = train.Experiment(config)
+  params, step = restore_params(exp, workdir, ic.checkpoint)
+  logits = split_logits(exp, params, split)
+  decoders, lexicon, vocab_source = build_decoders(config)
+  labelled = split.trials[0].labels is not None
+
+  per = metrics_lib.ErrorRate()
+  wer = {name: metrics_lib.ErrorRate() for name in decoders}
+  records = []
+  for i, (trial, lg) in enumerate(tqdm(list(zip(split.trials, logits)), desc="decoding", unit="trial",
+                                       disable=jax.process_index() > 0)):
+    greedy = metrics_lib.greedy_decode(np.argmax(lg, axis=-1), lg.shape[0])
+    words = {name: dec.decode(lg) for name, dec in decoders.items()}
+    rec = {"id": i, "session": trial.session, "day": trial.day, "block": trial.block, "trial": trial.trial,
+           "index_in_file": trial.index_in_file, "greedy_phonemes": phoneme_string(greedy),
+           "words_no_lm": words[NO_LM], "words_lm": words.get(WITH_LM)}
+    if labelled:
+      rec["true_sentence"] = trial.sentence
+      rec["true_phonemes"] = phoneme_string(trial.labels)
+      per.add(trial.day, greedy, trial.labels.tolist())
+      for name, text in words.items():
+        wer[name].add(trial.day, text.split(), metrics_lib.sentence_words(trial.sentence))
+    records.append(rec)
+
+  undecodable = sorted(set().union(*(d.undecodable for d in decoders.values())))
+  result: dict[str, Any] = {"split": ic.split, "step": step, "n_trials": len(records), "labelled": labelled,
+                            "vocabulary": vocab_source, "n_words": len(lexicon.words),
+                            "missing_words": lexicon.missing, "undecodable_words": undecodable}
+  if labelled:
+    result["greedy_per"] = per.rate()
+    result["wer_no_lm"] = wer[NO_LM].rate()
+    result["wer_lm"] = wer[WITH_LM].rate() if WITH_LM in wer else None
+    result["per_day"] = per_day_rows(split, per, wer, config.data.sessions)
+  if jax.process_index() == 0:
+    out_dir = ic.out_dir or os.path.join(workdir, f"infer_{ic.split}")
+    result["files"] = write_outputs(out_dir, records, logits, result, lexicon, ic)
+  return result
+
+
+def per_day_rows(split: t15.Split, per: metrics_lib.ErrorRate, wer: dict[str, metrics_lib.ErrorRate],
+                 sessions) -> list[dict[str, Any]]:
+  """One row per day of the split: session, day, trials, greedy PER, WER without and with the LM."""
+  n_trials = {d: len(v) for d, v in split.day_indices().items()}
+  per_d = per.per_day()
+  wer_d = {name: e.per_day() for name, e in wer.items()}
+  return [{"session": sessions[d], "day": d, "trials": n_trials[d], "greedy_per": per_d[d],
+           "wer_no_lm": wer_d[NO_LM][d], "wer_lm": wer_d[WITH_LM][d] if WITH_LM in wer_d else None}
+          for d in sorted(per_d)]
+
+
+def write_outputs(out_dir: str, records: list[dict], logits: list[np.ndarray], result: dict,
+                  lexicon: lexicon_lm.Lexicon, ic: ml_collections.ConfigDict) -> dict[str, str]:
+  """Writes the files listed in the module doc; returns name -> path."""
+  os.makedirs(out_dir, exist_ok=True)
+  files = {"csv": os.path.join(out_dir, "submission.csv"), "jsonl": os.path.join(out_dir, "trials.jsonl"),
+           "metrics": os.path.join(out_dir, "metrics.json")}
+  with open(files["csv"], "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["id", "text"])
+    for r in records:
+      w.writerow([r["id"], r["words_lm"] if r["words_lm"] is not None else r["words_no_lm"]])
+  with open(files["jsonl"], "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  if ic.save_logits:
+    files["logits"] = os.path.join(out_dir, "logits.npz")
+    np.savez(files["logits"], **{f"{r['session']}/{t15.TRIAL_FMT.format(r['index_in_file'])}": lg
+                                 for r, lg in zip(records, logits)})
+  if lexicon.missing:
+    files["missing_words"] = os.path.join(out_dir, "missing_words.txt")
+    with open(files["missing_words"], "w", encoding="utf-8") as f:
+      f.write("\n".join(lexicon.missing) + "\n")
+  if result["labelled"]:
+    files["per_day"] = os.path.join(out_dir, "per_day.csv")
+    cols = ["session", "day", "trials", "greedy_per", "wer_no_lm", "wer_lm"]
+    with open(files["per_day"], "w", newline="", encoding="utf-8") as f:
+      w = csv.DictWriter(f, fieldnames=cols)
+      w.writeheader()
+      for row in result["per_day"]:
+        w.writerow({k: ("" if row[k] is None else row[k]) for k in cols})
+    if ic.plot:
+      files["plot"] = os.path.join(out_dir, "per_day.png")
+      plot_per_day(files["plot"], result)
+  with open(files["metrics"], "w", encoding="utf-8") as f:
+    json.dump({k: v for k, v in result.items() if k != "files"}, f, indent=1)
+  return files
+
+
+def plot_per_day(path: str, result: dict) -> None:
+  """Per-day greedy PER and WERs as lines over the day index (headless)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = result["per_day"]
+  x = np.arange(len(rows))
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(rows) + 2), 4))
+  ax.plot(x, [r["greedy_per"] for r in rows], "o-", label=f"greedy PER ({result['greedy_per']:.3f})")
+  ax.plot(x, [r["wer_no_lm"] for r in rows], "s-", label=f"WER, lexicon, no LM ({result['wer_no_lm']:.3f})")
+  if result["wer_lm"] is not None:
+    ax.plot(x, [r["wer_lm"] for r in rows], "^-", label=f"WER, lexicon + LM ({result['wer_lm']:.3f})")
+  ax.set_xticks(x, [r["session"] for r in rows], rotation=60, ha="right", fontsize=7)
+  ax.set_ylabel("error rate")
+  ax.set_ylim(bottom=0)
+  ax.set_title(f"{result['split']} split, step {result['step']}, {result['n_trials']} trials")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def format_metrics_table(result: dict) -> str:
+  """The per-day table and the aggregate line of a labelled split, as printed at the end of mode=infer."""
+  def fmt(v):
+    return "     -" if v is None else f"{v:6.4f}"
+
+  lines = [f"  {'session':<16} {'day':>3} {'trials':>6}  {'PER':>6}  {'WER':>6}  {'WER+LM':>6}"]
+  for r in result["per_day"]:
+    lines.append(f"  {r['session']:<16} {r['day']:>3} {r['trials']:>6}  {fmt(r['greedy_per'])}  "
+                 f"{fmt(r['wer_no_lm'])}  {fmt(r['wer_lm'])}")
+  lines.append(f"  {'all':<16} {'':>3} {result['n_trials']:>6}  {fmt(result['greedy_per'])}  "
+               f"{fmt(result['wer_no_lm'])}  {fmt(result['wer_lm'])}")
+  return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""mode=infer end to end on a tiny untrained model: the files, their ids, columns and rows (no accuracy claims)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from b2t_jax import checkpoint as ckpt_lib
+from b2t_jax import train
+from b2t_jax.data import t15
+from b2t_jax.decoding import ngram
+from b2t_jax.models.frontend import n_patches
+from conftest import TINY_SIZES, as_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_dir):
+  """A workdir holding a tiny model's checkpoint (initial weights, saved through the training code's
+  Checkpoints with the val PER its eval_step measured; compiling a train step would triple the test time),
+  and a bigram LM built from the training sentences."""
+  from conftest import tiny_config
+  work = str(tmp_path_factory.mktemp("infer_work"))
+  config = tiny_config(synthetic_dir)
+  exp = train.Experiment(config)
+  state = exp.init_state()
+  val = t15.load_split_from_config(config, "val")
+  evaluated = train.evaluate(exp, state.params, val, train.make_eval_batches(config, val))
+  ckpts = ckpt_lib.Checkpoints(work)
+  ckpts.maybe_save_best(state, evaluated["val_per"], evaluated["val_loss"])
+  ckpts.wait()
+  ckpts.close()
+  lm = os.path.join(work, "lm.arpa")
+  counts = ngram.count_ngrams((s.split() for s in ngram.dataset_sentences(synthetic_dir)), 2)
+  probs, backoffs, _ = ngram.kneser_ney(counts)
+  ngram.write_arpa(lm, probs, backoffs)
+  return work, lm
+
+
+def _rows(path):
+  with open(path, newline="") as f:
+    return list(csv.reader(f))
+
+
+def test_infer_val_from_the_command_line(trained, synthetic_dir):
+  work, lm = trained
+  p = subprocess.run(
+      [sys.executable, "-m", "b2t_jax.main", "--config=configs/demo.py", f"--workdir={work}",
+       f"--config.data.data_dir={synthetic_dir}", *as_flags(TINY_SIZES), "--config.mode=infer",
+       f"--config.decode.lm_path={lm}", "--config.infer.save_logits=True", "--config.decode.beam_size=20"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert p.returncode == 0, p.stderr[-3000:]
+  last = p.stdout.strip().splitlines()[-1]
+  assert last.startswith("greedy_per=") and " wer_no_lm=" in last and " wer_lm=" in last, p.stdout[-1000:]
+  assert "WER+LM" in p.stdout
+
+  val = t15.load_split(synthetic_dir, t15.T15_SESSIONS, "val", feature_pool=TINY_SIZES["data.feature_pool"])
+  out = os.path.join(work, "infer_val")
+  rows = _rows(os.path.join(out, "submission.csv"))
+  assert rows[0] == ["id", "text"] and [int(r[0]) for r in rows[1:]] == list(range(len(val)))
+
+  with open(os.path.join(out, "trials.jsonl")) as f:
+    recs = [json.loads(line) for line in f]
+  assert len(recs) == len(val)
+  for rec, trial, row in zip(recs, val.trials, rows[1:]):
+    assert (rec["session"], rec["day"], rec["block"], rec["trial"]) == (trial.session, trial.day, trial.block,
+                                                                        trial.trial)
+    assert rec["true_sentence"] == trial.sentence
+    assert rec["true_phonemes"].split() == [t15.PHONEMES[i].strip() for i in trial.labels]
+    assert set(rec["greedy_phonemes"].split()) <= {p.strip() for p in t15.PHONEMES[1:]}
+    assert row[1] == rec["words_lm"] and isinstance(rec["words_no_lm"], str)
+
+  logits = np.load(os.path.join(out, "logits.npz"))
+  assert sorted(logits.files) == sorted(f"{t.session}/trial_{t.index_in_file:04d}" for t in val.trials)
+  t0 = val.trials[0]
+  assert logits[f"{t0.session}/trial_0000"].shape == (int(n_patches(np.array(t0.n_time_steps), 14, 4)), 41)
+
+  per_day = _rows(os.path.join(out, "per_day.csv"))
+  assert per_day[0] == ["session", "day", "trials", "greedy_per", "wer_no_lm", "wer_lm"]
+  assert [int(r[1]) for r in per_day[1:]] == sorted({t.day for t in val.trials})
+  assert sum(int(r[2]) for r in per_day[1:]) == len(val)
+  with open(os.path.join(out, "per_day.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  metrics = json.load(open(os.path.join(out, "metrics.json")))
+  assert metrics["n_trials"] == len(val) and metrics["step"] == 0
+
+  # greedy PER of infer (its own forward pass) equals the val PER that eval_step measured for the best
+  # checkpoint, which infer restored
+  ckpts = ckpt_lib.Checkpoints(work)
+  assert metrics["greedy_per"] == pytest.approx(ckpts.best_key[0], abs=1e-9)
+  ckpts.close()
+
+
+def test_infer_test_split_writes_the_competition_csv(trained, synthetic_dir, tmp_path):
+  from b2t_jax import infer
+  from conftest import tiny_config
+  work, _ = trained
+  config = tiny_config(synthetic_dir)
+  config.infer.split = "test"
+  config.infer.out_dir = str(tmp_path / "out")
+  config.decode.beam_size = 20
+  result = infer.run_inference(config, work)
+  test = t15.load_split(synthetic_dir, t15.T15_SESSIONS, "test", feature_pool=TINY_SIZES["data.feature_pool"])
+  assert not result["labelled"] and result["n_trials"] == len(test)
+  rows = _rows(tmp_path / "out" / "submission.csv")
+  assert rows[0] == ["id", "text"] and [int(r[0]) for r in rows[1:]] == list(range(len(test)))
+  # no LM given: the CSV holds the lexicon-only decoding; no labels, so no tables
+  recs = [json.loads(line) for line in open(tmp_path / "out" / "trials.jsonl")]
+  assert [r[1] for r in rows[1:]] == [r["words_no_lm"] for r in recs]
+  assert all(r["words_lm"] is None and "true_sentence" not in r for r in recs)
+  assert [r["session"] for r in recs] == [t.session for t in test.trials]
+  assert sorted(os.listdir(tmp_path / "out")) == ["metrics.json", "submission.csv", "trials.jsonl"]
