@@ -4,6 +4,8 @@ prefetch, the HDF5 cache, and every bad input raising or being skipped with its 
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -228,3 +230,16 @@ def test_dataset_built_for_another_session_list_is_refused(prepared_dir):
   c.data.sessions = tuple(reversed(T15_SESSIONS))
   with pytest.raises(DataError, match="different session list"):
     source.open_split(source.find_dataset_dir(prepared_dir), c, "train", train=True)
+
+
+def test_prepare_data_tool(tmp_path, synthetic_dir):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  p = subprocess.run([sys.executable, "tools/prepare_data.py", f"--hdf5_dir={synthetic_dir}",
+                      f"--data_dir={tmp_path}", "--config.data.on_bad_trial=skip"], cwd=root, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "prepared {'train': 48, 'val': 8, 'test': 8}" in p.stdout
+  assert "Generating train examples" in p.stderr                       # the progress bar
+  c = tiny_config(str(tmp_path))
+  assert json.load(open(os.path.join(source.find_dataset_dir(str(tmp_path)), "metadata.json")))["on_bad_trial"] == "skip"
+  assert len(source.open_split(source.find_dataset_dir(str(tmp_path)), c, "val", train=False)) == 8
