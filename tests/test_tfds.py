@@ -200,11 +200,11 @@ def test_trials_too_short_for_their_labels_after_patching(prepared_dir, tmp_path
   c.model.patch_stride = 5
   ds = source.find_dataset_dir(prepared_dir)
   with pytest.raises(DataError, match=r"t15\.2023\.08\.\d\d trial_\d{4} \(train record \d+\): \d+ bins give \d+ "
-                                      r"CTC frames after patching \(size 14, stride 5\) and a cut of up to 2 bins.* need \d+ .*on_bad_trial='skip'"):
+                                      r"CTC frames after patching \(size 14, stride 5\), but its \d+ labels need \d+ .*on_bad_trial='skip'"):
     source.open_split(ds, c, "train", train=True)
   c.data.on_bad_trial = "skip"
   split = source.open_split(ds, c, "train", train=True)
-  frames = (split.n_time_steps - 2 - 14) // 5 + 1                        # the largest cut is 2 bins
+  frames = (split.n_time_steps - 14) // 5 + 1
   expected = int(np.sum(frames < split.ctc_len))
   assert 0 < expected < 48 and split.skipped["load"] == {"too_short_for_labels": expected}
   assert len(split) == 48 - expected

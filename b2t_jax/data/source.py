@@ -207,8 +207,8 @@ def open_split(dataset_dir: str, config: ml_collections.ConfigDict, split: str, 
   """Opens one split for random access and applies the load-time checks of `config`.
 
   Checks (each an error naming the trial, or with on_bad_trial='skip' a counted skip): labels longer than
-  config.data.max_label_len; labels that cannot fit the CTC frames left after patching (and, for training,
-  after the largest random cut)."""
+  config.data.max_label_len; labels that cannot fit the CTC frames of the patched trial. `train` is kept for
+  checks that differ between training and evaluation (none today)."""
   import tensorflow_datasets as tfds  # heavy import: only where a dataset is opened
 
   d = config.data
@@ -232,16 +232,17 @@ def open_split(dataset_dir: str, config: ml_collections.ConfigDict, split: str, 
 
 def _apply_load_checks(s: DataSplit, config: ml_collections.ConfigDict, *, train: bool) -> None:
   d, m = config.data, config.model
-  max_cut = max(config.aug.random_cut - 1, 0) if train else 0
-  frames = n_patches(s.n_time_steps - max_cut, m.patch_size, m.patch_stride)
+  # Uncut length: a trial that fits only without the random cut stays in, and the steps whose cut makes it
+  # infeasible mask it out of the CTC mean and count it (losses.feasible_mask), as SPEC §4 asks.
+  frames = n_patches(s.n_time_steps, m.patch_size, m.patch_stride)
   problems = {
       "label_too_long": (s.label_len > d.max_label_len,
                          lambda i: f"{s.label_len[i]} phonemes exceed config.data.max_label_len={d.max_label_len}; "
                                    "raise it"),
       "too_short_for_labels": ((frames < np.maximum(s.ctc_len, 1)) & (s.label_len <= d.max_label_len),
                                lambda i: f"{s.n_time_steps[i]} bins give {max(int(frames[i]), 0)} CTC frames after "
-                                         f"patching (size {m.patch_size}, stride {m.patch_stride}) and a cut of up "
-                                         f"to {max_cut} bins, but its {s.label_len[i]} labels need {s.ctc_len[i]}"),
+                                         f"patching (size {m.patch_size}, stride {m.patch_stride}), but its "
+                                         f"{s.label_len[i]} labels need {s.ctc_len[i]}"),
   }
   counts = collections.Counter()
   for reason, (mask, explain) in problems.items():

@@ -60,7 +60,7 @@ REASONS = {
     "label_out_of_range": "a phoneme id outside 1..40",
     "session_mismatch": "attribute session differs from the folder name",
     "label_too_long": "more phonemes than config.data.max_label_len",
-    "too_short_for_labels": "fewer CTC frames after patching (and the largest random cut) than the labels need",
+    "too_short_for_labels": "fewer CTC frames after patching than the labels need",
 }
 
 
