@@ -84,7 +84,7 @@ def evaluate(exp: Experiment, params: Any, split: source.DataSplit, plan: list[n
   per = metrics_lib.ErrorRate()
   total_nll, n_feasible, n_infeasible = 0.0, 0, 0
   read = functools.partial(source.eval_host_batch, split, config)
-  with batching.Prefetcher(read, plan, config.data.prefetch) as batches:
+  with batching.Prefetcher(read, plan, config.data.prefetch, config.data.prefetch_workers) as batches:
     for _, batch in batches:
       gb = sharding.shard_batch(batch, exp.mesh)
       out = sharding.to_host({**exp.eval_step(params, gb), "labels": gb["labels"], "label_lens": gb["label_lens"],
@@ -175,7 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t_log, step_log = time.time(), start
   try:
     read = functools.partial(source.train_host_batch, train_split, config)
-    with _Preemption() as preempt, batching.Prefetcher(read, range(start, tc.num_steps), d.prefetch) as batches:
+    prefetcher = batching.Prefetcher(read, range(start, tc.num_steps), d.prefetch, d.prefetch_workers)
+    with _Preemption() as preempt, prefetcher as batches:
       for step, batch in batches:
         shapes_seen.add(batch["features"].shape[1])
         state, m = exp.train_step(state, sharding.shard_batch(batch, exp.mesh))

@@ -25,7 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.data_dir = ""             # prepared TFDS dir (tools/prepare_data.py, local or gs://) or an hdf5_data_final root
                               # (prepared on first use into cache_dir); "" = synthetic data in WORKDIR
   d.cache_dir = ""            # where HDF5 trees get prepared, keyed by their contents; "" = ~/.cache/b2t_jax/tfds
-  d.prefetch = 2              # host batches prepared ahead on a background thread (0 = on the training thread)
+  d.prefetch = 4              # host batches prepared ahead in the background (0 = on the training thread)
+  d.prefetch_workers = 2      # threads decoding and padding host batches in parallel
   d.sessions = T15_SESSIONS   # session list: position = day index
   d.n_features = 512          # features per 20 ms bin in the files
   d.feature_pool = 1          # average each group of this many adjacent feature columns (1 = off)

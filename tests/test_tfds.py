@@ -88,18 +88,21 @@ def test_two_hosts_read_disjoint_rows_whose_union_is_the_global_batch(prepared_d
   assert sorted(seen) == sorted(zip(val.day.tolist(), val.n_time_steps.tolist()))
 
 
-def test_prefetcher_runs_ahead_boundedly_and_reraises():
+def test_prefetcher_runs_ahead_boundedly_in_order_and_reraises():
   produced = []
 
   def slow(k):
+    time.sleep(0.01 * (k % 3))          # out-of-order completion across workers
     produced.append(k)
     return k * 10
 
-  with batching.Prefetcher(slow, range(100), 3) as it:
-    first = next(iter(it))
+  with batching.Prefetcher(slow, range(100), 3, workers=2) as it:
+    gen = iter(it)
+    first = next(gen)
     time.sleep(0.3)
-    assert first == (0, 0) and len(produced) <= 1 + 3 + 1     # bounded: queue depth plus the one in hand
-  assert not any(t.name == "b2t-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert first == (0, 0) and len(produced) <= 1 + 3               # bounded: the one in hand plus depth
+    assert [next(gen) for _ in range(5)] == [(k, 10 * k) for k in range(1, 6)]
+  assert not any(t.name.startswith("b2t-prefetch") and t.is_alive() for t in threading.enumerate())
 
   def boom(k):
     if k == 2:
@@ -107,7 +110,7 @@ def test_prefetcher_runs_ahead_boundedly_and_reraises():
     return k
 
   with pytest.raises(RuntimeError, match="bad record 2"):
-    list(batching.Prefetcher(boom, range(5), 2))
+    list(batching.Prefetcher(boom, range(5), 2, workers=2))
   assert [v for _, v in batching.Prefetcher(boom, range(2), 0)] == [0, 1]
 
 
@@ -243,3 +246,15 @@ def test_prepare_data_tool(tmp_path, synthetic_dir):
   c = tiny_config(str(tmp_path))
   assert json.load(open(os.path.join(source.find_dataset_dir(str(tmp_path)), "metadata.json")))["on_bad_trial"] == "skip"
   assert len(source.open_split(source.find_dataset_dir(str(tmp_path)), c, "val", train=False)) == 8
+
+
+def test_in_memory_split_of_a_prepared_dataset_equals_the_hdf5_split(prepared_dir, synthetic_dir):
+  from b2t_jax.data.t15 import load_split_from_config
+  c = tiny_config(prepared_dir)
+  got = load_split_from_config(c, "val")
+  want = load_split(synthetic_dir, T15_SESSIONS, "val", feature_pool=c.data.feature_pool)
+  assert len(got) == len(want) == 8
+  for a, b in zip(got.trials, want.trials):
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert (a.day, a.session, a.block, a.trial, a.sentence) == (b.day, b.session, b.block, b.trial, b.sentence)

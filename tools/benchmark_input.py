@@ -12,6 +12,7 @@ gru_baseline keeps its full model and 512 features but runs a batch of --gru_bat
 trial lengths (~2-30 s), because its full 64-trial step takes minutes on a small CPU.
 """
 
+import functools
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from b2t_jax import sharding, train  # noqa: E402
-from b2t_jax.data import source  # noqa: E402
+from b2t_jax.data import batching, source  # noqa: E402
 from configs import demo, gru_baseline  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list("configs", ["demo", "gru_baseline"], "configs to measure")
@@ -50,13 +51,16 @@ def make_config(name: str):
   return c
 
 
-def time_input(split, config, steps: int) -> tuple[float, set]:
-  """examples/s of building host batches, and the padded lengths seen."""
+def time_input(split, config, steps: int, depth: int, workers: int) -> tuple[float, set]:
+  """examples/s of building host batches through the train loop's prefetcher (depth 0: on this thread),
+  and the padded lengths seen."""
   source.train_host_batch(split, config, 0)                      # open files, warm caches
   shapes = set()
+  read = functools.partial(source.train_host_batch, split, config)
   t0 = time.perf_counter()
-  for k in range(steps):
-    shapes.add(source.train_host_batch(split, config, k)["features"].shape[1])
+  with batching.Prefetcher(read, range(1, steps + 1), depth, workers) as batches:
+    for _, b in batches:
+      shapes.add(b["features"].shape[1])
   return steps * config.data.batch_size / (time.perf_counter() - t0), shapes
 
 
@@ -87,17 +91,20 @@ def main(argv):
     t0 = time.perf_counter()
     data = train.open_data(config, workdir, ("train",))["train"]
     prep_s = time.perf_counter() - t0
-    input_rate, shapes = time_input(data, config, _INPUT_STEPS.value)
+    input_1, shapes = time_input(data, config, _INPUT_STEPS.value, 0, 1)
+    input_rate, _ = time_input(data, config, _INPUT_STEPS.value, config.data.prefetch, config.data.prefetch_workers)
     steps = _GRU_STEPS.value if name == "gru_baseline" else _TRAIN_STEPS.value
     train_rate, compile_s = time_train(data, config, steps)
     mean_len = float(np.mean(data.n_time_steps))
-    rows.append((name, config.data.batch_size, mean_len, input_rate, train_rate, compile_s, prep_s, shapes))
+    rows.append((name, config.data.batch_size, mean_len, input_1, input_rate, train_rate, compile_s, prep_s, shapes))
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores")
-  print(f"{'config':<14}{'batch':>6}{'mean bins':>10}{'input ex/s':>12}{'train ex/s':>12}{'ratio':>8}"
-        f"{'compile s':>11}{'prepare s':>11}  buckets")
-  for name, b, mean_len, inp, tr, comp, prep, shapes in rows:
-    print(f"{name:<14}{b:>6}{mean_len:>10.0f}{inp:>12.1f}{tr:>12.2f}{inp / tr:>7.1f}x{comp:>11.1f}{prep:>11.1f}  "
-          f"{sorted(shapes)}")
+  print("input 1 thread: host batches built on the caller's thread; input prefetch: through the train loop's "
+        "prefetcher (config.data.prefetch, prefetch_workers); ratio = input prefetch / train")
+  print(f"{'config':<14}{'batch':>6}{'mean bins':>10}{'input 1 thread':>16}{'input prefetch':>16}"
+        f"{'train step':>12}{'ratio':>8}{'compile s':>11}{'prepare s':>11}  buckets")
+  for name, b, mean_len, inp1, inp, tr, comp, prep, shapes in rows:
+    print(f"{name:<14}{b:>6}{mean_len:>10.0f}{inp1:>11.1f} ex/s{inp:>11.1f} ex/s{tr:>7.2f} ex/s{inp / tr:>7.1f}x"
+          f"{comp:>11.1f}{prep:>11.1f}  {sorted(shapes)}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@ length) and a background prefetcher that keeps host batches ready ahead of the d
 
 from __future__ import annotations
 
-import queue
-import threading
+import collections
+import concurrent.futures
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -67,59 +67,35 @@ def make_batch(trials: Sequence[Trial], indices: np.ndarray, *, buckets: Sequenc
                    n_rows=n_rows)
 
 
-_DONE = object()
-
-
 class Prefetcher:
-  """Computes `fn(item)` for each item on a background thread, at most `depth` results ahead (a bounded
-  queue), and yields them in order. depth 0 computes on the caller's thread. A worker exception is
-  re-raised by the iterator; `close()` (or leaving the `with` block) stops the worker."""
+  """Computes `fn(item)` for each item on background threads (`workers` of them), keeping at most `depth`
+  items in flight ahead of the consumer, and yields `(item, fn(item))` in order. depth 0 computes on the
+  caller's thread. A worker's exception is re-raised by the iterator; `close()` (or leaving the `with`
+  block) cancels what has not started."""
 
-  def __init__(self, fn: Callable, items: Iterable, depth: int):
+  def __init__(self, fn: Callable, items: Iterable, depth: int, workers: int = 1):
     self._fn, self._items, self._depth = fn, items, depth
-    self._stop = threading.Event()
-    self._thread = None
-    if depth > 0:
-      self._queue: queue.Queue = queue.Queue(maxsize=depth)
-      self._thread = threading.Thread(target=self._work, name="b2t-prefetch", daemon=True)
-      self._thread.start()
-
-  def _put(self, value) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(value, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _work(self) -> None:
-    try:
-      for item in self._items:
-        if not self._put((item, self._fn(item))):
-          return
-    except BaseException as e:  # handed to the consumer, which re-raises it
-      self._put((_DONE, e))
-      return
-    self._put((_DONE, None))
+    self._pool = (concurrent.futures.ThreadPoolExecutor(max(workers, 1), thread_name_prefix="b2t-prefetch")
+                  if depth > 0 else None)
 
   def __iter__(self) -> Iterator:
-    if self._thread is None:
+    if self._pool is None:
       for item in self._items:
         yield item, self._fn(item)
       return
-    while True:
-      item, value = self._queue.get()
-      if item is _DONE:
-        if value is not None:
-          raise value
-        return
-      yield item, value
+    pending: collections.deque = collections.deque()
+    for item in self._items:
+      pending.append((item, self._pool.submit(self._fn, item)))
+      if len(pending) > self._depth:
+        done, future = pending.popleft()
+        yield done, future.result()
+    while pending:
+      done, future = pending.popleft()
+      yield done, future.result()
 
   def close(self) -> None:
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join(timeout=10)
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
 
   def __enter__(self):
     return self
