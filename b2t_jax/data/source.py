@@ -77,7 +77,11 @@ def prepare_atomically(hdf5_dir: str, out_dir: str, options: dict) -> str:
   if not is_tfds_dir(out_dir):
     tmp = f"{out_dir}.tmp-{uuid.uuid4().hex[:8]}"
     logging.info("preparing the TFDS dataset of %s into %s", hdf5_dir, out_dir)
-    tfds_b2t.prepare(hdf5_dir, tmp, **options)
+    try:
+      tfds_b2t.prepare(hdf5_dir, tmp, **options)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)   # leave no half-built folder in the cache
+      raise
     try:
       os.rename(tmp, out_dir)
     except OSError:  # someone else finished first
