@@ -4,7 +4,7 @@ Trial lengths come from the synthetic generator's 't15' profile (20 ms bins, ~2-
 generated), spread over the 45 sessions like the release's 8,234 training trials; batches follow the
 reference recipe (config.data.batch_size trials from days_per_batch days).
 
-python tools/bucketing_report.py [--config=configs/gru_baseline.py] [--batches=2000] [--buckets=256,512,...]
+python tools/bucketing_report.py [--config=configs/gru_baseline.py] [--batches=2000] [--buckets='256;512;1280,...']
 """
 
 import os
@@ -25,8 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _BATCHES = flags.DEFINE_integer("batches", 2000, "training batches sampled")
 _TRIALS = flags.DEFINE_integer("trials", 8234, "training trials in all (the release has 8,234)")
 _PROFILE = flags.DEFINE_string("profile", "t15", "synthetic length profile")
-_BUCKETS = flags.DEFINE_list("buckets", [], "alternative bucket sets to compare, ';'-separated lists, "
-                             "e.g. '256;512;768' (default: only config.data.time_buckets)")
+_BUCKETS = flags.DEFINE_list("buckets", [], "alternative bucket sets to compare: comma-separated sets of "
+                             "';'-separated lengths, e.g. '512;1024;1536,1024;1280;1536' (besides "
+                             "config.data.time_buckets)")
 BIN_S = 0.02   # seconds per bin
 
 
