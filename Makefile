@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Trains the demo triple model end to end on freshly generated synthetic t15 data.
+# Trains the demo triple model end to end on freshly generated synthetic t15 data, read through the same
+# TFDS (ArrayRecord) path as the real release.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(PY) tools/make_synthetic_data.py --out=$(DEMO_DIR)/data --sessions=8 --trials_per_session=80 --seed=0
-	$(PY) -m b2t_jax.main --config=configs/demo.py --workdir=$(DEMO_DIR)/work --config.data.data_dir=$(DEMO_DIR)/data
+	$(PY) tools/make_synthetic_data.py --out=$(DEMO_DIR)/hdf5 --sessions=8 --trials_per_session=80 --seed=0
+	$(PY) tools/prepare_data.py --hdf5_dir=$(DEMO_DIR)/hdf5 --data_dir=$(DEMO_DIR)/tfds --config=configs/demo.py
+	$(PY) -m b2t_jax.main --config=configs/demo.py --workdir=$(DEMO_DIR)/work --config.data.data_dir=$(DEMO_DIR)/tfds
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) tests

@@ -20,7 +20,7 @@ import csv
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import metrics as metrics_lib
 from b2t_jax import sharding
 from b2t_jax import train
-from b2t_jax.data import batching, t15
+from b2t_jax.data import batching, source, t15
 from b2t_jax.data.augment import preprocess
 from b2t_jax.decoding import lexicon_lm, ngram
 from b2t_jax.models.frontend import n_patches
@@ -49,18 +49,31 @@ def logits_step(params: Any, batch: dict, *, model, config: ml_collections.Confi
   return {"logits": logits.astype(jnp.float32), "input_lens": jnp.maximum(input_lens, 0)}
 
 
-def split_logits(exp: train.Experiment, params: Any, split: t15.Split) -> list[np.ndarray]:
-  """Per-trial logits (n_patches_i, 41) of every trial of `split`, in split order."""
+def split_logits(exp: train.Experiment, params: Any, split: source.DataSplit) -> dict[int, np.ndarray]:
+  """Record index -> logits (n_patches_i, 41) of every kept trial of `split`; each process reads its rows."""
+  cfg = exp.config
   data = sharding.batch_sharding(exp.mesh)
-  step = jax.jit(functools.partial(logits_step, model=exp.model, config=exp.config),
+  step = jax.jit(functools.partial(logits_step, model=exp.model, config=cfg),
                  in_shardings=(exp.state_shardings.params, data), out_shardings=data)
-  out: list[np.ndarray | None] = [None] * len(split)
-  batches = train.make_eval_batches(exp.config, split)
-  for batch, idx in tqdm(batches, desc=f"{split.name} logits", unit="batch", disable=jax.process_index() > 0):
-    res = sharding.to_host(step(params, sharding.shard_batch(batch, exp.mesh)))
-    for r, i in enumerate(idx):
-      out[i] = np.asarray(res["logits"][r, :int(res["input_lens"][r])])
+  out: dict[int, np.ndarray] = {}
+  plan = source.eval_plan(split, cfg.data.eval_batch_size)
+  read = functools.partial(source.eval_host_batch, split, cfg)
+  with batching.Prefetcher(read, plan, cfg.data.prefetch, cfg.data.prefetch_workers) as batches:
+    for idx, batch in tqdm(batches, total=len(plan), desc=f"{split.name} logits", unit="batch",
+                           disable=jax.process_index() > 0):
+      res = sharding.to_host(step(params, sharding.shard_batch(batch, exp.mesh)))
+      for r, i in enumerate(idx):
+        out[int(i)] = np.asarray(res["logits"][r, :int(res["input_lens"][r])])
   return out
+
+
+def split_trials(split: source.DataSplit, chunk: int) -> Iterator[tuple[int, t15.Trial]]:
+  """(record index, trial) of every kept trial in record order (SPEC §5 order), read `chunk` at a time so that
+  only one chunk's features are in memory."""
+  kept = np.flatnonzero(split.keep)
+  for start in range(0, len(kept), chunk):
+    idx = kept[start:start + chunk]
+    yield from zip(idx.tolist(), split.read(idx))
 
 
 def restore_params(exp: train.Experiment, workdir: str, which: str) -> tuple[Any, int]:
@@ -104,22 +117,21 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   ic = config.infer
   if ic.split not in t15.SPLITS:
     raise ValueError(f"config.infer.split={ic.split!r}: expected one of {t15.SPLITS}")
-  config.data.data_dir = train.resolve_data_dir(config, workdir)
-  split = t15.load_split_from_config(config, ic.split)
-  if not len(split):
-    raise t15.DataError(f"{config.data.data_dir}: the {ic.split} split has no trials")
-  batching.check_buckets(split.trials, config.data.time_buckets, f"{ic.split} split")
+  split = train.open_data(config, workdir, (ic.split,))[ic.split]   # resolves/prepares data_dir, checks
   exp = train.Experiment(config)
   params, step = restore_params(exp, workdir, ic.checkpoint)
-  logits = split_logits(exp, params, split)
+  record_logits = split_logits(exp, params, split)
   decoders, lexicon, vocab_source = build_decoders(config)
-  labelled = split.trials[0].labels is not None
+  labelled = ic.split != "test"
 
   per = metrics_lib.ErrorRate()
   wer = {name: metrics_lib.ErrorRate() for name in decoders}
-  records = []
-  for i, (trial, lg) in enumerate(tqdm(list(zip(split.trials, logits)), desc="decoding", unit="trial",
-                                       disable=jax.process_index() > 0)):
+  records, logits = [], []
+  trials = split_trials(split, config.data.eval_batch_size)
+  for i, (record, trial) in enumerate(tqdm(trials, total=len(split), desc="decoding", unit="trial",
+                                           disable=jax.process_index() > 0)):
+    lg = record_logits.pop(record)
+    logits.append(lg)
     greedy = metrics_lib.greedy_decode(np.argmax(lg, axis=-1), lg.shape[0])
     words = {name: dec.decode(lg) for name, dec in decoders.items()}
     rec = {"id": i, "session": trial.session, "day": trial.day, "block": trial.block, "trial": trial.trial,
@@ -148,7 +160,7 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   return result
 
 
-def per_day_rows(split: t15.Split, per: metrics_lib.ErrorRate, wer: dict[str, metrics_lib.ErrorRate],
+def per_day_rows(split: source.DataSplit, per: metrics_lib.ErrorRate, wer: dict[str, metrics_lib.ErrorRate],
                  sessions) -> list[dict[str, Any]]:
   """One row per day of the split: session, day, trials, greedy PER, WER without and with the LM."""
   n_trials = {d: len(v) for d, v in split.day_indices().items()}

@@ -18,8 +18,7 @@ from clu import metric_writers
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import metrics as metrics_lib
 from b2t_jax import sharding
-from b2t_jax.data import batching, sampler, t15
-from b2t_jax.data.synthetic import make_synthetic_dataset
+from b2t_jax.data import batching, source, t15
 from b2t_jax.models import create_model
 from b2t_jax.optim import create_optimizer
 from b2t_jax.steps import TrainState, create_train_state, eval_step, train_step
@@ -27,22 +26,9 @@ from b2t_jax.summary import abstract_params
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """`config.data.data_dir`, or a synthetic t15 tree generated once under the workdir when it is empty."""
-  if config.data.data_dir:
-    return config.data.data_dir
-  out = os.path.join(workdir, "synthetic_data")
-  done = os.path.join(out, ".complete")
-  if not os.path.exists(done):
-    s = config.data.synthetic
-    if jax.process_index() == 0:
-      logging.info("config.data.data_dir is empty: writing synthetic t15 data to %s", out)
-      make_synthetic_dataset(out, config.data.sessions, n_sessions=s.n_sessions,
-                             trials_per_session=s.trials_per_session, seed=s.seed, noise_std=s.noise_std)
-      open(done, "w").close()
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("synthetic_data")
-  return out
+  """`config.data.data_dir` (HDF5 tree or prepared TFDS dir), or a synthetic HDF5 tree generated once under the
+  workdir when it is empty. Training goes further and reads a prepared dataset (source.resolve_dataset)."""
+  return source.resolve_hdf5_or_tfds(config, workdir)
 
 
 class Experiment:
@@ -91,37 +77,44 @@ class Experiment:
                         self._state_shapes, self.state_shardings)
 
 
-def evaluate(exp: Experiment, params: Any, split: t15.Split, eval_batches: list) -> dict[str, Any]:
-  """Runs every trial of `split` once: aggregate and per-day PER, mean CTC loss, infeasible count."""
+def evaluate(exp: Experiment, params: Any, split: source.DataSplit, plan: list[np.ndarray]) -> dict[str, Any]:
+  """Runs every trial of `plan` (global record indices per eval batch) once; each process reads only its
+  rows. Returns aggregate and per-day PER, mean CTC loss and the infeasible count."""
+  config = exp.config
   per = metrics_lib.ErrorRate()
   total_nll, n_feasible, n_infeasible = 0.0, 0, 0
-  for batch, idx in eval_batches:
-    out = sharding.to_host(exp.eval_step(params, sharding.shard_batch(batch, exp.mesh)))
-    for r, i in enumerate(idx):
-      trial = split.trials[i]
-      hyp = metrics_lib.greedy_decode(out["pred"][r], int(out["input_lens"][r]))
-      per.add(trial.day, hyp, trial.labels.tolist())
-      if out["feasible"][r]:
-        total_nll += float(out["nll"][r])
-        n_feasible += 1
-      else:
-        n_infeasible += 1
+  read = functools.partial(source.eval_host_batch, split, config)
+  with batching.Prefetcher(read, plan, config.data.prefetch, config.data.prefetch_workers) as batches:
+    for _, batch in batches:
+      gb = sharding.shard_batch(batch, exp.mesh)
+      out = sharding.to_host({**exp.eval_step(params, gb), "labels": gb["labels"], "label_lens": gb["label_lens"],
+                              "day": gb["day"], "weight": gb["weight"]})
+      for r in np.flatnonzero(out["weight"] > 0):
+        hyp = metrics_lib.greedy_decode(out["pred"][r], int(out["input_lens"][r]))
+        per.add(int(out["day"][r]), hyp, out["labels"][r, :out["label_lens"][r]].tolist())
+        if out["feasible"][r]:
+          total_nll += float(out["nll"][r])
+          n_feasible += 1
+        else:
+          n_infeasible += 1
   return {"val_per": per.rate(), "val_loss": total_nll / max(n_feasible, 1), "val_infeasible": n_infeasible,
           "per_day": per.per_day()}
 
 
-def make_eval_batches(config, split: t15.Split) -> list[tuple[dict, np.ndarray]]:
-  """Padded eval batches (fixed row count, bucketed length) covering every trial once, in order.
-
-  Each process keeps its own slice of rows; the trial indices stay global for decoding."""
+def open_data(config: ml_collections.ConfigDict, workdir: str, splits=("train", "val")
+              ) -> dict[str, source.DataSplit]:
+  """Resolves (and if needed prepares) the dataset, opens `splits` with their load-time checks, checks the
+  time buckets and writes the skip counts to WORKDIR/skipped_trials.json."""
   d = config.data
-  rows = d.eval_batch_size // jax.process_count()
-  lo = jax.process_index() * rows
-  out = []
-  for idx in sampler.eval_batch_indices(split.day_indices(), d.eval_batch_size):
-    batch = batching.make_batch(split.trials, idx, buckets=d.time_buckets, max_label_len=d.max_label_len,
-                                n_rows=d.eval_batch_size)
-    out.append(({k: v[lo:lo + rows] for k, v in batch.items()}, idx))
+  dataset_dir = source.resolve_dataset(config, workdir)
+  config.data.data_dir = dataset_dir
+  out = {name: source.open_split(dataset_dir, config, name, train=name == "train") for name in splits}
+  for split in out.values():
+    if not len(split):
+      raise t15.DataError(f"{dataset_dir}: the {split.name} split has no trials left")
+    source.check_buckets(split, d.time_buckets)
+  source.write_skips(workdir, list(out.values()))
+  logging.info("data: %s from %s", ", ".join(f"{len(s)} {s.name}" for s in out.values()), dataset_dir)
   return out
 
 
@@ -163,16 +156,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointing on the configured cadence. Returns the last validation metrics, plus 'train' (the last
   logged train metrics) and 'step'."""
   d, tc = config.data, config.train
-  config.data.data_dir = resolve_data_dir(config, workdir)
-  train_split = t15.load_split_from_config(config, "train")
-  val_split = t15.load_split_from_config(config, "val")
-  for split in (train_split, val_split):
-    if not len(split):
-      raise t15.DataError(f"{d.data_dir}: the {split.name} split has no trials")
-    batching.check_buckets(split.trials, d.time_buckets, f"{split.name} split")
-  logging.info("data: %d train / %d val trials from %s", len(train_split), len(val_split), d.data_dir)
-  day_indices = train_split.day_indices()
-  eval_batches = make_eval_batches(config, val_split)
+  data = open_data(config, workdir)
+  train_split, val_split = data["train"], data["val"]
+  eval_plan = source.eval_plan(val_split, d.eval_batch_size)
 
   exp = Experiment(config)
   ckpts = ckpt_lib.Checkpoints(workdir, tc.max_checkpoints)
@@ -182,18 +168,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
 
-  rows = d.batch_size // jax.process_count()
   shapes_seen: set[int] = set()
   history: list[dict] = []
   last_eval: dict[str, Any] = {}
   last_train: dict[str, float] = {}
   t_log, step_log = time.time(), start
   try:
-    with _Preemption() as preempt:
-      for step in range(start, tc.num_steps):
-        idx = sampler.train_batch_indices(d.seed, step, day_indices, d.batch_size, d.days_per_batch)
-        idx = idx[jax.process_index() * rows:(jax.process_index() + 1) * rows]
-        batch = batching.make_batch(train_split.trials, idx, buckets=d.time_buckets, max_label_len=d.max_label_len)
+    read = functools.partial(source.train_host_batch, train_split, config)
+    prefetcher = batching.Prefetcher(read, range(start, tc.num_steps), d.prefetch, d.prefetch_workers)
+    with _Preemption() as preempt, prefetcher as batches:
+      for step, batch in batches:
         shapes_seen.add(batch["features"].shape[1])
         state, m = exp.train_step(state, sharding.shard_batch(batch, exp.mesh))
         history.append(m)
@@ -210,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           logging.info("step %d/%d  loss %.3f  %.2f steps/s  ETA %dm%02ds  (%d time shapes compiled)", done,
                        tc.num_steps, scalars["loss"], rate, eta // 60, eta % 60, len(shapes_seen))
         if step % tc.eval_every == 0 or done == tc.num_steps:
-          last_eval = evaluate(exp, state.params, val_split, eval_batches)
+          last_eval = evaluate(exp, state.params, val_split, eval_plan)
           writer.write_scalars(done, {k: v for k, v in last_eval.items() if k != "per_day"})
           logging.info("step %d  val PER %.4f  val loss %.3f  (%d infeasible)\n%s", done, last_eval["val_per"],
                        last_eval["val_loss"], last_eval["val_infeasible"],
@@ -231,15 +215,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict[str, Any]:
   """Loads the best (else latest) checkpoint of `workdir` and evaluates the val split."""
-  config.data.data_dir = resolve_data_dir(config, workdir)
-  val_split = t15.load_split_from_config(config, "val")
-  batching.check_buckets(val_split.trials, config.data.time_buckets, "val split")
+  val_split = open_data(config, workdir, ("val",))["val"]
   exp = Experiment(config)
   ckpts = ckpt_lib.Checkpoints(workdir)
   state = ckpts.restore(exp.abstract_state(), which) or ckpts.restore(exp.abstract_state(), "latest")
   if state is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/best or {workdir}/checkpoints; train first")
-  result = evaluate(exp, state.params, val_split, make_eval_batches(config, val_split))
+  result = evaluate(exp, state.params, val_split, source.eval_plan(val_split, config.data.eval_batch_size))
   result["step"] = int(jax.device_get(state.step))
   ckpts.close()
   return result

@@ -22,7 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.cpu_collectives = "gloo"  # cross-process collectives of the CPU backend (ignored on TPU/GPU)
 
   c.data = d = ml_collections.ConfigDict()
-  d.data_dir = ""             # hdf5_data_final-style root; "" = generate synthetic data in WORKDIR/synthetic_data
+  d.data_dir = ""             # prepared TFDS dir (tools/prepare_data.py, local or gs://) or an hdf5_data_final root
+                              # (prepared on first use into cache_dir); "" = synthetic data in WORKDIR
+  d.cache_dir = ""            # where HDF5 trees get prepared, keyed by their contents; "" = ~/.cache/b2t_jax/tfds
+  d.prefetch = 4              # host batches prepared ahead in the background (0 = on the training thread)
+  d.prefetch_workers = 2      # threads decoding and padding host batches in parallel
   d.sessions = T15_SESSIONS   # session list: position = day index
   d.n_features = 512          # features per 20 ms bin in the files
   d.feature_pool = 1          # average each group of this many adjacent feature columns (1 = off)
@@ -32,12 +36,13 @@ def get_config() -> ml_collections.ConfigDict:
   d.eval_batch_size = 64      # trials per validation batch (padded with masked rows)
   d.time_buckets = (256, 512, 768, 1024, 1536, 2048, 3072)  # padded lengths in bins (one compile each)
   d.max_label_len = 128       # phoneme label padding; longer labels are an error naming the trial
-  d.on_bad_trial = "error"    # error | skip: what the reader does with a malformed trial
+  d.on_bad_trial = "error"    # error | skip (counted per reason, WORKDIR/skipped_trials.json): malformed trials
   d.synthetic = s = ml_collections.ConfigDict()  # used only when data_dir == ""
   s.seed = 0                  # generator seed
   s.n_sessions = 8            # first N sessions of the list get a folder
   s.trials_per_session = 60   # train trials per session (val and test get a quarter each)
   s.noise_std = 1.0           # per-bin Gaussian noise on every channel
+  s.length_profile = "demo"   # trial lengths: demo (1.5-4 s, fast) | t15 (~2-30 s, like the release)
 
   c.aug = a = ml_collections.ConfigDict()
   a.static_gain_std = 0.0     # std of a per-trial channel-mixing perturbation (0 = off)

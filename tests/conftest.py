@@ -50,6 +50,15 @@ def synthetic_dir(tmp_path_factory):
   return make_synthetic_dataset(str(out), T15_SESSIONS, n_sessions=3, trials_per_session=16, seed=0)
 
 
+@pytest.fixture(scope="session")
+def prepared_dir(synthetic_dir, tmp_path_factory):
+  """`synthetic_dir` prepared as the TFDS (ArrayRecord) dataset training reads (the TFDS data dir)."""
+  from b2t_jax.data import tfds_b2t
+  out = str(tmp_path_factory.mktemp("tfds"))
+  tfds_b2t.prepare(synthetic_dir, out)
+  return out
+
+
 @pytest.fixture
-def tiny(synthetic_dir):
-  return tiny_config(synthetic_dir)
+def tiny(prepared_dir):
+  return tiny_config(prepared_dir)

@@ -94,7 +94,7 @@ def test_skip_mode_counts_bad_trials(one_session):
   _edit(path, lambda f: f["trial_0004"]["input_features"].__setitem__((3, 7), np.inf))
   _edit(path, lambda f: f["trial_0006"]["input_features"].__setitem__((0, 0), np.nan))
   split = load_split(root, T15_SESSIONS, "train", on_bad_trial="skip")
-  assert len(split) == 14 and split.skipped == {"'input_features'": 2}
+  assert len(split) == 14 and split.skipped == {"non_finite": 2}
 
 
 def test_truncated_file_is_reported(one_session):

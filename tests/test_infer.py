@@ -11,7 +11,7 @@ import pytest
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import train
-from b2t_jax.data import t15
+from b2t_jax.data import source, t15
 from b2t_jax.decoding import ngram
 from b2t_jax.models.frontend import n_patches
 from conftest import TINY_SIZES, as_flags
@@ -20,17 +20,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, synthetic_dir):
+def trained(tmp_path_factory, synthetic_dir, prepared_dir):
   """A workdir holding a tiny model's checkpoint (initial weights, saved through the training code's
   Checkpoints with the val PER its eval_step measured; compiling a train step would triple the test time),
   and a bigram LM built from the training sentences."""
   from conftest import tiny_config
   work = str(tmp_path_factory.mktemp("infer_work"))
-  config = tiny_config(synthetic_dir)
+  config = tiny_config(prepared_dir)
   exp = train.Experiment(config)
   state = exp.init_state()
-  val = t15.load_split_from_config(config, "val")
-  evaluated = train.evaluate(exp, state.params, val, train.make_eval_batches(config, val))
+  val = train.open_data(config, work, ("val",))["val"]
+  evaluated = train.evaluate(exp, state.params, val, source.eval_plan(val, config.data.eval_batch_size))
   ckpts = ckpt_lib.Checkpoints(work)
   ckpts.maybe_save_best(state, evaluated["val_per"], evaluated["val_loss"])
   ckpts.wait()
@@ -47,11 +47,11 @@ def _rows(path):
     return list(csv.reader(f))
 
 
-def test_infer_val_from_the_command_line(trained, synthetic_dir):
+def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
   work, lm = trained
   p = subprocess.run(
       [sys.executable, "-m", "b2t_jax.main", "--config=configs/demo.py", f"--workdir={work}",
-       f"--config.data.data_dir={synthetic_dir}", *as_flags(TINY_SIZES), "--config.mode=infer",
+       f"--config.data.data_dir={prepared_dir}", *as_flags(TINY_SIZES), "--config.mode=infer",
        f"--config.decode.lm_path={lm}", "--config.infer.save_logits=True", "--config.decode.beam_size=20"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
@@ -97,11 +97,11 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir):
   ckpts.close()
 
 
-def test_infer_test_split_writes_the_competition_csv(trained, synthetic_dir, tmp_path):
+def test_infer_test_split_writes_the_competition_csv(trained, synthetic_dir, prepared_dir, tmp_path):
   from b2t_jax import infer
   from conftest import tiny_config
   work, _ = trained
-  config = tiny_config(synthetic_dir)
+  config = tiny_config(prepared_dir)
   config.infer.split = "test"
   config.infer.out_dir = str(tmp_path / "out")
   config.decode.beam_size = 20
@@ -116,3 +116,8 @@ def test_infer_test_split_writes_the_competition_csv(trained, synthetic_dir, tmp
   assert all(r["words_lm"] is None and "true_sentence" not in r for r in recs)
   assert [r["session"] for r in recs] == [t.session for t in test.trials]
   assert sorted(os.listdir(tmp_path / "out")) == ["metrics.json", "submission.csv", "trials.jsonl"]
+
+
+def test_training_sentences_read_the_same_from_hdf5_and_the_prepared_dataset(synthetic_dir, prepared_dir):
+  hdf5 = list(ngram.dataset_sentences(synthetic_dir))
+  assert len(hdf5) == 3 * 16 and list(ngram.dataset_sentences(prepared_dir)) == hdf5

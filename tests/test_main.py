@@ -38,8 +38,8 @@ def test_summary_prints_parameter_counts_as_last_line(tmp_path):
                               "total": 687568466}
 
 
-def test_train_then_eval_from_the_command_line(tmp_path, synthetic_dir):
-  common = ["--config=configs/demo.py", f"--workdir={tmp_path}", f"--config.data.data_dir={synthetic_dir}", *TINY]
+def test_train_then_eval_from_the_command_line(tmp_path, prepared_dir):
+  common = ["--config=configs/demo.py", f"--workdir={tmp_path}", f"--config.data.data_dir={prepared_dir}", *TINY]
   final = _final(_run(*common)[-1])
   assert final["step"] == 3 and final["train_loss"] > 0
   last = _run(*common, "--config.mode=eval")[-1]
@@ -56,9 +56,9 @@ def test_synthetic_data_tool(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path, synthetic_dir):
+def test_two_processes_train_like_one(tmp_path, prepared_dir):
   """Two local processes x 4 CPU devices (a stand-in for a 2-host pod) follow one 8-device process."""
-  common = ["--config=configs/demo.py", f"--config.data.data_dir={synthetic_dir}", *TINY]
+  common = ["--config=configs/demo.py", f"--config.data.data_dir={prepared_dir}", *TINY]
   single = _final(_run(*common, f"--workdir={tmp_path / 'one'}")[-1])
   with socket.socket() as s:
     s.bind(("localhost", 0))

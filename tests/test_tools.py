@@ -27,14 +27,14 @@ def test_launch_script_requires_its_arguments():
   assert p.returncode == 2 and "--name is required" in p.stderr
 
 
-def test_colab_notebook_runs_on_cpu(tmp_path, synthetic_dir):
+def test_colab_notebook_runs_on_cpu(tmp_path, prepared_dir):
   nb = json.load(open(os.path.join(ROOT, "tools", "colab_tpu.ipynb")))
   code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
   runnable = [c for c in code if not c.startswith("# colab-only")]
   assert len(runnable) == len(code) - 1
   ns: dict = {}
   exec(runnable[0], ns)                                   # the settings cell, then shrink it for the test
-  ns.update(DATA_DIR=synthetic_dir, WORKDIR=str(tmp_path), NUM_STEPS=2,
+  ns.update(DATA_DIR=prepared_dir, WORKDIR=str(tmp_path), NUM_STEPS=2,
             OVERRIDES={**TINY_SIZES, "optim.warmup_steps": 1, "optim.day_warmup_steps": 1})
   for cell in runnable[1:]:
     exec(cell, ns)

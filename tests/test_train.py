@@ -70,6 +70,7 @@ def test_resume_gives_bit_identical_next_steps(tiny, tmp_path):
 
 def test_sigterm_saves_and_stops(tiny, tmp_path, monkeypatch):
   tiny.train.num_steps = 50
+  tiny.data.prefetch = 0   # sample on the training thread, so that "step 2" below is the step in flight
   real = sampler.train_batch_indices
 
   def preempt_at_step_2(seed, step, *a, **k):

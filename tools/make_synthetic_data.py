@@ -1,11 +1,12 @@
 """Writes a synthetic dataset in the exact t15 HDF5 layout (SPEC §1), named after the real sessions.
 
 python tools/make_synthetic_data.py --out=DIR [--seed=N] [--sessions=N] [--trials_per_session=N]
+  [--length_profile=demo|t15]
 """
 
 from absl import app, flags
 
-from b2t_jax.data.synthetic import make_synthetic_dataset
+from b2t_jax.data.synthetic import LENGTH_PROFILES, make_synthetic_dataset
 from b2t_jax.data.t15 import T15_SESSIONS
 
 _OUT = flags.DEFINE_string("out", None, "output root (an hdf5_data_final-style tree)", required=True)
@@ -13,12 +14,15 @@ _SEED = flags.DEFINE_integer("seed", 0, "generator seed")
 _SESSIONS = flags.DEFINE_integer("sessions", 8, "number of sessions (the first N of the t15 list)")
 _TRIALS = flags.DEFINE_integer("trials_per_session", 80, "train trials per session (val/test get a quarter)")
 _NOISE = flags.DEFINE_float("noise_std", 1.0, "per-bin Gaussian noise std")
+_PROFILE = flags.DEFINE_enum("length_profile", "demo", sorted(LENGTH_PROFILES),
+                             "trial lengths: demo (1.5-4 s) or t15 (like the release, ~2-30 s)")
 
 
 def main(argv):
   del argv
   out = make_synthetic_dataset(_OUT.value, T15_SESSIONS, n_sessions=_SESSIONS.value,
-                               trials_per_session=_TRIALS.value, seed=_SEED.value, noise_std=_NOISE.value)
+                               trials_per_session=_TRIALS.value, seed=_SEED.value, noise_std=_NOISE.value,
+                               length_profile=_PROFILE.value)
   print(f"wrote {_SESSIONS.value} sessions to {out}")
 
 

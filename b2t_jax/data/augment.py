@@ -41,26 +41,50 @@ def time_mask(lengths: jax.Array, t: int) -> jax.Array:
   return (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)[..., None]
 
 
-def augment(key: jax.Array, x: jax.Array, lengths: jax.Array, cfg: ml_collections.ConfigDict):
-  """Train-only transforms in the reference's order: static gain, white noise, constant offset, random walk,
-  random cut. Returns (x, lengths). Padding bins are zeroed so that smoothing sees the same zeros as eval."""
-  b, t, f = x.shape
+def draw(key: jax.Array, shape: tuple[int, int, int], cfg: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """The random draws of one step's augmentation, one independent stream per transform (only the enabled
+  ones): standard normals `gain` (B, F, F), `white` (B, T, F), `offset` (B, 1, F), `walk` (B, T, F), and
+  the cut `c` ~ U{0..random_cut-1}."""
+  b, t, f = shape
   k_gain, k_white, k_off, k_walk, k_cut = jax.random.split(key, 5)
+  out = {}
   if cfg.static_gain_std > 0:
-    warp = jnp.eye(f) + cfg.static_gain_std * jax.random.normal(k_gain, (b, f, f))
-    x = jnp.einsum("btf,bfg->btg", x, warp)
+    out["gain"] = jax.random.normal(k_gain, (b, f, f))
   if cfg.white_noise_std > 0:
-    x = x + cfg.white_noise_std * jax.random.normal(k_white, x.shape)
+    out["white"] = jax.random.normal(k_white, (b, t, f))
   if cfg.constant_offset_std > 0:
-    x = x + cfg.constant_offset_std * jax.random.normal(k_off, (b, 1, f))
+    out["offset"] = jax.random.normal(k_off, (b, 1, f))
   if cfg.random_walk_std > 0:
-    x = x + jnp.cumsum(cfg.random_walk_std * jax.random.normal(k_walk, x.shape), axis=1)
+    out["walk"] = jax.random.normal(k_walk, (b, t, f))
   if cfg.random_cut > 1:
+    out["cut"] = jax.random.randint(k_cut, (), 0, cfg.random_cut)
+  return out
+
+
+def apply(x: jax.Array, lengths: jax.Array, draws: dict[str, jax.Array], cfg: ml_collections.ConfigDict):
+  """The SPEC §4 transforms, in the reference's order, given their draws (see `draw`). Returns (x, lengths);
+  padding bins are zeroed so that smoothing sees the same zeros as eval."""
+  t, f = x.shape[1], x.shape[2]
+  if "gain" in draws:     # x @ (I + std * N), one matrix per trial
+    x = jnp.einsum("btf,bfg->btg", x, jnp.eye(f) + cfg.static_gain_std * draws["gain"])
+  if "white" in draws:
+    x = x + cfg.white_noise_std * draws["white"]
+  if "offset" in draws:
+    x = x + cfg.constant_offset_std * draws["offset"]
+  if "walk" in draws:     # cumulative sum over time of i.i.d. steps
+    x = x + jnp.cumsum(cfg.random_walk_std * draws["walk"], axis=1)
+  if "cut" in draws:
     # Drop the first c bins by shifting left (static shape) and shortening every trial by c.
-    c = jax.random.randint(k_cut, (), 0, cfg.random_cut)
+    c = draws["cut"]
     x = jnp.roll(x, -c, axis=1)
     lengths = jnp.maximum(lengths - c, 0)
   return x * time_mask(lengths, t), lengths
+
+
+def augment(key: jax.Array, x: jax.Array, lengths: jax.Array, cfg: ml_collections.ConfigDict):
+  """Train-only transforms in the reference's order: static gain, white noise, constant offset, random walk,
+  random cut. Returns (x, lengths)."""
+  return apply(x, lengths, draw(key, x.shape, cfg), cfg)
 
 
 def preprocess(key: jax.Array | None, x: jax.Array, lengths: jax.Array, cfg: ml_collections.ConfigDict):

@@ -1,8 +1,11 @@
-"""Padding trials into fixed-shape batches: time padded up to one of a few buckets, labels to a fixed length."""
+"""Padding trials into fixed-shape batches (time padded up to one of a few buckets, labels to a fixed
+length) and a background prefetcher that keeps host batches ready ahead of the device."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import collections
+import concurrent.futures
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,18 +29,15 @@ def check_buckets(trials: Sequence[Trial], buckets: Sequence[int], where: str) -
                      f"bins, more than the largest of config.data.time_buckets={tuple(buckets)}; add a bucket")
 
 
-def make_batch(trials: Sequence[Trial], indices: np.ndarray, *, buckets: Sequence[int], max_label_len: int,
-               n_rows: int | None = None) -> dict[str, np.ndarray]:
-  """Pads `trials[indices]` into a batch of `n_rows` rows (default len(indices)); extra rows have weight 0.
+def pad_batch(chosen: Sequence[Trial], *, t: int, n_features: int, max_label_len: int,
+              n_rows: int | None = None) -> dict[str, np.ndarray]:
+  """Pads `chosen` into a batch of `n_rows` rows (default len(chosen)) of `t` bins; extra rows have weight 0.
 
   Keys: features (B, T, F) f32, n_time_steps (B,), labels (B, L), label_lens (B,), day (B,), weight (B,) f32.
   """
-  n_rows = len(indices) if n_rows is None else n_rows
-  chosen = [trials[i] for i in indices]
-  t = bucket_length(max(tr.n_time_steps for tr in chosen), buckets)
-  f = chosen[0].features.shape[1]
+  n_rows = len(chosen) if n_rows is None else n_rows
   batch = {
-      "features": np.zeros((n_rows, t, f), np.float32),
+      "features": np.zeros((n_rows, t, n_features), np.float32),
       "n_time_steps": np.zeros((n_rows,), np.int32),
       "labels": np.zeros((n_rows, max_label_len), np.int32),
       "label_lens": np.zeros((n_rows,), np.int32),
@@ -45,6 +45,9 @@ def make_batch(trials: Sequence[Trial], indices: np.ndarray, *, buckets: Sequenc
       "weight": np.zeros((n_rows,), np.float32),
   }
   for r, tr in enumerate(chosen):
+    if tr.n_time_steps > t:
+      raise ValueError(f"{tr.session} trial_{tr.index_in_file:04d} has {tr.n_time_steps} bins, more than the "
+                       f"batch's padded length {t}")
     batch["features"][r, :tr.n_time_steps] = tr.features
     batch["n_time_steps"][r] = tr.n_time_steps
     if tr.labels is not None:
@@ -53,3 +56,49 @@ def make_batch(trials: Sequence[Trial], indices: np.ndarray, *, buckets: Sequenc
     batch["day"][r] = tr.day
     batch["weight"][r] = 1.0
   return batch
+
+
+def make_batch(trials: Sequence[Trial], indices: np.ndarray, *, buckets: Sequence[int], max_label_len: int,
+               n_rows: int | None = None) -> dict[str, np.ndarray]:
+  """Pads in-memory `trials[indices]` to the smallest bucket that fits them (see pad_batch)."""
+  chosen = [trials[i] for i in indices]
+  t = bucket_length(max(tr.n_time_steps for tr in chosen), buckets)
+  return pad_batch(chosen, t=t, n_features=chosen[0].features.shape[1], max_label_len=max_label_len,
+                   n_rows=n_rows)
+
+
+class Prefetcher:
+  """Computes `fn(item)` for each item on background threads (`workers` of them), keeping at most `depth`
+  items in flight ahead of the consumer, and yields `(item, fn(item))` in order. depth 0 computes on the
+  caller's thread. A worker's exception is re-raised by the iterator; `close()` (or leaving the `with`
+  block) cancels what has not started."""
+
+  def __init__(self, fn: Callable, items: Iterable, depth: int, workers: int = 1):
+    self._fn, self._items, self._depth = fn, items, depth
+    self._pool = (concurrent.futures.ThreadPoolExecutor(max(workers, 1), thread_name_prefix="b2t-prefetch")
+                  if depth > 0 else None)
+
+  def __iter__(self) -> Iterator:
+    if self._pool is None:
+      for item in self._items:
+        yield item, self._fn(item)
+      return
+    pending: collections.deque = collections.deque()
+    for item in self._items:
+      pending.append((item, self._pool.submit(self._fn, item)))
+      if len(pending) > self._depth:
+        done, future = pending.popleft()
+        yield done, future.result()
+    while pending:
+      done, future = pending.popleft()
+      yield done, future.result()
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -33,6 +33,13 @@ LEXICON = {
     "call": "K AO L", "nurse": "N ER S", "bed": "B EH D", "cold": "K OW L D", "warm": "W AO R M",
 }
 _PHONEME_ID = {p: i for i, p in enumerate(PHONEMES)}
+# Trial-length profiles: [low, high) ranges of words per sentence and of 20 ms bins per phoneme, per word
+# boundary and before/after speech. 'demo' keeps trials short (1.5-4 s) so the demo trains in minutes; 't15'
+# mimics the release's spread (about 2-30 s, ~2 s per attempted word) for bucketing measurements.
+LENGTH_PROFILES = {
+    "demo": {"words": (3, 8), "phoneme_bins": (3, 7), "boundary_bins": (2, 4), "edge_bins": (8, 20)},
+    "t15": {"words": (2, 13), "phoneme_bins": (10, 30), "boundary_bins": (10, 40), "edge_bins": (25, 75)},
+}
 N_SILENT_SESSIONS = (0, 28, 32, 33)   # t15 sessions without val/test files (SPEC §1)
 
 
@@ -50,7 +57,12 @@ class SyntheticT15:
   n_modes = 16            # smooth latent modes; 32 adjacent channels share one
   pattern_bins = 6        # a phoneme's tuning pattern spans this many 20 ms bins
 
-  def __init__(self, seed: int = 0, n_features: int = 512, n_days_total: int = 45, noise_std: float = 1.0):
+  def __init__(self, seed: int = 0, n_features: int = 512, n_days_total: int = 45, noise_std: float = 1.0,
+               length_profile: str = "demo"):
+    if length_profile not in LENGTH_PROFILES:
+      raise ValueError(f"length_profile={length_profile!r}: expected one of {sorted(LENGTH_PROFILES)} "
+                       "(config.data.synthetic.length_profile)")
+    self.lengths = LENGTH_PROFILES[length_profile]
     self.rng = np.random.default_rng(seed)
     self.n_features, self.n_days_total, self.noise_std = n_features, n_days_total, noise_std
     rng = self.rng
@@ -68,12 +80,18 @@ class SyntheticT15:
     offset = self.drift_offset * frac + 0.2 * rng.standard_normal(self.n_features)
     return gain, offset
 
-  def trial(self, rng: np.random.Generator, gain: np.ndarray, offset: np.ndarray):
-    words = list(rng.choice(self.words, size=int(rng.integers(3, 8))))
+  def layout(self, rng: np.random.Generator) -> tuple[list[str], list[int], list[int], int, int]:
+    """A sentence and its timing: (words, phoneme ids, bins per phoneme, lead bins, total bins)."""
+    p = self.lengths
+    words = list(rng.choice(self.words, size=int(rng.integers(*p["words"]))))
     ids = sentence_to_ids(words)
-    durations = [int(rng.integers(2, 4)) if i == SIL_ID else int(rng.integers(3, 7)) for i in ids]
-    lead, tail = int(rng.integers(8, 20)), int(rng.integers(8, 20))
-    t = lead + sum(durations) + tail + self.pattern_bins
+    durations = [int(rng.integers(*p["boundary_bins"])) if i == SIL_ID else int(rng.integers(*p["phoneme_bins"]))
+                 for i in ids]
+    lead, tail = int(rng.integers(*p["edge_bins"])), int(rng.integers(*p["edge_bins"]))
+    return words, ids, durations, lead, lead + sum(durations) + tail + self.pattern_bins
+
+  def trial(self, rng: np.random.Generator, gain: np.ndarray, offset: np.ndarray):
+    words, ids, durations, lead, t = self.layout(rng)
     modes = np.zeros((t, self.n_modes))
     onset = lead
     for i, d in zip(ids, durations):
@@ -110,15 +128,15 @@ def write_session_file(path: str, gen: SyntheticT15, session: str, day: int, n_t
 
 
 def make_synthetic_dataset(out_dir: str, sessions, *, n_sessions: int = 8, trials_per_session: int = 60,
-                           seed: int = 0, noise_std: float = 1.0) -> str:
+                           seed: int = 0, noise_std: float = 1.0, length_profile: str = "demo") -> str:
   """Writes `<out_dir>/<session>/data_{train,val,test}.hdf5` for the first `n_sessions` sessions.
 
-  Val and test get a quarter of `trials_per_session` each; sessions 0, 28, 32, 33 get no val/test file,
+  `length_profile` picks trial lengths (LENGTH_PROFILES). Val and test get a quarter of `trials_per_session` each; sessions 0, 28, 32, 33 get no val/test file,
   as in the release. Returns `out_dir`.
   """
   if not 1 <= n_sessions <= len(sessions):
     raise ValueError(f"n_sessions={n_sessions} must lie in 1..{len(sessions)}")
-  gen = SyntheticT15(seed, n_days_total=len(sessions), noise_std=noise_std)
+  gen = SyntheticT15(seed, n_days_total=len(sessions), noise_std=noise_std, length_profile=length_profile)
   n_eval = max(1, trials_per_session // 4)
   for day, session in enumerate(sessions[:n_sessions]):
     folder = os.path.join(out_dir, session)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -37,7 +37,31 @@ TRIAL_FMT = "trial_{:04d}"
 
 
 class DataError(ValueError):
-  """A problem with the data on disk; the message names the file, trial and field and what to do."""
+  """A problem with the data on disk; the message names the file, trial and field and what to do.
+
+  `reason` is a short stable key (see REASONS) under which `on_bad_trial='skip'` counts what it skipped."""
+
+  def __init__(self, message: str, reason: str = "other"):
+    super().__init__(message)
+    self.reason = reason
+
+
+# Skip-count keys: what was wrong, and what one count means (a trial unless stated).
+REASONS = {
+    "unreadable_file": "a file that cannot be opened as HDF5 (corrupt or truncated); counts files",
+    "missing_trial_groups": "trial_N groups missing from a file's contiguous numbering; counts missing groups",
+    "session_not_in_config": "trials of a session folder absent from config.data.sessions",
+    "missing_field": "a trial without a required dataset or attribute",
+    "bad_shape": "input_features not (n_time_steps, n_features)",
+    "zero_length": "a trial with 0 time bins",
+    "length_mismatch": "attribute n_time_steps disagrees with input_features",
+    "non_finite": "NaN/Inf in input_features",
+    "bad_seq_len": "seq_len outside 0..len(seq_class_ids)",
+    "label_out_of_range": "a phoneme id outside 1..40",
+    "session_mismatch": "attribute session differs from the folder name",
+    "label_too_long": "more phonemes than config.data.max_label_len",
+    "too_short_for_labels": "fewer CTC frames after patching than the labels need",
+}
 
 
 @dataclasses.dataclass
@@ -50,6 +74,7 @@ class Trial:
   block: int
   trial: int                    # trial number within its block (attr `trial_num`)
   index_in_file: int            # the N of trial_N
+  transcription: str | None = None  # the `transcription` dataset decoded from ASCII codes (train/val)
 
   @property
   def n_time_steps(self) -> int:
@@ -97,130 +122,198 @@ class _TrialReader:
   def __init__(self, path: str, n_features: int, labelled: bool, max_label_len: int):
     self.path, self.n_features, self.labelled, self.max_label_len = path, n_features, labelled, max_label_len
 
-  def fail(self, name: str, field: str, msg: str) -> DataError:
-    return DataError(f"{self.path}: {name}: field '{field}': {msg}")
+  def fail(self, name: str, field: str, msg: str, reason: str) -> DataError:
+    return DataError(f"{self.path}: {name}: field '{field}': {msg}", reason)
 
   def attr(self, g, name: str, key: str):
     if key not in g.attrs:
-      raise self.fail(name, key, "missing attribute (every trial needs it; is this a t15 HDF5 file?)")
+      raise self.fail(name, key, "missing attribute (every trial needs it; is this a t15 HDF5 file?) "
+                      "Fix the file or set config.data.on_bad_trial='skip'", "missing_field")
     return g.attrs[key]
 
   def dataset(self, g, name: str, key: str) -> np.ndarray:
     if key not in g:
-      raise self.fail(name, key, "missing dataset (every trial needs it; is this a t15 HDF5 file?)")
+      raise self.fail(name, key, "missing dataset (every trial needs it; is this a t15 HDF5 file?) "
+                      "Fix the file or set config.data.on_bad_trial='skip'", "missing_field")
     return np.asarray(g[key][()])
 
-  def read(self, g, name: str) -> tuple[np.ndarray, np.ndarray | None, str | None, int, int]:
+  def read(self, g, name: str) -> tuple[np.ndarray, np.ndarray | None, str | None, str | None, int, int]:
     x = self.dataset(g, name, "input_features")
     if x.ndim != 2 or x.shape[1] != self.n_features:
       raise self.fail(name, "input_features", f"shape {x.shape}, expected (n_time_steps, {self.n_features}) "
-                      "(config.data.n_features)")
+                      "(config.data.n_features)", "bad_shape")
     if x.shape[0] == 0:
-      raise self.fail(name, "input_features", "zero-length trial")
+      raise self.fail(name, "input_features", "zero-length trial (0 time bins); set "
+                      "config.data.on_bad_trial='skip' to skip it", "zero_length")
     n_t = int(self.attr(g, name, "n_time_steps"))
     if n_t != x.shape[0]:
-      raise self.fail(name, "n_time_steps", f"attribute says {n_t} bins, input_features has {x.shape[0]}")
+      raise self.fail(name, "n_time_steps", f"attribute says {n_t} bins, input_features has {x.shape[0]}",
+                      "length_mismatch")
     bad = ~np.isfinite(x)
     if bad.any():
       raise self.fail(name, "input_features", f"{int(bad.sum())} non-finite values (NaN/Inf), first at bin "
-                      f"{int(np.argwhere(bad)[0][0])}; fix the file or set config.data.on_bad_trial='skip'")
+                      f"{int(np.argwhere(bad)[0][0])}; fix the file or set config.data.on_bad_trial='skip'",
+                      "non_finite")
     block, trial = int(self.attr(g, name, "block_num")), int(self.attr(g, name, "trial_num"))
     if not self.labelled:
-      return x.astype(np.float32), None, None, block, trial
+      return x.astype(np.float32), None, None, None, block, trial
     ids = self.dataset(g, name, "seq_class_ids").astype(np.int64).reshape(-1)
     seq_len = int(self.attr(g, name, "seq_len"))
     if not 0 <= seq_len <= ids.shape[0]:
-      raise self.fail(name, "seq_len", f"{seq_len} is outside 0..{ids.shape[0]} (length of seq_class_ids)")
+      raise self.fail(name, "seq_len", f"{seq_len} is outside 0..{ids.shape[0]} (length of seq_class_ids)",
+                      "bad_seq_len")
     labels = ids[:seq_len]
     if labels.size and (labels.min() < 1 or labels.max() > SIL_ID):
-      raise self.fail(name, "seq_class_ids", f"ids must lie in 1..{SIL_ID}, found {labels.min()}..{labels.max()}")
+      raise self.fail(name, "seq_class_ids", f"ids must lie in 1..{SIL_ID}, found {labels.min()}..{labels.max()}; "
+                      "fix the file or set config.data.on_bad_trial='skip'", "label_out_of_range")
     if seq_len > self.max_label_len:
       raise self.fail(name, "seq_len", f"{seq_len} phonemes exceed config.data.max_label_len="
-                      f"{self.max_label_len}; raise it")
+                      f"{self.max_label_len}; raise it", "label_too_long")
     sentence = _decode_str(self.attr(g, name, "sentence_label"))
-    return x.astype(np.float32), labels.astype(np.int32), sentence, block, trial
+    codes = self.dataset(g, name, "transcription").astype(np.int64).reshape(-1)
+    end = int(np.argmax(codes == 0)) if (codes == 0).any() else len(codes)
+    transcription = "".join(map(chr, codes[:end]))
+    return x.astype(np.float32), labels.astype(np.int32), sentence, transcription, block, trial
 
 
-def read_file(path: str, *, day: int, session: str, labelled: bool, n_features: int = 512,
-              feature_pool: int = 1, max_label_len: int = 10_000, on_bad_trial: str = "error",
-              skipped: collections.Counter | None = None) -> list[Trial]:
-  """Reads every `trial_%04d` group of one session file, validating each (see module doc)."""
+def _check_on_bad_trial(on_bad_trial: str) -> None:
   if on_bad_trial not in ("error", "skip"):
     raise ValueError(f"config.data.on_bad_trial={on_bad_trial!r}: expected 'error' or 'skip'")
+
+
+def _count_trial_groups(path: str) -> int:
+  """Trial groups in a file, 0 when it cannot be opened (used to count a skipped session's trials)."""
+  try:
+    with h5py.File(path, "r") as f:
+      return sum(k.startswith("trial_") for k in f.keys())
+  except OSError:
+    return 0
+
+
+def iter_file(path: str, *, day: int, session: str, labelled: bool, n_features: int = 512,
+              feature_pool: int = 1, max_label_len: int = 10_000, on_bad_trial: str = "error",
+              skipped: collections.Counter | None = None) -> Iterator[Trial]:
+  """Yields the valid trials of one session file in file order, validating each (see module doc).
+
+  With on_bad_trial='skip' a bad trial (or an unreadable file) is logged and counted in `skipped` under its
+  DataError.reason; with 'error' the DataError is raised."""
+  _check_on_bad_trial(on_bad_trial)
+  skipped = collections.Counter() if skipped is None else skipped
+
+  def bad(e: DataError, n: int = 1) -> None:
+    if on_bad_trial == "error":
+      raise e
+    logging.warning("skipping (config.data.on_bad_trial='skip'): %s", e)
+    skipped[e.reason] += n
+
   reader = _TrialReader(path, n_features, labelled, max_label_len)
   try:
     f = h5py.File(path, "r")
   except OSError as e:
-    raise DataError(f"{path}: cannot be opened as HDF5 ({e}); the file is corrupt or truncated, "
-                    "download it again") from e
-  trials = []
+    bad(DataError(f"{path}: cannot be opened as HDF5 ({e}); the file is corrupt or truncated: download it again "
+                  "or set config.data.on_bad_trial='skip' to skip the whole file", "unreadable_file"))
+    return
   with f:
-    names = sorted(k for k in f.keys() if k.startswith("trial_"))
-    expected = [TRIAL_FMT.format(i) for i in range(len(names))]
-    if names != expected:
-      missing = sorted(set(expected) - set(names))
-      raise DataError(f"{path}: trial groups are not contiguous: expected trial_0000..trial_{len(names) - 1:04d}, "
-                      f"missing {missing[:5]}; the file is incomplete")
-    for i, name in enumerate(names):
+    numbers = sorted(int(k[len("trial_"):]) for k in f.keys() if k.startswith("trial_") and k[6:].isdigit())
+    n_expected = numbers[-1] + 1 if numbers else 0
+    missing = sorted(set(range(n_expected)) - set(numbers))
+    if missing:
+      names = [TRIAL_FMT.format(m) for m in missing]
+      bad(DataError(f"{path}: trial groups are not contiguous: expected trial_0000..trial_{n_expected - 1:04d}, "
+                    f"missing {names[:5]}{' ...' if len(names) > 5 else ''}; the file is incomplete (download it "
+                    "again, or set config.data.on_bad_trial='skip' to read the groups present)",
+                    "missing_trial_groups"), len(missing))
+    for i in numbers:
+      name = TRIAL_FMT.format(i)
       g = f[name]
       try:
-        x, labels, sentence, block, trial = reader.read(g, name)
+        x, labels, sentence, transcription, block, trial = reader.read(g, name)
         sess_attr = _decode_str(reader.attr(g, name, "session"))
         if sess_attr != session:
-          raise reader.fail(name, "session", f"says {sess_attr!r} but the file sits in folder {session!r}")
+          raise reader.fail(name, "session", f"says {sess_attr!r} but the file sits in folder {session!r}",
+                            "session_mismatch")
       except DataError as e:
-        if on_bad_trial == "error":
-          raise
-        reason = str(e).split("field ", 1)[-1].split(":", 1)[0]
-        logging.warning("skipping %s", e)
-        if skipped is not None:
-          skipped[reason] += 1
+        bad(e)
         continue
-      trials.append(Trial(pool_features(x, feature_pool), labels, sentence, day, session, block, trial, i))
-  return trials
+      yield Trial(pool_features(x, feature_pool), labels, sentence, day, session, block, trial, i, transcription)
+
+
+def read_file(path: str, **kwargs) -> list[Trial]:
+  """`iter_file` as a list."""
+  return list(iter_file(path, **kwargs))
+
+
+def session_files(data_dir: str, sessions: Sequence[str], split: str, *, on_bad_trial: str = "error",
+                  skipped: collections.Counter | None = None) -> list[tuple[int, str, str]]:
+  """(day, session, path) of every session folder's file for `split`, in session-list order.
+
+  Folders not in `sessions` are an error, or with on_bad_trial='skip' skipped and their trials counted
+  under 'session_not_in_config'. Sessions without a file for this split are skipped with a log line (the
+  release has sessions without val/test data)."""
+  _check_on_bad_trial(on_bad_trial)
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+  if not os.path.isdir(data_dir):
+    raise DataError(f"data_dir {data_dir!r} does not exist; point --config.data.data_dir at the hdf5_data_final "
+                    "folder of the t15 release (or leave it empty to generate synthetic data)")
+  day_of = {s: i for i, s in enumerate(sessions)}
+  folders = sorted(e for e in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, e)))
+  if not folders:
+    raise DataError(f"{data_dir}: no session folders found (expected e.g. {data_dir}/{sessions[0]}/data_train.hdf5)")
+  unknown = [s for s in folders if s not in day_of]
+  if unknown and on_bad_trial == "error":
+    raise DataError(f"{data_dir}: session folder(s) {unknown[:5]} are not in config.data.sessions "
+                    f"({len(sessions)} sessions); add them to the list (the position is the day index), "
+                    "remove the folders, or set config.data.on_bad_trial='skip' to skip them", "session_not_in_config")
+  for s in unknown:
+    n = _count_trial_groups(os.path.join(data_dir, s, f"data_{split}.hdf5"))
+    logging.warning("skipping session folder %s (%d %s trials): not in config.data.sessions", s, n, split)
+    if skipped is not None and n:
+      skipped["session_not_in_config"] += n
+  out, without = [], []
+  for session in sorted((s for s in folders if s in day_of), key=day_of.__getitem__):
+    path = os.path.join(data_dir, session, f"data_{split}.hdf5")
+    if os.path.exists(path):
+      out.append((day_of[session], session, path))
+    else:
+      without.append(session)
+  if without:
+    logging.info("%d session(s) have no %s file: %s", len(without), split, ", ".join(without))
+  return out
+
+
+def iter_split(data_dir: str, sessions: Sequence[str], split: str, *, n_features: int = 512,
+               feature_pool: int = 1, max_label_len: int = 10_000, on_bad_trial: str = "error",
+               skipped: collections.Counter | None = None) -> Iterator[Trial]:
+  """Yields every valid trial of one split, in session-list order then file order (the competition's order)."""
+  for day, session, path in session_files(data_dir, sessions, split, on_bad_trial=on_bad_trial, skipped=skipped):
+    yield from iter_file(path, day=day, session=session, labelled=split != "test", n_features=n_features,
+                         feature_pool=feature_pool, max_label_len=max_label_len, on_bad_trial=on_bad_trial,
+                         skipped=skipped)
 
 
 def load_split(data_dir: str, sessions: Sequence[str], split: str, *, n_features: int = 512,
                feature_pool: int = 1, max_label_len: int = 10_000, on_bad_trial: str = "error") -> Split:
-  """Loads one split of every session folder under `data_dir` (SPEC §1 layout).
+  """Loads one split of every session folder under `data_dir` (SPEC §1 layout) into memory.
 
   Session folders must be named in `sessions` (their position is the day index). Sessions without a
-  file for this split are skipped (the release has sessions without val/test data).
+  file for this split are skipped (the release has sessions without val/test files).
   """
-  if split not in SPLITS:
-    raise ValueError(f"split {split!r}: expected one of {SPLITS}")
-  if not os.path.isdir(data_dir):
-    raise DataError(f"data_dir {data_dir!r} does not exist; point --config.data_dir at the hdf5_data_final "
-                    "folder of the t15 release (or leave it empty to generate synthetic data)")
-  day_of = {s: i for i, s in enumerate(sessions)}
-  folders = sorted(e for e in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, e)))
-  unknown = [s for s in folders if s not in day_of]
-  if unknown:
-    raise DataError(f"{data_dir}: session folder(s) {unknown[:5]} are not in config.data.sessions "
-                    f"({len(sessions)} sessions); add them to the list (the position is the day index) "
-                    "or remove the folders")
-  if not folders:
-    raise DataError(f"{data_dir}: no session folders found (expected e.g. {data_dir}/{sessions[0]}/data_train.hdf5)")
-  trials: list[Trial] = []
   skipped: collections.Counter = collections.Counter()
-  without = []
-  for session in sorted(folders, key=day_of.__getitem__):
-    path = os.path.join(data_dir, session, f"data_{split}.hdf5")
-    if not os.path.exists(path):
-      without.append(session)
-      continue
-    trials += read_file(path, day=day_of[session], session=session, labelled=split != "test",
-                        n_features=n_features, feature_pool=feature_pool, max_label_len=max_label_len,
-                        on_bad_trial=on_bad_trial, skipped=skipped)
-  if without:
-    logging.info("%d session(s) have no %s file: %s", len(without), split, ", ".join(without))
+  trials = list(iter_split(data_dir, sessions, split, n_features=n_features, feature_pool=feature_pool,
+                           max_label_len=max_label_len, on_bad_trial=on_bad_trial, skipped=skipped))
   if skipped:
     logging.warning("%s split: skipped %d trial(s): %s", split, sum(skipped.values()), dict(skipped))
   return Split(split, trials, dict(skipped))
 
 
 def load_split_from_config(config, split: str) -> Split:
-  """`load_split` with every option taken from `config.data`."""
+  """One split of `config.data.data_dir` in memory, with every option taken from `config.data`.
+
+  `data_dir` may be an HDF5 tree or a prepared TFDS dataset (tools/prepare_data.py)."""
   d = config.data
+  from b2t_jax.data import source  # the TFDS layer imports this module
+  if source.is_tfds_dir(d.data_dir):
+    return source.load_split_in_memory(config, split)
   return load_split(d.data_dir, d.sessions, split, n_features=d.n_features, feature_pool=d.feature_pool,
                     max_label_len=d.max_label_len, on_bad_trial=d.on_bad_trial)
