@@ -153,3 +153,17 @@ def test_batches_pad_to_buckets(synthetic_dir):
   assert b["label_lens"][0] == len(trials[0].labels)
   with pytest.raises(ValueError, match="add a bucket"):
     batching.check_buckets(trials, (32,), "train split")
+
+
+def test_synthetic_sentences_follow_a_fixed_sparse_grammar():
+  from b2t_jax.data.synthetic import SyntheticT15
+  gen, same, other = SyntheticT15(seed=0), SyntheticT15(seed=0), SyntheticT15(seed=1)
+  allowed = {(gen.words[a], gen.words[b]) for a in range(len(gen.words)) for b in gen.next_words[a]}
+  assert len(allowed) == len(gen.words) * gen.successors
+  assert all((a == b).all() for a, b in zip(gen.next_words, same.next_words))
+  assert any((a != b).any() for a, b in zip(gen.next_words, other.next_words))
+  rng = np.random.default_rng(1)
+  sentences = [gen.sentence(rng, 6) for _ in range(200)]
+  bigrams = [(s[i], s[i + 1]) for s in sentences for i in range(5)]
+  assert set(bigrams) <= allowed and len(set(bigrams)) > len(allowed) // 3
+  assert len({s[0] for s in sentences}) > len(gen.words) // 2   # first words spread over the lexicon

@@ -1,6 +1,8 @@
 """A learnable synthetic stand-in for the t15 release, written in exactly its HDF5 layout (SPEC §1).
 
-Sentences come from a small built-in lexicon. Each phoneme class has a tuning pattern spanning several
+Sentences come from a small built-in lexicon and a sparse word grammar (each word has a few possible
+successors, drawn once from the seed), so a word n-gram LM trained on the train sentences knows something
+the acoustics do not, as a real corpus LM does. Each phoneme class has a tuning pattern spanning several
 20 ms bins over 16 spatially smooth "neural modes" (32 adjacent electrodes share a mode, with their own
 gain), so the structure survives both the full 512-feature model and feature pooling. Each day applies a
 per-channel gain and offset that drift linearly over days, plus day-specific jitter; Gaussian noise on top.
@@ -56,6 +58,8 @@ class SyntheticT15:
 
   n_modes = 16            # smooth latent modes; 32 adjacent channels share one
   pattern_bins = 6        # a phoneme's tuning pattern spans this many 20 ms bins
+  successors = 4          # words that may follow a given word (the grammar's branching factor)
+  grammar_stream = 99     # PRNG stream of the grammar, apart from the neural tuning's
 
   def __init__(self, seed: int = 0, n_features: int = 512, n_days_total: int = 45, noise_std: float = 1.0,
                length_profile: str = "demo"):
@@ -73,6 +77,19 @@ class SyntheticT15:
     self.drift_gain = rng.uniform(-0.4, 0.4, n_features)
     self.drift_offset = rng.uniform(-0.8, 0.8, n_features)
     self.words = sorted(LEXICON)
+    grammar = np.random.default_rng([seed, self.grammar_stream])
+    self.next_words = [grammar.choice(len(self.words), self.successors, replace=False)
+                       for _ in self.words]
+    self.next_probs = [grammar.dirichlet(np.ones(self.successors)) for _ in self.words]
+
+  def sentence(self, rng: np.random.Generator, n_words: int) -> list[str]:
+    """A first word uniformly from the lexicon, then each next word from its predecessor's successors."""
+    w = int(rng.integers(len(self.words)))
+    out = [w]
+    for _ in range(n_words - 1):
+      w = int(rng.choice(self.next_words[w], p=self.next_probs[w]))
+      out.append(w)
+    return [self.words[i] for i in out]
 
   def day_transform(self, day: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     frac = day / max(self.n_days_total - 1, 1)
@@ -83,7 +100,7 @@ class SyntheticT15:
   def layout(self, rng: np.random.Generator) -> tuple[list[str], list[int], list[int], int, int]:
     """A sentence and its timing: (words, phoneme ids, bins per phoneme, lead bins, total bins)."""
     p = self.lengths
-    words = list(rng.choice(self.words, size=int(rng.integers(*p["words"]))))
+    words = self.sentence(rng, int(rng.integers(*p["words"])))
     ids = sentence_to_ids(words)
     durations = [int(rng.integers(*p["boundary_bins"])) if i == SIL_ID else int(rng.integers(*p["phoneme_bins"]))
                  for i in ids]
