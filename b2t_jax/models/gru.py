@@ -82,6 +82,14 @@ class GRUStep(nn.Module):
     return h_new, h_new.astype(self.dtype)
 
 
+def _input_params(module: nn.Module, d_in: int, hidden: int, hidden_axis: str) -> tuple[jax.Array, jax.Array]:
+  """Declares `w_ih` (in, 3, H) and `b_ih` (3, H) on `module` (GRULayer and LayerParams share the tree)."""
+  w_ih = module.param("w_ih", nn.with_logical_partitioning(
+      _as_gate_kernel(nn.initializers.xavier_uniform()), ("gru_in", None, hidden_axis)), (d_in, 3, hidden))
+  b_ih = module.param("b_ih", nn.with_logical_partitioning(_bias_init(hidden), (None, hidden_axis)), (3, hidden))
+  return w_ih, b_ih
+
+
 class RecurrentParams(nn.Module):
   """Holds the recurrent weights for the custom-VJP path under the same name ('cell') as the scanned GRUStep."""
 
@@ -150,6 +158,67 @@ gru_recurrence.defvjp(lambda xp, h0, w_hh, b_hh, dtype, unroll: _recurrence_fwd(
                       _recurrence_bwd)
 
 
+def gru_wavefront(xp0: jax.Array, h0: jax.Array, w_ih: jax.Array, b_ih: jax.Array, w_hh: jax.Array,
+                  b_hh: jax.Array, keep: jax.Array | None, keep_prob: float, dtype=jnp.float32, unroll: int = 1,
+                  remat: bool = False) -> jax.Array:
+  """All L layers of a GRU stack in one scan of P + L - 1 iterations; returns the last layer's (B, P, H) in dtype.
+
+  At iteration s layer l runs time step s - l on what layer l - 1 produced at iteration s - 1, so the
+  sequential depth is P + L - 1 small steps instead of L * P. Inputs: xp0 (B, P, 3, H) layer 0's hoisted input
+  projection (bias included); h0 (B, H) every layer's initial state; w_ih (L-1, H, 3, H) / b_ih (L-1, 3, H)
+  layers 1..L-1, projected inside the loop; w_hh (L, H, 3, H) / b_hh (L, 3, H); keep (L-1, B, P, H) the
+  dropout keep masks of layers 0..L-2's outputs, or None without dropout. Differentiated by JAX autodiff.
+  """
+  n_layers = w_hh.shape[0]
+  steps = xp0.shape[1]
+  iters = steps + n_layers - 1
+  it, layer = jnp.arange(iters)[:, None], jnp.arange(n_layers)[None]
+  xs = {
+      # Layer 0 idles for the last L-1 iterations: pad its projections there (the slot is masked).
+      "xp0": jnp.pad(jnp.swapaxes(xp0, 0, 1), ((0, n_layers - 1), (0, 0), (0, 0), (0, 0))),
+      # Ramp-up/ramp-down slots compute on stale inputs; they must leave the carry untouched.
+      "active": (it >= layer) & (it < layer + steps),                       # (iters, L)
+  }
+  if keep is not None:
+    # Layer j+1 reads layer j's time step s - j - 1 at iteration s: skew mask j by j + 1 iterations.
+    tm = jnp.swapaxes(keep, 1, 2)                                           # (L-1, P, B, H)
+    xs["keep"] = jnp.stack([jnp.pad(tm[j], ((j + 1, n_layers - 2 - j), (0, 0), (0, 0)))
+                            for j in range(n_layers - 1)], axis=1)          # (iters, L-1, B, H)
+
+  def step(h, x):
+    hp = matmul("lbi,ligh->lbgh", h, w_hh, dtype) + b_hh[:, None]          # all layers in one batched matmul
+    xp = x["xp0"][None]
+    if n_layers > 1:
+      below = h[:-1].astype(dtype)                                          # what layers 0..L-2 output
+      if keep is not None:
+        below = jnp.where(x["keep"], below / keep_prob, jnp.zeros_like(below))   # == nn.Dropout's arithmetic
+      xp = jnp.concatenate([xp, matmul("lbi,ligh->lbgh", below, w_ih, dtype) + b_ih[:, None]], axis=0)
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])
+    h_new = gru_gates(flat(xp), flat(hp), flat(h)).reshape(h.shape)
+    h_new = jnp.where(x["active"][:, None, None], h_new, h)
+    return h_new, h_new[-1].astype(dtype)
+
+  if remat:
+    step = jax.checkpoint(step, prevent_cse=False)   # keep only the (L, B, H) carry per iteration
+  h_init = jnp.broadcast_to(h0.astype(jnp.float32), (n_layers,) + h0.shape)
+  _, ys = jax.lax.scan(step, h_init, xs, unroll=unroll)
+  return jnp.swapaxes(ys[n_layers - 1:], 0, 1)
+
+
+class LayerParams(nn.Module):
+  """A GRULayer's parameters under the same names and init (`w_ih`, `b_ih`, `cell/{w_hh,b_hh}`), for the
+  wavefront, which needs every layer's weights before its single scan."""
+
+  hidden: int
+  hidden_axis: str = "hidden"
+
+  @nn.compact
+  def __call__(self, d_in: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    w_ih, b_ih = _input_params(self, d_in, self.hidden, self.hidden_axis)
+    w_hh, b_hh = RecurrentParams(self.hidden, self.hidden_axis, name="cell")()
+    return w_ih, b_ih, w_hh, b_hh
+
+
 class GRULayer(nn.Module):
   """One GRU layer over (B, P, in) -> (B, P, H), starting from a given initial state (B, H) or (H,)."""
 
@@ -161,11 +230,7 @@ class GRULayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, h0: jax.Array) -> jax.Array:
-    w_ih = self.param("w_ih", nn.with_logical_partitioning(
-        _as_gate_kernel(nn.initializers.xavier_uniform()), ("gru_in", None, self.hidden_axis)),
-        (x.shape[-1], 3, self.hidden))
-    b_ih = self.param("b_ih", nn.with_logical_partitioning(_bias_init(self.hidden), (None, self.hidden_axis)),
-                      (3, self.hidden))
+    w_ih, b_ih = _input_params(self, x.shape[-1], self.hidden, self.hidden_axis)
     # Hoisted input projection: one (B*P, in) x (in, 3H) matmul for all time steps.
     xp = matmul("bpi,igh->bpgh", x, w_ih, self.dtype) + b_ih
     h0 = jnp.broadcast_to(h0.astype(jnp.float32), (x.shape[0], self.hidden))
@@ -191,10 +256,27 @@ class GRUStack(nn.Module):
   hidden_axis: str = "hidden"
   backward: str = "custom"
   remat: bool = False           # recompute each layer's forward in the backward pass instead of storing it
+  wavefront: bool = False       # all layers in one scan of P + L - 1 steps (`gru_wavefront`); autodiff backward
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
     h0 = self.param("h0", nn.with_logical_partitioning(_h0_init, (self.hidden_axis,)), (self.hidden,))
+    if self.wavefront:
+      params = [LayerParams(self.hidden, self.hidden_axis, name=f"layer_{i}")(x.shape[-1] if i == 0 else self.hidden)
+                for i in range(self.n_layers)]
+      w_ih0, b_ih0 = params[0][:2]
+      xp0 = matmul("bpi,igh->bpgh", x, w_ih0, self.dtype) + b_ih0
+      stacked = lambda k, layers: jnp.stack([p[k] for p in layers]) if layers else None
+      keep = None
+      if self.n_layers > 1 and self.dropout_rate > 0.0 and not deterministic:
+        # The same nn.Dropout modules (names Dropout_0..) as the layer-by-layer path draw the same masks;
+        # applied to ones, their output is nonzero exactly where they keep.
+        shape = x.shape[:2] + (self.hidden,)
+        keep = jnp.stack([nn.Dropout(self.dropout_rate)(jnp.ones(shape, jnp.float32), deterministic=False) != 0
+                          for _ in range(self.n_layers - 1)])
+      return gru_wavefront(xp0, jnp.broadcast_to(h0, (x.shape[0], self.hidden)),
+                           stacked(0, params[1:]), stacked(1, params[1:]), stacked(2, params), stacked(3, params),
+                           keep, 1.0 - self.dropout_rate, self.dtype, self.unroll, self.remat)
     layer_cls = nn.remat(GRULayer) if self.remat else GRULayer
     for i in range(self.n_layers):
       x = layer_cls(self.hidden, self.dtype, self.unroll, self.hidden_axis, self.backward, name=f"layer_{i}")(x, h0)
