@@ -185,7 +185,8 @@ def _stack_value_and_grads(n_layers, dropout, x, proj, params=None, **knobs):
 
 
 def test_wavefront_matches_layer_by_layer_values_and_gradients():
-  """One scan over all layers (ramp-up/ramp-down slots masked, same dropout masks) computes the same function."""
+  """One scan over all layers (ramp-up/ramp-down slots masked, same dropout masks) computes the same function,
+  and both its backward passes (custom VJP, JAX autodiff) give the layer-by-layer gradients."""
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.standard_normal((2, 7, 6)), jnp.float32)
   proj = jax.random.normal(jax.random.PRNGKey(8), (2, 7, 5))
@@ -199,8 +200,13 @@ def test_wavefront_matches_layer_by_layer_values_and_gradients():
       assert jax.tree.structure(nn.unbox(wave_init)) == jax.tree.structure(params), name
       for w, p in zip(jax.tree.leaves(nn.unbox(wave_init)), jax.tree.leaves(params)):
         np.testing.assert_array_equal(w, p, err_msg=name)
-      # unroll and remat change how the wavefront scan runs; one combination (3 layers, dropout) keeps it fast.
-      variants = [dict(), dict(unroll=3, remat=True)] if n_layers == 3 and dropout else [dict()]
+      # The custom VJP everywhere; autodiff, unroll and remat (which change how the scan is computed, not
+      # what) at 3 layers only, to keep the test fast.
+      variants = [dict()]
+      if n_layers == 3:
+        variants += [dict(backward="autodiff")]
+      if n_layers == 3 and dropout:
+        variants += [dict(unroll=3, remat=True), dict(backward="autodiff", unroll=2, remat=True)]
       for knobs in variants:
         _, (value, grads) = _stack_value_and_grads(n_layers, dropout, x, proj, params, wavefront=True, **knobs)
         np.testing.assert_allclose(value, ref_value, rtol=1e-5, err_msg=f"{name} {knobs}")
@@ -215,9 +221,11 @@ def test_wavefront_dropout_is_the_layer_by_layer_dropout():
   stack = GRUStack(n_layers=3, hidden=6, dropout_rate=0.5)
   wave = GRUStack(n_layers=3, hidden=6, dropout_rate=0.5, wavefront=True)
   params = stack.init(jax.random.PRNGKey(1), x, deterministic=True)
-  run = lambda m, seed: np.asarray(m.apply(params, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}))
-  np.testing.assert_allclose(run(wave, 2), run(stack, 2), rtol=1e-6, atol=1e-7)
-  assert np.abs(run(wave, 3) - run(stack, 2)).max() > 1e-3   # the masks matter at this rate
+  apply = {name: jax.jit(lambda key, m=m: m.apply(params, x, deterministic=False, rngs={"dropout": key}))
+           for name, m in (("stack", stack), ("wave", wave))}
+  run = lambda name, seed: np.asarray(apply[name](jax.random.PRNGKey(seed)))
+  np.testing.assert_allclose(run("wave", 2), run("stack", 2), rtol=1e-6, atol=1e-7)
+  assert np.abs(run("wave", 3) - run("stack", 2)).max() > 1e-3   # the masks matter at this rate
 
 
 def test_wavefront_bf16_runs_and_is_close():
@@ -225,10 +233,12 @@ def test_wavefront_bf16_runs_and_is_close():
   x = jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.float32)
   proj = jax.random.normal(jax.random.PRNGKey(9), (2, 8, 8))
   params, (ref_value, ref_grads) = _stack_value_and_grads(3, True, x, proj)
-  _, (value, grads) = _stack_value_and_grads(3, True, x, proj, params, wavefront=True, dtype=jnp.bfloat16)
   wave = GRUStack(n_layers=3, hidden=8, dropout_rate=0.3, wavefront=True, dtype=jnp.bfloat16)
   assert wave.apply({"params": params}, x, deterministic=True).dtype == jnp.bfloat16
-  np.testing.assert_allclose(value, ref_value, rtol=5e-2, atol=5e-2)
-  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    assert g.dtype == jnp.float32
-    np.testing.assert_allclose(g, r, rtol=5e-2, atol=5e-2)
+  for backward in ("custom", "autodiff"):
+    _, (value, grads) = _stack_value_and_grads(3, True, x, proj, params, wavefront=True, dtype=jnp.bfloat16,
+                                               backward=backward)
+    np.testing.assert_allclose(value, ref_value, rtol=5e-2, atol=5e-2, err_msg=backward)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      assert g.dtype == jnp.float32
+      np.testing.assert_allclose(g, r, rtol=5e-2, atol=5e-2, err_msg=backward)
