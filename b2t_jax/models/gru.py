@@ -12,6 +12,11 @@ Two backward passes compute the same gradients (`GRULayer.backward`):
   read and written P times per step (617 MB each time for the 7168-wide NoiseModel).
 - "custom": `gru_recurrence`, a `jax.custom_vjp` whose reverse scan carries only dL/dh and stacks the gate
   gradients; the kernel gradient is then one (H, B·P) x (B·P, 3H) matmul over all time steps (what cuDNN does).
+
+`GRUStack(wavefront=True)` (`gru_wavefront`) runs all L layers in one scan of P + L - 1 iterations (layer l
+at time s - l), with the same parameters, dropout masks and results: sequential depth P + L - 1 instead of
+L·P, for accelerators whose small-batch step is latency bound. Layers >= 1 then project their inputs inside the
+loop (B rows per matmul instead of B·P), which costs time where the step is compute bound (CPU).
 """
 
 from __future__ import annotations
