@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.gru_unroll = 1            # time steps unrolled per scan iteration
   m.gru_backward = "custom"   # custom (weight gradients as one matmul after the reverse scan) | autodiff
   m.gru_remat = False         # recompute each GRU layer's forward during the backward pass (less memory)
+  m.gru_wavefront = False     # all GRU layers in one scan of P+L-1 steps (latency-bound accelerators; slower on CPU)
 
   c.loss = l = ml_collections.ConfigDict()
   l.noisy_weight = 0.2        # triple: weight of the adversarial CTC term

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from flax import linen as nn
 
@@ -171,3 +172,97 @@ def test_stack_gradients_equal_across_unroll_remat_and_backward():
     np.testing.assert_allclose(value, ref_value, rtol=1e-6, err_msg=name)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
       np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def _stack_value_and_grads(n_layers, dropout, x, proj, params=None, **knobs):
+  """Value and gradients (params, input) of a random projection of GRUStack's output (dropout PRNG fixed)."""
+  stack = GRUStack(n_layers=n_layers, hidden=proj.shape[-1], dropout_rate=0.3, **knobs)
+  if params is None:
+    params = nn.unbox(stack.init(jax.random.PRNGKey(0), x, deterministic=True)["params"])
+  def loss(p, x):
+    y = stack.apply({"params": p}, x, deterministic=not dropout, rngs={"dropout": jax.random.PRNGKey(5)})
+    return jnp.sum(y.astype(jnp.float32) * proj)
+  return params, jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+
+def test_wavefront_matches_layer_by_layer_values_and_gradients():
+  """One scan over all layers (ramp-up/ramp-down slots masked, same dropout masks) computes the same function,
+  and both its backward passes (custom VJP, JAX autodiff) give the layer-by-layer gradients."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((2, 7, 6)), jnp.float32)
+  proj = jax.random.normal(jax.random.PRNGKey(8), (2, 7, 5))
+  for n_layers in (1, 2, 3):
+    for dropout in (False, True):
+      name = f"layers={n_layers} dropout={dropout}"
+      params, (ref_value, ref_grads) = _stack_value_and_grads(n_layers, dropout, x, proj)
+      wave_init = GRUStack(n_layers=n_layers, hidden=5, dropout_rate=0.3, wavefront=True).init(
+          jax.random.PRNGKey(0), x, deterministic=True)["params"]
+      # Same parameter tree, names and init: checkpoints and imports do not depend on the flag.
+      assert jax.tree.structure(nn.unbox(wave_init)) == jax.tree.structure(params), name
+      for w, p in zip(jax.tree.leaves(nn.unbox(wave_init)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(w, p, err_msg=name)
+      # The custom VJP everywhere; autodiff, unroll and remat (which change how the scan is computed, not
+      # what) at 3 layers only, to keep the test fast.
+      variants = [dict()]
+      if n_layers == 3:
+        variants += [dict(backward="autodiff")]
+      if n_layers == 3 and dropout:
+        variants += [dict(unroll=3, remat=True), dict(backward="autodiff", unroll=2, remat=True)]
+      for knobs in variants:
+        _, (value, grads) = _stack_value_and_grads(n_layers, dropout, x, proj, params, wavefront=True, **knobs)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-5, err_msg=f"{name} {knobs}")
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+          np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6, err_msg=f"{name} {knobs}")
+
+
+def test_wavefront_dropout_is_the_layer_by_layer_dropout():
+  """With dropout on, the wavefront must reuse the layer-by-layer masks: a different draw changes the output."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 6, 4)), jnp.float32)
+  stack = GRUStack(n_layers=3, hidden=6, dropout_rate=0.5)
+  wave = GRUStack(n_layers=3, hidden=6, dropout_rate=0.5, wavefront=True)
+  params = stack.init(jax.random.PRNGKey(1), x, deterministic=True)
+  apply = {name: jax.jit(lambda key, m=m: m.apply(params, x, deterministic=False, rngs={"dropout": key}))
+           for name, m in (("stack", stack), ("wave", wave))}
+  run = lambda name, seed: np.asarray(apply[name](jax.random.PRNGKey(seed)))
+  np.testing.assert_allclose(run("wave", 2), run("stack", 2), rtol=1e-6, atol=1e-7)
+  assert np.abs(run("wave", 3) - run("stack", 2)).max() > 1e-3   # the masks matter at this rate
+
+
+def test_wavefront_bf16_runs_and_is_close():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.float32)
+  proj = jax.random.normal(jax.random.PRNGKey(9), (2, 8, 8))
+  params, (ref_value, ref_grads) = _stack_value_and_grads(3, True, x, proj)
+  wave = GRUStack(n_layers=3, hidden=8, dropout_rate=0.3, wavefront=True, dtype=jnp.bfloat16)
+  assert wave.apply({"params": params}, x, deterministic=True).dtype == jnp.bfloat16
+  for backward in ("custom", "autodiff"):
+    _, (value, grads) = _stack_value_and_grads(3, True, x, proj, params, wavefront=True, dtype=jnp.bfloat16,
+                                               backward=backward)
+    np.testing.assert_allclose(value, ref_value, rtol=5e-2, atol=5e-2, err_msg=backward)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      assert g.dtype == jnp.float32
+      np.testing.assert_allclose(g, r, rtol=5e-2, atol=5e-2, err_msg=backward)
+
+
+@pytest.mark.slow
+def test_wavefront_train_step_matches_on_a_model_parallel_mesh(tiny):
+  """model.gru_wavefront reaches every GRU stack of the triple model; with the noise GRU's hidden axis split over
+  'model' (mesh 4x2) and dropout on, the train-step loss is that of the layer-by-layer run on 8x1."""
+  from b2t_jax import train
+  from b2t_jax.sharding import create_mesh
+  from test_train import _batches, _losses
+  batches = _batches(tiny, 1)   # one step: each new batch shape would compile both models again
+  ref, _ = _losses(train.Experiment(tiny, mesh=create_mesh((8, 1))), batches)
+  tiny.model.gru_wavefront = True
+  seen = []   # the `wavefront` field of every GRUStack the model calls while the step is traced
+
+  def spy(next_fun, args, kwargs, context):
+    if isinstance(context.module, GRUStack) and context.method_name == "__call__":
+      seen.append(context.module.wavefront)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(spy):
+    got, _ = _losses(train.Experiment(tiny, mesh=create_mesh((4, 2))), batches)
+  assert seen and all(seen), seen
+  np.testing.assert_allclose(got, ref, rtol=2e-5)

@@ -41,7 +41,8 @@ class _FrontEndMixin:
   def stack(self, n_layers: int, hidden: int, name: str, hidden_axis: str = "hidden") -> GRUStack:
     return GRUStack(n_layers=n_layers, hidden=hidden, dropout_rate=self.cfg.rnn_dropout, dtype=self.dtype,
                     unroll=self.cfg.gru_unroll, hidden_axis=hidden_axis,
-                    backward=self.cfg.gru_backward, remat=self.cfg.gru_remat, name=name)
+                    backward=self.cfg.gru_backward, remat=self.cfg.gru_remat,
+                    wavefront=self.cfg.gru_wavefront, name=name)
 
   def head(self, name: str) -> nn.Dense:
     return nn.Dense(self.cfg.n_classes, dtype=self.dtype, name=name)
