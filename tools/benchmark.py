@@ -118,6 +118,7 @@ def main(argv):
       "config": os.path.basename(flags.FLAGS["config"].config_filename), "model": config.model.kind,
       "platform": device.platform, "device_kind": device.device_kind, "n_devices": jax.device_count(),
       "dtype": config.model.dtype, "gru_backward": config.model.gru_backward, "gru_unroll": config.model.gru_unroll,
+      "gru_wavefront": config.model.gru_wavefront, "gru_remat": config.model.gru_remat,
       "global_batch": gb, "per_device_batch": gb // jax.device_count(), "time_bins": t,
       "compile_s": round(compile_s, 2), "step_ms_median": round(1e3 * step_s, 2),
       "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 2), "steps_per_s": round(1 / step_s, 3),
