@@ -205,14 +205,19 @@ def test_import_matches_torch_logits_and_phonemes(imported, synthetic_dir):
   np.testing.assert_allclose(streamed, ref, atol=1e-4, rtol=0)
 
 
-def test_eval_cli_runs_on_the_imported_workdir(imported, synthetic_dir):
+def test_infer_cli_runs_on_the_imported_workdir(imported, synthetic_dir, tmp_path):
+  """The issue's flow: import, then `mode=infer` on the written config and checkpoint decodes a dataset."""
   _, workdir = imported
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   p = subprocess.run([sys.executable, "-m", "b2t_jax.main", f"--config={workdir}/config.py", f"--workdir={workdir}",
-                      "--config.mode=eval", f"--config.data.data_dir={synthetic_dir}"],
+                      "--config.mode=infer", f"--config.data.data_dir={synthetic_dir}",
+                      f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.decode.beam_size=10"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
-  assert p.stdout.strip().splitlines()[-1].startswith("val_per=")
+  assert p.stdout.strip().splitlines()[-1].startswith("greedy_per=")
+  with open(os.path.join(workdir, "infer_val", "submission.csv")) as f:
+    rows = f.read().splitlines()
+  assert rows[0] == "id,text" and len(rows) > 1
 
 
 def test_corrupted_checkpoint_is_named(tmp_path):
