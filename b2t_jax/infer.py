@@ -118,6 +118,12 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if ic.split not in t15.SPLITS:
     raise ValueError(f"config.infer.split={ic.split!r}: expected one of {t15.SPLITS}")
   split = train.open_data(config, workdir, (ic.split,))[ic.split]   # resolves/prepares data_dir, checks
+  skipped = {f"{stage}:{reason}": n for stage, counts in split.skipped.items() for reason, n in counts.items() if n}
+  if ic.split == "test" and skipped:
+    # Competition ids are positions among all test trials (SPEC §5): a skipped trial would shift every later id.
+    raise t15.DataError(f"{config.data.data_dir}: the test split had trials skipped ({skipped}); the competition "
+                        "CSV needs every test trial in release order. Prepare and run with "
+                        "--config.data.on_bad_trial=error to see which trial is bad")
   exp = train.Experiment(config)
   params, step = restore_params(exp, workdir, ic.checkpoint)
   record_logits = split_logits(exp, params, split)

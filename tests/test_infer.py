@@ -121,3 +121,23 @@ def test_infer_test_split_writes_the_competition_csv(trained, synthetic_dir, pre
 def test_training_sentences_read_the_same_from_hdf5_and_the_prepared_dataset(synthetic_dir, prepared_dir):
   hdf5 = list(ngram.dataset_sentences(synthetic_dir))
   assert len(hdf5) == 3 * 16 and list(ngram.dataset_sentences(prepared_dir)) == hdf5
+
+
+def test_infer_refuses_a_test_split_with_skipped_trials(tmp_path, synthetic_dir):
+  """Competition ids are positions among all test trials: one skipped trial would shift every later id."""
+  import shutil
+
+  import h5py
+  from b2t_jax.data import tfds_b2t
+  from conftest import tiny_config
+  root = tmp_path / "tree"
+  shutil.copytree(synthetic_dir, root)
+  with h5py.File(root / t15.T15_SESSIONS[1] / "data_test.hdf5", "r+") as f:
+    f["trial_0001"]["input_features"][2, 3] = np.nan
+  tfds_b2t.prepare(str(root), str(tmp_path / "tfds"), on_bad_trial="skip")
+  from b2t_jax import infer
+  config = tiny_config(str(tmp_path / "tfds"))
+  config.data.on_bad_trial = "skip"
+  config.infer.split = "test"
+  with pytest.raises(t15.DataError, match=r"test split had trials skipped \({'prepare:non_finite': 1}\)"):
+    infer.run_inference(config, str(tmp_path / "work"))

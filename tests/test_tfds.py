@@ -86,6 +86,11 @@ def test_two_hosts_read_disjoint_rows_whose_union_is_the_global_batch(prepared_d
       assert b["features"].shape[0] == c.data.eval_batch_size // 2
       seen += [(int(d), int(n)) for d, n, w in zip(b["day"], b["n_time_steps"], b["weight"]) if w]
   assert sorted(seen) == sorted(zip(val.day.tolist(), val.n_time_steps.tolist()))
+  # A batch that does not split evenly over the hosts is refused (it would silently drop the remainder rows).
+  with pytest.raises(ValueError, match="config.data.eval_batch_size=8 does not divide the 3 processes"):
+    source.eval_host_batch(val, c, plan[0], process_index=0, process_count=3)
+  with pytest.raises(ValueError, match="config.data.batch_size=8 does not divide the 3 processes"):
+    source.train_host_batch(split, c, 0, process_index=0, process_count=3)
 
 
 def test_prefetcher_runs_ahead_boundedly_in_order_and_reraises():

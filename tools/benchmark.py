@@ -37,9 +37,10 @@ PEAK_FLOPS = {
     ("TPU v4", "bfloat16"): 275e12, ("TPU v4", "float32"): 275e12 / 2,
     ("TPU v5 lite", "bfloat16"): 197e12, ("TPU v5e", "bfloat16"): 197e12,
     ("TPU v5p", "bfloat16"): 459e12, ("TPU v6", "bfloat16"): 918e12,
-    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12,
-    ("H200", "bfloat16"): 989e12, ("H200", "float32"): 67e12,
-    ("A100", "bfloat16"): 312e12, ("A100", "float32"): 19.5e12,
+    # GPU float32: TF32 tensor-core peaks, since JAX runs fp32 matmuls in TF32 on these GPUs by default.
+    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 494e12,
+    ("H200", "bfloat16"): 989e12, ("H200", "float32"): 494e12,
+    ("A100", "bfloat16"): 312e12, ("A100", "float32"): 156e12,
 }
 
 
@@ -108,6 +109,9 @@ def main(argv):
   step_s = float(np.median(times))
   flops = summary.train_step_flops(config, gb, t)
   peak, peak_source = platform_peak(device, config.model.dtype)
+  # The step's FLOPs are spread over every chip of the mesh; a data-sheet peak is one chip's, the CPU matmul
+  # peak already uses every core (simulated CPU devices share them).
+  chips = 1 if device.platform == "cpu" else jax.device_count()
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and "peak_bytes_in_use" in stats:
     peak_mem, mem_source = stats["peak_bytes_in_use"], "device peak_bytes_in_use"
@@ -119,13 +123,14 @@ def main(argv):
       "platform": device.platform, "device_kind": device.device_kind, "n_devices": jax.device_count(),
       "dtype": config.model.dtype, "gru_backward": config.model.gru_backward, "gru_unroll": config.model.gru_unroll,
       "gru_wavefront": config.model.gru_wavefront, "gru_remat": config.model.gru_remat,
-      "global_batch": gb, "per_device_batch": gb // jax.device_count(), "time_bins": t,
+      "global_batch": gb, "per_device_batch": gb // exp.mesh.shape["data"], "time_bins": t,
       "compile_s": round(compile_s, 2), "step_ms_median": round(1e3 * step_s, 2),
       "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 2), "steps_per_s": round(1 / step_s, 3),
-      "trials_per_s": round(gb / step_s, 2), "model_gflops_per_step": round(flops / 1e9, 2),
+      "trials_per_s": round(gb / step_s, 2), "model_flops_per_step": flops,
+      "model_gflops_per_step": round(flops / 1e9, 2),
       "xla_gflops_per_step": round(xla_flops / 1e9, 2), "achieved_gflops_per_s": round(flops / step_s / 1e9, 2),
       "peak_gflops_per_s": round(peak / 1e9, 2) if peak else None, "peak_source": peak_source,
-      "mfu": round(flops / step_s / peak, 4) if peak else None,
+      "mfu": round(flops / step_s / (peak * chips), 4) if peak else None,
       "peak_memory_gib": round(peak_mem / 2 ** 30, 3), "memory_source": mem_source,
       "final_loss": round(loss, 4), "steps": _STEPS.value}))
 

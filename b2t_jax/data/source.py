@@ -309,10 +309,12 @@ def check_buckets(s: DataSplit, buckets: Sequence[int]) -> None:
                      f"config.data.time_buckets={tuple(buckets)}; add a bucket")
 
 
-def process_rows(n_rows: int) -> tuple[int, int]:
-  """(first row, row count) of this process's share of a global batch of `n_rows`."""
-  rows = n_rows // jax.process_count()
-  return jax.process_index() * rows, rows
+def rows_per_process(n_rows: int, process_count: int, field: str) -> int:
+  """Rows of a global batch each process reads; an error naming the config field when they do not divide."""
+  if n_rows % process_count:
+    raise ValueError(f"config.data.{field}={n_rows} does not divide the {process_count} processes: every process "
+                     f"reads an equal share of each batch; make it a multiple of {process_count}")
+  return n_rows // process_count
 
 
 def train_host_batch(s: DataSplit, config: ml_collections.ConfigDict, step: int, *,
@@ -324,7 +326,7 @@ def train_host_batch(s: DataSplit, config: ml_collections.ConfigDict, step: int,
   pc = jax.process_count() if process_count is None else process_count
   idx = sampler.train_batch_indices(d.seed, step, s.days, d.batch_size, d.days_per_batch)
   t = batching.bucket_length(int(s.n_time_steps[idx].max()), d.time_buckets)
-  rows = d.batch_size // pc
+  rows = rows_per_process(d.batch_size, pc, "batch_size")
   mine = idx[pi * rows:(pi + 1) * rows]
   return batching.pad_batch(s.read(mine), t=t, n_features=d.n_features // d.feature_pool,
                             max_label_len=d.max_label_len, n_rows=rows)
@@ -342,7 +344,7 @@ def eval_host_batch(s: DataSplit, config: ml_collections.ConfigDict, idx: np.nda
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   t = batching.bucket_length(int(s.n_time_steps[idx].max()), d.time_buckets)
-  rows = d.eval_batch_size // pc
+  rows = rows_per_process(d.eval_batch_size, pc, "eval_batch_size")
   mine = idx[pi * rows:(pi + 1) * rows]
   return batching.pad_batch(s.read(mine), t=t, n_features=d.n_features // d.feature_pool,
                             max_label_len=d.max_label_len, n_rows=rows)

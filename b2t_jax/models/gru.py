@@ -199,11 +199,12 @@ def _wave_custom(xs, h_init, w_ih, b_ih, w_hh, b_hh, keep_prob, dtype, unroll):
 
 def _wave_custom_fwd(xs, h_init, w_ih, b_ih, w_hh, b_hh, keep_prob, dtype, unroll):
   ys, res = _wave_scan(xs, h_init, w_ih, b_ih, w_hh, b_hh, keep_prob, dtype, unroll)
-  return ys, (xs, res, w_ih, w_hh)
+  masks = {k: v for k, v in xs.items() if k != "xp0"}   # the backward needs the masks, not xp0
+  return ys, (masks, res, w_ih, w_hh)
 
 
 def _wave_custom_bwd(keep_prob, dtype, unroll, saved, g):
-  xs, (h_prev, below, r, z, n, hp_n), w_ih, w_hh = saved
+  masks, (h_prev, below, r, z, n, hp_n), w_ih, w_hh = saved
   n_layers = w_hh.shape[0]
   # One transposed copy of each kernel before the loop (see _recurrence_bwd: in-loop transposes are slow on CPU).
   w_hh_t = jnp.transpose(w_hh, (0, 2, 3, 1))                                # (L, 3, H, H_in)
@@ -227,11 +228,11 @@ def _wave_custom_bwd(keep_prob, dtype, unroll, saved, g):
       dh_prev = dh_prev.at[:-1].add(dbelow)
     return dh_prev, dxp
 
-  dh_init, dxp = jax.lax.scan(step, jnp.zeros_like(h_prev[0]), (xs, g, h_prev, r, z, n, hp_n),
+  dh_init, dxp = jax.lax.scan(step, jnp.zeros_like(h_prev[0]), (masks, g, h_prev, r, z, n, hp_n),
                               reverse=True, unroll=unroll)
   dhp = dxp.at[:, :, :, 2].multiply(r)
   dw_hh = matmul("slbi,slbgh->ligh", h_prev, dhp, dtype)
-  dxs = {k: (dxp[:, 0] if k == "xp0" else None) for k in xs}
+  dxs = {"xp0": dxp[:, 0], **{k: None for k in masks}}
   if n_layers > 1:
     dw_ih, db_ih = matmul("slbi,slbgh->ligh", below, dxp[:, 1:], dtype), dxp[:, 1:].sum(axis=(0, 2))
   else:
