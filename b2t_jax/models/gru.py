@@ -56,12 +56,27 @@ def matmul(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype)).astype(jnp.float32)
 
 
+def _gate_values(xp: jax.Array, hp: jax.Array, h: jax.Array):
+  """(h', r, z, n) of one GRU update; xp, hp (..., 3, H) with biases included, h (..., H)."""
+  r = jax.nn.sigmoid(xp[..., 0, :] + hp[..., 0, :])
+  z = jax.nn.sigmoid(xp[..., 1, :] + hp[..., 1, :])
+  n = jnp.tanh(xp[..., 2, :] + r * hp[..., 2, :])
+  return (1.0 - z) * n + z * h, r, z, n
+
+
 def gru_gates(xp: jax.Array, hp: jax.Array, h: jax.Array) -> jax.Array:
   """One GRU update from input and recurrent projections ((B, 3, H) each, biases included), in fp32."""
-  r = jax.nn.sigmoid(xp[:, 0] + hp[:, 0])
-  z = jax.nn.sigmoid(xp[:, 1] + hp[:, 1])
-  n = jnp.tanh(xp[:, 2] + r * hp[:, 2])
-  return (1.0 - z) * n + z * h
+  return _gate_values(xp, hp, h)[0]
+
+
+def _gate_grads(dh: jax.Array, h_prev: jax.Array, r: jax.Array, z: jax.Array, n: jax.Array, hp_n: jax.Array):
+  """Gradients of the pre-activations of one GRU update from dL/dh' (..., H): returns (dxp, dhp), each
+  (..., 3, H): d(x @ W_i + b_i) and d(h @ W_h + b_h) (they differ only in the n gate, which r scales)."""
+  dn_pre = dh * (1.0 - z) * (1.0 - n * n)
+  dz_pre = dh * (h_prev - n) * z * (1.0 - z)
+  dr_pre = dn_pre * hp_n * r * (1.0 - r)
+  dxp = jnp.stack([dr_pre, dz_pre, dn_pre], axis=-2)
+  return dxp, dxp.at[..., 2, :].multiply(r)
 
 
 def _recurrent_params(module: nn.Module, hidden: int, hidden_axis: str) -> tuple[jax.Array, jax.Array]:
@@ -110,10 +125,7 @@ def _recurrence_fwd(xp, h0, w_hh, b_hh, dtype, unroll):
   """Forward scan over time-major inputs; returns (outputs, residuals for the backward pass)."""
   def step(h, xp_t):
     hp = matmul("bi,igh->bgh", h, w_hh, dtype) + b_hh
-    r = jax.nn.sigmoid(xp_t[:, 0] + hp[:, 0])
-    z = jax.nn.sigmoid(xp_t[:, 1] + hp[:, 1])
-    n = jnp.tanh(xp_t[:, 2] + r * hp[:, 2])
-    h_new = (1.0 - z) * n + z * h
+    h_new, r, z, n = _gate_values(xp_t, hp, h)
     return h_new, (h_new, r, z, n, hp[:, 2])
 
   _, (hs, r, z, n, hp_n) = jax.lax.scan(step, h0, jnp.swapaxes(xp, 0, 1), unroll=unroll)
@@ -132,11 +144,7 @@ def _recurrence_bwd(dtype, unroll, res, g):
   def step(dh_next, inputs):
     g_t, hprev_t, r_t, z_t, n_t, hpn_t = inputs
     dh = g_t + dh_next
-    dn_pre = dh * (1.0 - z_t) * (1.0 - n_t * n_t)
-    dz_pre = dh * (hprev_t - n_t) * z_t * (1.0 - z_t)
-    dr_pre = dn_pre * hpn_t * r_t * (1.0 - r_t)
-    dxp = jnp.stack([dr_pre, dz_pre, dn_pre], axis=1)                # d(x @ W_i + b_i), (B, 3, H)
-    dhp = dxp.at[:, 2].multiply(r_t)                                    # d(h @ W_h + b_h)
+    dxp, dhp = _gate_grads(dh, hprev_t, r_t, z_t, n_t, hpn_t)         # (B, 3, H) each
     dh_prev = dh * z_t + matmul("bgh,ghi->bi", dhp, w_t, dtype)
     return dh_prev, dxp
 
@@ -144,7 +152,7 @@ def _recurrence_bwd(dtype, unroll, res, g):
   dh0, dxp = jax.lax.scan(step, jnp.zeros_like(h_prev[0]), (g, h_prev, r, z, n, hp_n),
                           reverse=True, unroll=unroll)
   # Only dL/dh crossed the loop; the kernel gradient is one matmul over all (time, batch) rows.
-  dhp = dxp.at[:, :, 2].multiply(r)
+  dhp = dxp.at[..., 2, :].multiply(r)
   dw_hh = matmul("pbi,pbgh->igh", h_prev, dhp, dtype)
   return jnp.swapaxes(dxp, 0, 1), dh0, dw_hh.astype(w_hh.dtype), dhp.sum(axis=(0, 1))
 
@@ -175,10 +183,8 @@ def _wave_step(h, x, w_ih, b_ih, w_hh, b_hh, keep_prob, dtype):
     if "keep" in x:
       below = jnp.where(x["keep"], below / keep_prob, jnp.zeros_like(below))   # == nn.Dropout's arithmetic
     xp = jnp.concatenate([xp, matmul("lbi,ligh->lbgh", below, w_ih, dtype) + b_ih[:, None]], axis=0)
-  r = jax.nn.sigmoid(xp[:, :, 0] + hp[:, :, 0])
-  z = jax.nn.sigmoid(xp[:, :, 1] + hp[:, :, 1])
-  n = jnp.tanh(xp[:, :, 2] + r * hp[:, :, 2])
-  h_new = jnp.where(x["active"][:, None, None], (1.0 - z) * n + z * h, h)
+  gated, r, z, n = _gate_values(xp, hp, h)
+  h_new = jnp.where(x["active"][:, None, None], gated, h)
   return h_new, h_new[-1].astype(dtype), (h, below, r, z, n, hp[:, :, 2])
 
 
@@ -215,11 +221,7 @@ def _wave_custom_bwd(keep_prob, dtype, unroll, saved, g):
     dh = dh_next.at[-1].add(g_s.astype(jnp.float32))
     active = x["active"][:, None, None]
     dh_step = jnp.where(active, dh, 0.0)                                    # what flows through this step's gates
-    dn_pre = dh_step * (1.0 - z_s) * (1.0 - n_s * n_s)
-    dz_pre = dh_step * (hprev_s - n_s) * z_s * (1.0 - z_s)
-    dr_pre = dn_pre * hpn_s * r_s * (1.0 - r_s)
-    dxp = jnp.stack([dr_pre, dz_pre, dn_pre], axis=2)                      # (L, B, 3, H)
-    dhp = dxp.at[:, :, 2].multiply(r_s)
+    dxp, dhp = _gate_grads(dh_step, hprev_s, r_s, z_s, n_s, hpn_s)        # (L, B, 3, H) each
     dh_prev = jnp.where(active, dh * z_s, dh) + matmul("lbgh,lghi->lbi", dhp, w_hh_t, dtype)
     if n_layers > 1:
       dbelow = matmul("lbgh,lghi->lbi", dxp[1:], w_ih_t, dtype)
@@ -230,7 +232,7 @@ def _wave_custom_bwd(keep_prob, dtype, unroll, saved, g):
 
   dh_init, dxp = jax.lax.scan(step, jnp.zeros_like(h_prev[0]), (masks, g, h_prev, r, z, n, hp_n),
                               reverse=True, unroll=unroll)
-  dhp = dxp.at[:, :, :, 2].multiply(r)
+  dhp = dxp.at[..., 2, :].multiply(r)
   dw_hh = matmul("slbi,slbgh->ligh", h_prev, dhp, dtype)
   dxs = {"xp0": dxp[:, 0], **{k: None for k in masks}}
   if n_layers > 1:
