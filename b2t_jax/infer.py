@@ -32,20 +32,17 @@ from tqdm import tqdm
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import metrics as metrics_lib
 from b2t_jax import sharding
+from b2t_jax import steps
 from b2t_jax import train
-from b2t_jax.data import batching, source, t15
-from b2t_jax.data.augment import preprocess
+from b2t_jax.data import source, t15
 from b2t_jax.decoding import lexicon_lm, ngram
-from b2t_jax.models.frontend import n_patches
 
 NO_LM, WITH_LM = "lexicon", "lm"
 
 
 def logits_step(params: Any, batch: dict, *, model, config: ml_collections.ConfigDict) -> dict:
   """Inference forward pass on a padded batch: float32 logits (B, P, 41) and the valid patch count per trial."""
-  x, lengths = preprocess(None, batch["features"], batch["n_time_steps"], config.aug)
-  input_lens = n_patches(lengths, config.model.patch_size, config.model.patch_stride)
-  logits = model.apply({"params": params}, x, batch["day"], train=False, mode="inference")
+  logits, input_lens = steps.inference_logits(params, batch, model=model, config=config)
   return {"logits": logits.astype(jnp.float32), "input_lens": jnp.maximum(input_lens, 0)}
 
 
@@ -57,13 +54,11 @@ def split_logits(exp: train.Experiment, params: Any, split: source.DataSplit) ->
                  in_shardings=(exp.state_shardings.params, data), out_shardings=data)
   out: dict[int, np.ndarray] = {}
   plan = source.eval_plan(split, cfg.data.eval_batch_size)
-  read = functools.partial(source.eval_host_batch, split, cfg)
-  with batching.Prefetcher(read, plan, cfg.data.prefetch, cfg.data.prefetch_workers) as batches:
-    for idx, batch in tqdm(batches, total=len(plan), desc=f"{split.name} logits", unit="batch",
-                           disable=jax.process_index() > 0):
-      res = sharding.to_host(step(params, sharding.shard_batch(batch, exp.mesh)))
-      for r, i in enumerate(idx):
-        out[int(i)] = np.asarray(res["logits"][r, :int(res["input_lens"][r])])
+  for idx, gb in tqdm(train.eval_batches(exp, split, plan), total=len(plan), desc=f"{split.name} logits",
+                      unit="batch", disable=jax.process_index() > 0):
+    res = sharding.to_host(step(params, gb))
+    for r, i in enumerate(idx):
+      out[int(i)] = np.asarray(res["logits"][r, :int(res["input_lens"][r])])
   return out
 
 

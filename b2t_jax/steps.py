@@ -99,11 +99,18 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: dict, *, model: nn.Module, config: ml_collections.ConfigDict) -> dict:
-  """Inference-mode forward pass on a padded eval batch: per-trial CTC loss and per-frame argmax."""
+def inference_logits(params: Any, batch: dict, *, model: nn.Module, config: ml_collections.ConfigDict
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Eval-time preprocessing (smoothing only) and the inference-mode forward pass on a padded batch:
+  (logits (B, P, C), valid patches per trial (B,), negative for trials shorter than a patch)."""
   x, lengths = preprocess(None, batch["features"], batch["n_time_steps"], config.aug)
   input_lens = n_patches(lengths, config.model.patch_size, config.model.patch_stride)
-  logits = model.apply({"params": params}, x, batch["day"], train=False, mode="inference")
+  return model.apply({"params": params}, x, batch["day"], train=False, mode="inference"), input_lens
+
+
+def eval_step(params: Any, batch: dict, *, model: nn.Module, config: ml_collections.ConfigDict) -> dict:
+  """Inference-mode forward pass on a padded eval batch: per-trial CTC loss and per-frame argmax."""
+  logits, input_lens = inference_logits(params, batch, model=model, config=config)
   nll, feasible = losses.ctc_per_trial(logits, input_lens, batch["labels"], batch["label_lens"])
   return {"nll": jnp.where(feasible, nll, 0.0), "feasible": feasible, "input_lens": jnp.maximum(input_lens, 0),
           "pred": jnp.argmax(logits, axis=-1).astype(jnp.int32)}

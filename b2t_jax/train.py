@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +22,6 @@ from b2t_jax.models import create_model
 from b2t_jax.optim import create_optimizer
 from b2t_jax.steps import TrainState, create_train_state, eval_step, train_step
 from b2t_jax.summary import abstract_params
-
-
-def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """`config.data.data_dir` (HDF5 tree or prepared TFDS dir), or a synthetic HDF5 tree generated once under the
-  workdir when it is empty. Training goes further and reads a prepared dataset (source.resolve_dataset)."""
-  return source.resolve_hdf5_or_tfds(config, workdir)
 
 
 class Experiment:
@@ -77,26 +70,33 @@ class Experiment:
                         self._state_shapes, self.state_shardings)
 
 
+def eval_batches(exp: Experiment, split: source.DataSplit, plan: list[np.ndarray]
+                 ) -> Iterator[tuple[np.ndarray, dict[str, jax.Array]]]:
+  """(global record indices, global device batch) of each eval batch of `plan`, read ahead by the prefetcher;
+  each process reads only its rows."""
+  config = exp.config
+  read = functools.partial(source.eval_host_batch, split, config)
+  with batching.Prefetcher(read, plan, config.data.prefetch, config.data.prefetch_workers) as batches:
+    for idx, batch in batches:
+      yield idx, sharding.shard_batch(batch, exp.mesh)
+
+
 def evaluate(exp: Experiment, params: Any, split: source.DataSplit, plan: list[np.ndarray]) -> dict[str, Any]:
   """Runs every trial of `plan` (global record indices per eval batch) once; each process reads only its
   rows. Returns aggregate and per-day PER, mean CTC loss and the infeasible count."""
-  config = exp.config
   per = metrics_lib.ErrorRate()
   total_nll, n_feasible, n_infeasible = 0.0, 0, 0
-  read = functools.partial(source.eval_host_batch, split, config)
-  with batching.Prefetcher(read, plan, config.data.prefetch, config.data.prefetch_workers) as batches:
-    for _, batch in batches:
-      gb = sharding.shard_batch(batch, exp.mesh)
-      out = sharding.to_host({**exp.eval_step(params, gb), "labels": gb["labels"], "label_lens": gb["label_lens"],
-                              "day": gb["day"], "weight": gb["weight"]})
-      for r in np.flatnonzero(out["weight"] > 0):
-        hyp = metrics_lib.greedy_decode(out["pred"][r], int(out["input_lens"][r]))
-        per.add(int(out["day"][r]), hyp, out["labels"][r, :out["label_lens"][r]].tolist())
-        if out["feasible"][r]:
-          total_nll += float(out["nll"][r])
-          n_feasible += 1
-        else:
-          n_infeasible += 1
+  for _, gb in eval_batches(exp, split, plan):
+    out = sharding.to_host({**exp.eval_step(params, gb), "labels": gb["labels"], "label_lens": gb["label_lens"],
+                            "day": gb["day"], "weight": gb["weight"]})
+    for r in np.flatnonzero(out["weight"] > 0):
+      hyp = metrics_lib.greedy_decode(out["pred"][r], int(out["input_lens"][r]))
+      per.add(int(out["day"][r]), hyp, out["labels"][r, :out["label_lens"][r]].tolist())
+      if out["feasible"][r]:
+        total_nll += float(out["nll"][r])
+        n_feasible += 1
+      else:
+        n_infeasible += 1
   return {"val_per": per.rate(), "val_loss": total_nll / max(n_feasible, 1), "val_infeasible": n_infeasible,
           "per_day": per.per_day()}
 
