@@ -317,19 +317,26 @@ def rows_per_process(n_rows: int, process_count: int, field: str) -> int:
   return n_rows // process_count
 
 
-def train_host_batch(s: DataSplit, config: ml_collections.ConfigDict, step: int, *,
-                     process_index: int | None = None, process_count: int | None = None) -> dict[str, np.ndarray]:
-  """This process's rows of global training batch `step` (a pure function of (seed, step)). The time bucket
-  comes from the global batch's lengths (the index), so every process pads to the same shape."""
+def _host_rows(s: DataSplit, config: ml_collections.ConfigDict, idx: np.ndarray, n_rows: int, field: str,
+               process_index: int | None, process_count: int | None) -> dict[str, np.ndarray]:
+  """This process's share of the global batch of record indices `idx` (padded to `n_rows` rows in all). The
+  time bucket comes from the global batch's lengths (the index), so every process pads to the same shape."""
   d = config.data
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  idx = sampler.train_batch_indices(d.seed, step, s.days, d.batch_size, d.days_per_batch)
   t = batching.bucket_length(int(s.n_time_steps[idx].max()), d.time_buckets)
-  rows = rows_per_process(d.batch_size, pc, "batch_size")
+  rows = rows_per_process(n_rows, pc, field)
   mine = idx[pi * rows:(pi + 1) * rows]
   return batching.pad_batch(s.read(mine), t=t, n_features=d.n_features // d.feature_pool,
                             max_label_len=d.max_label_len, n_rows=rows)
+
+
+def train_host_batch(s: DataSplit, config: ml_collections.ConfigDict, step: int, *,
+                     process_index: int | None = None, process_count: int | None = None) -> dict[str, np.ndarray]:
+  """This process's rows of global training batch `step` (a pure function of (seed, step))."""
+  d = config.data
+  idx = sampler.train_batch_indices(d.seed, step, s.days, d.batch_size, d.days_per_batch)
+  return _host_rows(s, config, idx, d.batch_size, "batch_size", process_index, process_count)
 
 
 def eval_plan(s: DataSplit, eval_batch_size: int) -> list[np.ndarray]:
@@ -340,11 +347,4 @@ def eval_plan(s: DataSplit, eval_batch_size: int) -> list[np.ndarray]:
 def eval_host_batch(s: DataSplit, config: ml_collections.ConfigDict, idx: np.ndarray, *,
                     process_index: int | None = None, process_count: int | None = None) -> dict[str, np.ndarray]:
   """This process's rows of the eval batch of global indices `idx`, padded to eval_batch_size rows in all."""
-  d = config.data
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  t = batching.bucket_length(int(s.n_time_steps[idx].max()), d.time_buckets)
-  rows = rows_per_process(d.eval_batch_size, pc, "eval_batch_size")
-  mine = idx[pi * rows:(pi + 1) * rows]
-  return batching.pad_batch(s.read(mine), t=t, n_features=d.n_features // d.feature_pool,
-                            max_label_len=d.max_label_len, n_rows=rows)
+  return _host_rows(s, config, idx, config.data.eval_batch_size, "eval_batch_size", process_index, process_count)

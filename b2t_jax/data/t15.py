@@ -238,11 +238,6 @@ def iter_file(path: str, *, day: int, session: str, labelled: bool, n_features: 
       yield Trial(pool_features(x, feature_pool), labels, sentence, day, session, block, trial, i, transcription)
 
 
-def read_file(path: str, **kwargs) -> list[Trial]:
-  """`iter_file` as a list."""
-  return list(iter_file(path, **kwargs))
-
-
 def session_files(data_dir: str, sessions: Sequence[str], split: str, *, on_bad_trial: str = "error",
                   skipped: collections.Counter | None = None) -> list[tuple[int, str, str]]:
   """(day, session, path) of every session folder's file for `split`, in session-list order.
