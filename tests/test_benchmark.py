@@ -60,3 +60,21 @@ def test_benchmark_scripts_agree_on_shapes_and_flops():
   for r in (j, t):
     assert r["step_ms_median"] > 0 and 0 < r["mfu"] < 1.5 and r["peak_memory_gib"] > 0
     assert math.isfinite(r["final_loss"])
+    # Both peak probes are reported and MFU divides by the larger one; the load around the run is recorded.
+    probes = (r["peak_gflops_per_s_before"], r["peak_gflops_per_s_after"])
+    assert min(probes) > 0 and r["peak_gflops_per_s"] == pytest.approx(max(probes), abs=0.01)
+    assert r["mfu"] == pytest.approx(r["achieved_gflops_per_s"] / r["peak_gflops_per_s"], rel=1e-2)
+    assert r["load_before"] >= 0 and r["load_after"] >= 0 and r["quiet"] == (r["load_before"] <= r["busy_load"])
+
+
+def test_busy_machine_is_flagged(capsys):
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import benchlib
+  assert benchlib.load_report(0.1, 1.7, busy_load=0.5)["quiet"] is True
+  assert "WARNING" not in capsys.readouterr().err
+  busy = benchlib.load_report(1.2, 1.9, busy_load=0.5)
+  assert busy["quiet"] is False and busy["load_before"] == 1.2 and busy["load_after"] == 1.9
+  assert "load average 1.2 > 0.5" in capsys.readouterr().err
+  peak, fields = benchlib.peak_report(2e11, 3e11)
+  assert peak == 3e11 and fields == {"peak_gflops_per_s_before": 200.0, "peak_gflops_per_s_after": 300.0}
+  assert benchlib.peak_report(None, None)[0] is None

@@ -4,7 +4,8 @@
 
 Runs tools/benchmark.py (gru_baseline) and tools/benchmark_torch.py alternately `repeats` times in fresh
 processes (so neither inherits the other's warm caches or threads), prints every JSON line, then one summary line
-with the median step times, the median of the per-pair ratios torch/jax and the MFU of each. Then times the
+with the step times, every per-pair ratio torch/jax and their median, the MFU of each and the load average
+around every run; it warns when any run started on a busy machine (then the figures are not quiet ones). Then times the
 triple model at a reduced width and at full size with a small batch (b2t_jax only: the variant has no public
 PyTorch source). Each child prints its own JSON line; this script only parses and aggregates them.
 """
@@ -48,12 +49,20 @@ def main():
   pairs = [(run(jax_cmd), run(torch_cmd)) for _ in range(args.repeats)]
   jax_ms = [j["step_ms_median"] for j, _ in pairs]
   torch_ms = [t["step_ms_median"] for _, t in pairs]
+  ratios = [round(t / j, 3) for j, t in zip(jax_ms, torch_ms)]
+  runs = [r for pair in pairs for r in pair]
+  quiet = all(r["quiet"] for r in runs)
+  if not quiet:
+    print("WARNING: some runs started on a busy machine (see load_before); rerun when it is quiet",
+          file=sys.stderr)
   print(json.dumps({
       "summary": "gru_baseline train step, b2t_jax vs PyTorch", "batch": args.batch, "time_bins": args.time_bins,
-      "jax_step_ms": jax_ms, "torch_step_ms": torch_ms,
-      "speedup_median": round(statistics.median(t / j for j, t in zip(jax_ms, torch_ms)), 3),
+      "jax_step_ms": jax_ms, "torch_step_ms": torch_ms, "speedup_per_pair": ratios,
+      "speedup_median": round(statistics.median(ratios), 3),
       "jax_mfu_median": statistics.median(j["mfu"] for j, _ in pairs),
-      "torch_mfu_median": statistics.median(t["mfu"] for _, t in pairs)}), flush=True)
+      "torch_mfu_median": statistics.median(t["mfu"] for _, t in pairs),
+      "load_before": [r["load_before"] for r in runs], "load_after": [r["load_after"] for r in runs],
+      "quiet": quiet}), flush=True)
 
   if not args.skip_triple:
     run(["tools/benchmark.py", "--config=configs/tpu_v4.py", "--config.model.dtype=float32",

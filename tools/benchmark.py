@@ -4,8 +4,10 @@
 
 Reports compile time, median / p90 step time, steps/s, trials/s, model FLOPs per step (analytic, SPEC §7, with
 XLA's own cost analysis beside it), achieved FLOP/s, MFU and peak memory. MFU is against the platform peak: on
-CPU a dense fp32 matmul measured in the same process (so both numbers see the same cores and clock), on TPU/GPU
-the vendor's dense peak for the compute dtype from `PEAK_FLOPS` below.
+CPU a dense fp32 matmul measured in the same process before and after the timed steps (so both numbers see the
+same cores and clock; the larger probe is used), on TPU/GPU the vendor's dense peak for the compute dtype from
+`PEAK_FLOPS` below. The load average before and after is recorded, and a busy machine is warned about
+(tools/benchlib.py).
 """
 
 import json
@@ -23,6 +25,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from b2t_jax import sharding, summary, train  # noqa: E402
+import benchlib  # noqa: E402  (tools/ is the script's own folder)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gru_baseline.py", "config file")
 _T = flags.DEFINE_integer("time_bins", 500, "trial length in 20 ms bins (every trial of the batch)")
@@ -31,6 +34,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 _LABEL_LEN = flags.DEFINE_integer("label_len", 30, "phonemes per trial in the synthetic batch")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "size of the square fp32 matmul that measures the CPU peak")
 _TAG = flags.DEFINE_string("tag", "", "free-form label copied into the JSON line")
+_BUSY_LOAD = flags.DEFINE_float("busy_load", benchlib.DEFAULT_BUSY_LOAD,
+                                "warn (and set quiet=false) when the 1-minute load average exceeds this at start")
 
 # Dense peak FLOP/s per chip by (device_kind substring, compute dtype), from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -81,6 +86,7 @@ def synthetic_batch(exp: train.Experiment, batch: int, t: int, label_len: int) -
 
 def main(argv):
   del argv
+  load_before = benchlib.load_average()
   config = _CONFIG.value
   device = jax.devices()[0]
   exp = train.Experiment(config)
@@ -95,6 +101,7 @@ def main(argv):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
 
+  peak_before, peak_source = platform_peak(device, config.model.dtype)
   for _ in range(_WARMUP.value):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
@@ -108,7 +115,9 @@ def main(argv):
 
   step_s = float(np.median(times))
   flops = summary.train_step_flops(config, gb, t)
-  peak, peak_source = platform_peak(device, config.model.dtype)
+  peak_after, _ = platform_peak(device, config.model.dtype)
+  peak, peak_fields = benchlib.peak_report(peak_before, peak_after)
+  load = benchlib.load_report(load_before, benchlib.load_average(), _BUSY_LOAD.value)
   # The step's FLOPs are spread over every chip of the mesh; a data-sheet peak is one chip's, the CPU matmul
   # peak already uses every core (simulated CPU devices share them).
   chips = 1 if device.platform == "cpu" else jax.device_count()
@@ -130,9 +139,10 @@ def main(argv):
       "model_gflops_per_step": round(flops / 1e9, 2),
       "xla_gflops_per_step": round(xla_flops / 1e9, 2), "achieved_gflops_per_s": round(flops / step_s / 1e9, 2),
       "peak_gflops_per_s": round(peak / 1e9, 2) if peak else None, "peak_source": peak_source,
+      **peak_fields,
       "mfu": round(flops / step_s / (peak * chips), 4) if peak else None,
       "peak_memory_gib": round(peak_mem / 2 ** 30, 3), "memory_source": mem_source,
-      "final_loss": round(loss, 4), "steps": _STEPS.value}))
+      "final_loss": round(loss, 4), "steps": _STEPS.value, **load}))
 
 
 if __name__ == "__main__":

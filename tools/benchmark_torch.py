@@ -6,7 +6,8 @@ Written from the SPEC (not copied from the reference): day layers gathered per t
 softsign, dropout, patching by `unfold`, `torch.nn.GRU` (5 x 768, dropout 0.4, learned h0), Linear(41),
 `F.ctc_loss` summed per trial then averaged over the batch, AdamW (eps 0.1, decay on non-day weights only),
 clipping at global norm 10, and the same train-time augmentation (white noise, constant offset, 9-tap Gaussian
-smoothing). Prints one JSON line with the fields of benchmark.py that apply. torch is an optional extra.
+smoothing). Prints one JSON line with the fields of benchmark.py that apply (the load average and the peak
+probes before and after the timed steps too). torch is an optional extra.
 """
 
 import argparse
@@ -19,6 +20,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import benchlib  # noqa: E402  (tools/ is the script's own folder)
 
 
 def _import_torch():
@@ -134,7 +137,10 @@ def main():
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--tag", default="")
+  p.add_argument("--busy_load", type=float, default=benchlib.DEFAULT_BUSY_LOAD,
+                 help="warn (and set quiet=false) when the 1-minute load average exceeds this at start")
   args = p.parse_args()
+  load_before = benchlib.load_average()
 
   torch = _import_torch()
   torch.manual_seed(0)
@@ -148,6 +154,7 @@ def main():
   input_lens = torch.full((b,), (t - args.patch_size) // args.patch_stride + 1, dtype=torch.long)
   label_lens = torch.full((b,), args.label_len, dtype=torch.long)
 
+  peak_before = measure_matmul_peak(torch, args.matmul_n)
   t0 = time.perf_counter()
   for _ in range(args.warmup):
     step(features, day, labels, input_lens, label_lens)
@@ -159,7 +166,8 @@ def main():
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
   flops = analytic_flops(args)
-  peak = measure_matmul_peak(torch, args.matmul_n)
+  peak, peak_fields = benchlib.peak_report(peak_before, measure_matmul_peak(torch, args.matmul_n))
+  load = benchlib.load_report(load_before, benchlib.load_average(), args.busy_load)
   print(json.dumps({
       "tool": "torch", "tag": args.tag, "config": "gru_baseline (torch)", "model": "gru", "platform": "cpu",
       "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "float32",
@@ -168,9 +176,10 @@ def main():
       "steps_per_s": round(1 / step_s, 3), "trials_per_s": round(b / step_s, 2),
       "model_flops_per_step": flops, "model_gflops_per_step": round(flops / 1e9, 2), "achieved_gflops_per_s": round(flops / step_s / 1e9, 2),
       "peak_gflops_per_s": round(peak / 1e9, 2), "peak_source": f"measured fp32 {args.matmul_n}^3 torch.mm",
+      **peak_fields,
       "mfu": round(flops / step_s / peak, 4),
       "peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
-      "memory_source": "process max RSS", "final_loss": round(float(loss), 4), "steps": args.steps}))
+      "memory_source": "process max RSS", "final_loss": round(float(loss), 4), "steps": args.steps, **load}))
 
 
 if __name__ == "__main__":
