@@ -156,6 +156,18 @@ def _replace(name, key, value):
   return fn
 
 
+def _corrupt_chunk(path, name):
+  """Stores trial `name`'s features as one gzip-compressed chunk (real files may be compressed), then overwrites
+  bytes in the middle of the chunk's storage, so HDF5 fails to inflate it when the trial is read."""
+  with h5py.File(path, "r+") as f:
+    x = f[name]["input_features"][()]
+    del f[name]["input_features"]
+    info = f[name].create_dataset("input_features", data=x, chunks=x.shape, compression="gzip").id.get_chunk_info(0)
+  with open(path, "r+b") as fh:
+    fh.seek(info.byte_offset + info.size // 2)
+    fh.write(b"\xff" * 64)
+
+
 S1 = T15_SESSIONS[1]
 BAD_INPUTS = [
     # (what, corrupt(root), error regex, reason, skipped count)
@@ -177,7 +189,13 @@ BAD_INPUTS = [
      r"trial_0006: field 'input_features': zero-length trial", "zero_length", 1),
     ("session not in the list", lambda r: shutil.copytree(r / S1, r / "t15.2031.01.01"),
      r"\['t15.2031.01.01'\] are not in config.data.sessions", "session_not_in_config", 16),
+    ("corrupt compressed chunk", lambda r: _corrupt_chunk(r / S1 / "data_train.hdf5", "trial_0002"),
+     r"data_train.hdf5: trial_0002: field 'input_features': cannot be read \(.*\); the file is damaged",
+     "unreadable_trial", 1),
+    ("session folder without its train file", lambda r: os.remove(r / S1 / "data_train.hdf5"),
+     rf"session folder\(s\) \['{S1}'\] have no data_train.hdf5", "missing_train_file", 1),
 ]
+LOST_TRIALS = {"unreadable_file": 16, "session_not_in_config": 0, "missing_train_file": 16}  # else `count`
 
 
 @pytest.mark.parametrize("what, corrupt, message, reason, count", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
@@ -195,8 +213,7 @@ def test_bad_input_stops_with_a_named_error_or_is_skipped_and_counted(tmp_path, 
   split = source.open_split(out, c, split_name, train=split_name == "train")
   assert split.skipped["prepare"] == {reason: count}
   n_clean = {"train": 48, "val": 8}[split_name]
-  assert len(split) == n_clean - (count if reason not in ("unreadable_file", "session_not_in_config") else
-                                  16 if reason == "unreadable_file" else 0)
+  assert len(split) == n_clean - LOST_TRIALS.get(reason, count)
   source.write_skips(str(tmp_path / "work"), [split])
   written = json.load(open(tmp_path / "work" / source.SKIPS_FILE))
   assert written[split_name]["prepare"] == {reason: count} and written[split_name]["kept"] == len(split)
