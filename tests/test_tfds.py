@@ -257,6 +257,32 @@ def test_dataset_built_for_another_session_list_is_refused(prepared_dir):
     source.open_split(source.find_dataset_dir(prepared_dir), c, "train", train=True)
 
 
+def test_prepared_dataset_is_reused_only_when_built_from_the_same_files_and_options(tmp_path, synthetic_dir):
+  tree, data = _tree(tmp_path, synthetic_dir), str(tmp_path / "tfds")
+  out = tfds_b2t.prepare(str(tree), data)
+  shard = next(p for p in os.listdir(out) if "array_record" in p)
+  built = os.stat(os.path.join(out, shard)).st_mtime_ns
+  assert tfds_b2t.prepare(str(tree), data) == out                                    # unchanged: reused
+  assert os.stat(os.path.join(out, shard)).st_mtime_ns == built
+  with pytest.raises(DataError, match=r"config.data.on_bad_trial: prepared with 'error', now 'skip'.*--overwrite"):
+    tfds_b2t.prepare(str(tree), data, on_bad_trial="skip")
+  with pytest.raises(DataError, match=r"config.data.sessions: prepared with a 45-session list, now another of 3"):
+    tfds_b2t.prepare(str(tree), data, sessions=T15_SESSIONS[:3])
+  _set(tree / S1 / "data_train.hdf5", lambda f: f["trial_0000"].attrs.__setitem__("block_num", 7))
+  os.remove(tree / T15_SESSIONS[2] / "data_val.hdf5")
+  with pytest.raises(DataError, match=rf"HDF5 file\(s\) gone: {T15_SESSIONS[2]}/data_val.hdf5; HDF5 file\(s\) "
+                                      rf"changed \(size or modification time\): {S1}/data_train.hdf5\. Rerun"):
+    tfds_b2t.prepare(str(tree), data)
+  assert os.stat(os.path.join(out, shard)).st_mtime_ns == built                     # refused: left as it was
+  assert tfds_b2t.prepare(str(tree), data, on_bad_trial="skip", overwrite=True) == out   # rebuilt from the tree
+  c = tiny_config(data)
+  c.data.on_bad_trial = "skip"
+  first_of_s1 = source.open_split(out, c, "train", train=True).read([16])[0]      # after session 0's 16 trials
+  assert (first_of_s1.session, first_of_s1.index_in_file, first_of_s1.block) == (S1, 0, 7)
+  assert len(source.open_split(out, c, "val", train=False)) == 4                     # 8 before the file went
+  assert tfds_b2t.prepare(str(tree), data, on_bad_trial="skip") == out               # and reused after
+
+
 def test_prepare_data_tool(tmp_path, synthetic_dir):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   p = subprocess.run([sys.executable, "tools/prepare_data.py", f"--hdf5_dir={synthetic_dir}",
@@ -268,6 +294,14 @@ def test_prepare_data_tool(tmp_path, synthetic_dir):
   c = tiny_config(str(tmp_path))
   assert json.load(open(os.path.join(source.find_dataset_dir(str(tmp_path)), "metadata.json")))["on_bad_trial"] == "skip"
   assert len(source.open_split(source.find_dataset_dir(str(tmp_path)), c, "val", train=False)) == 8
+  # Other build options on the same --data_dir: a one-line refusal naming the difference, then --overwrite.
+  again = [sys.executable, "tools/prepare_data.py", f"--hdf5_dir={synthetic_dir}", f"--data_dir={tmp_path}"]
+  p = subprocess.run(again, cwd=root, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 1 and "Traceback" not in p.stderr
+  assert "config.data.on_bad_trial: prepared with 'skip', now 'error'. Rerun with --overwrite" in p.stderr
+  p = subprocess.run(again + ["--overwrite"], cwd=root, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert json.load(open(os.path.join(source.find_dataset_dir(str(tmp_path)), "metadata.json")))["on_bad_trial"] == "error"
 
 
 def test_in_memory_split_of_a_prepared_dataset_equals_the_hdf5_split(prepared_dir, synthetic_dir):

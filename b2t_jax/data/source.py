@@ -55,14 +55,8 @@ def is_tfds_dir(path: str) -> bool:
 
 def tree_key(hdf5_dir: str, options: dict) -> str:
   """A content key of an HDF5 tree: relative paths, sizes and mtimes of its .hdf5 files, plus build options."""
-  entries = []
-  for dirpath, _, files in os.walk(hdf5_dir):
-    for name in files:
-      if name.endswith((".hdf5", ".h5")):
-        full = os.path.join(dirpath, name)
-        st = os.stat(full)
-        entries.append((os.path.relpath(full, hdf5_dir), st.st_size, st.st_mtime_ns))
-  blob = json.dumps([tfds_b2t.VERSION, options, sorted(entries)], sort_keys=True).encode()
+  entries = sorted([rel, *st] for rel, st in tfds_b2t.tree_entries(hdf5_dir).items())
+  blob = json.dumps([tfds_b2t.VERSION, options, entries], sort_keys=True).encode()
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
