@@ -3,7 +3,9 @@ prefetch, the HDF5 cache, and every bad input raising or being skipped with its 
 
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -217,6 +219,28 @@ def test_bad_input_stops_with_a_named_error_or_is_skipped_and_counted(tmp_path, 
   source.write_skips(str(tmp_path / "work"), [split])
   written = json.load(open(tmp_path / "work" / source.SKIPS_FILE))
   assert written[split_name]["prepare"] == {reason: count} and written[split_name]["kept"] == len(split)
+
+
+def test_skips_file_is_replaced_whole_or_left_as_it_was(prepared_dir, tmp_path):
+  train, _ = _open(prepared_dir, "train")
+  val, _ = _open(prepared_dir, "val", train=False)
+  path = tmp_path / source.SKIPS_FILE
+  source.write_skips(str(tmp_path), [val])                               # a previous run's file
+  before = path.read_text()
+  # The disk fills up mid-write: RLIMIT_FSIZE makes any write past the limit fail (EFBIG) after a partial write.
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  on_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                # report EFBIG instead of killing us
+  resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
+  try:
+    with pytest.raises(OSError):
+      source.write_skips(str(tmp_path), [train, val])
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, on_xfsz)
+  assert path.read_text() == before and os.listdir(tmp_path) == [source.SKIPS_FILE]   # whole, no temp left
+  path.write_text(before[:len(before) // 2])                             # torn by an older version: start afresh
+  source.write_skips(str(tmp_path), [train, val])
+  assert sorted(json.loads(path.read_text())) == ["train", "val"]
 
 
 def test_trials_too_short_for_their_labels_after_patching(prepared_dir, tmp_path):
