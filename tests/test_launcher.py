@@ -106,5 +106,6 @@ def test_install_payload_takes_ref_and_repo_as_data_not_shell(stand_ins, existin
 def test_ref_or_repo_that_git_would_read_as_an_option_is_refused(stand_ins):
   env, _, _ = stand_ins
   p = subprocess.run(["bash", SCRIPT, "--name=b2t", "--zone=z", "--workdir=w", "--data_dir=d", "--repo=r",
-                      "--ref=--upload-pack=touch pwned", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True)
+                      "--ref=--upload-pack=touch pwned", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                     text=True)
   assert p.returncode == 2 and "--ref=--upload-pack=touch pwned: must not start with '-'" in p.stderr

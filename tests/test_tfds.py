@@ -325,7 +325,8 @@ def test_prepare_data_tool(tmp_path, synthetic_dir):
   assert "config.data.on_bad_trial: prepared with 'skip', now 'error'. Rerun with --overwrite" in p.stderr
   p = subprocess.run(again + ["--overwrite"], cwd=root, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
-  assert json.load(open(os.path.join(source.find_dataset_dir(str(tmp_path)), "metadata.json")))["on_bad_trial"] == "error"
+  meta = json.load(open(os.path.join(source.find_dataset_dir(str(tmp_path)), "metadata.json")))
+  assert meta["on_bad_trial"] == "error"
 
 
 def test_in_memory_split_of_a_prepared_dataset_equals_the_hdf5_split(prepared_dir, synthetic_dir):

@@ -61,7 +61,9 @@ fi
 # mesh shape like (4,2), a path with spaces or a --ref holding shell syntax arrive as one literal argument each.
 quote() { local s; printf -v s '%q ' "$@"; printf '%s' "${s% }"; }
 q_ref=$(quote "$ref") q_repo=$(quote "$repo")
-install="set -e; if [ -d b2t_jax ]; then git -C b2t_jax fetch -q origin && git -C b2t_jax checkout -q $q_ref && git -C b2t_jax pull -q; else git clone -q -b $q_ref $q_repo b2t_jax; fi; cd b2t_jax && python3 -m pip install -q -e . 'jax[tpu]==0.10.2'"
+install="set -e; if [ -d b2t_jax ]; then git -C b2t_jax fetch -q origin && git -C b2t_jax checkout -q $q_ref"
+install+=" && git -C b2t_jax pull -q; else git clone -q -b $q_ref $q_repo b2t_jax; fi;"
+install+=" cd b2t_jax && python3 -m pip install -q -e . 'jax[tpu]==0.10.2'"
 run "${tpu[@]}" ssh "$name" --zone="$zone" --worker=all --command="$install"
 
 # Every worker runs the same command; jax.distributed.initialize() finds the slice's coordinator itself.

@@ -139,7 +139,8 @@ def differences(meta: dict, hdf5_dir: str, options: dict) -> list[str]:
   for what, paths in (("new", sorted(now.keys() - was.keys())), ("gone", sorted(was.keys() - now.keys())),
                       ("changed (size or modification time)", changed)):
     if paths:
-      out.append(f"HDF5 file(s) {what}: {', '.join(paths[:5])}{f' and {len(paths) - 5} more' if len(paths) > 5 else ''}")
+      more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+      out.append(f"HDF5 file(s) {what}: {', '.join(paths[:5])}{more}")
   return out
 
 
