@@ -3,7 +3,9 @@ prefetch, the HDF5 cache, and every bad input raising or being skipped with its 
 
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -156,6 +158,18 @@ def _replace(name, key, value):
   return fn
 
 
+def _corrupt_chunk(path, name):
+  """Stores trial `name`'s features as one gzip-compressed chunk (real files may be compressed), then overwrites
+  bytes in the middle of the chunk's storage, so HDF5 fails to inflate it when the trial is read."""
+  with h5py.File(path, "r+") as f:
+    x = f[name]["input_features"][()]
+    del f[name]["input_features"]
+    info = f[name].create_dataset("input_features", data=x, chunks=x.shape, compression="gzip").id.get_chunk_info(0)
+  with open(path, "r+b") as fh:
+    fh.seek(info.byte_offset + info.size // 2)
+    fh.write(b"\xff" * 64)
+
+
 S1 = T15_SESSIONS[1]
 BAD_INPUTS = [
     # (what, corrupt(root), error regex, reason, skipped count)
@@ -177,7 +191,13 @@ BAD_INPUTS = [
      r"trial_0006: field 'input_features': zero-length trial", "zero_length", 1),
     ("session not in the list", lambda r: shutil.copytree(r / S1, r / "t15.2031.01.01"),
      r"\['t15.2031.01.01'\] are not in config.data.sessions", "session_not_in_config", 16),
+    ("corrupt compressed chunk", lambda r: _corrupt_chunk(r / S1 / "data_train.hdf5", "trial_0002"),
+     r"data_train.hdf5: trial_0002: field 'input_features': cannot be read \(.*\); the file is damaged",
+     "unreadable_trial", 1),
+    ("session folder without its train file", lambda r: os.remove(r / S1 / "data_train.hdf5"),
+     rf"session folder\(s\) \['{S1}'\] have no data_train.hdf5", "missing_train_file", 1),
 ]
+LOST_TRIALS = {"unreadable_file": 16, "session_not_in_config": 0, "missing_train_file": 16}  # else `count`
 
 
 @pytest.mark.parametrize("what, corrupt, message, reason, count", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
@@ -195,11 +215,32 @@ def test_bad_input_stops_with_a_named_error_or_is_skipped_and_counted(tmp_path, 
   split = source.open_split(out, c, split_name, train=split_name == "train")
   assert split.skipped["prepare"] == {reason: count}
   n_clean = {"train": 48, "val": 8}[split_name]
-  assert len(split) == n_clean - (count if reason not in ("unreadable_file", "session_not_in_config") else
-                                  16 if reason == "unreadable_file" else 0)
+  assert len(split) == n_clean - LOST_TRIALS.get(reason, count)
   source.write_skips(str(tmp_path / "work"), [split])
   written = json.load(open(tmp_path / "work" / source.SKIPS_FILE))
   assert written[split_name]["prepare"] == {reason: count} and written[split_name]["kept"] == len(split)
+
+
+def test_skips_file_is_replaced_whole_or_left_as_it_was(prepared_dir, tmp_path):
+  train, _ = _open(prepared_dir, "train")
+  val, _ = _open(prepared_dir, "val", train=False)
+  path = tmp_path / source.SKIPS_FILE
+  source.write_skips(str(tmp_path), [val])                               # a previous run's file
+  before = path.read_text()
+  # The disk fills up mid-write: RLIMIT_FSIZE makes any write past the limit fail (EFBIG) after a partial write.
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  on_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                # report EFBIG instead of killing us
+  resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
+  try:
+    with pytest.raises(OSError):
+      source.write_skips(str(tmp_path), [train, val])
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, on_xfsz)
+  assert path.read_text() == before and os.listdir(tmp_path) == [source.SKIPS_FILE]   # whole, no temp left
+  path.write_text(before[:len(before) // 2])                             # torn by an older version: start afresh
+  source.write_skips(str(tmp_path), [train, val])
+  assert sorted(json.loads(path.read_text())) == ["train", "val"]
 
 
 def test_trials_too_short_for_their_labels_after_patching(prepared_dir, tmp_path):
@@ -240,6 +281,32 @@ def test_dataset_built_for_another_session_list_is_refused(prepared_dir):
     source.open_split(source.find_dataset_dir(prepared_dir), c, "train", train=True)
 
 
+def test_prepared_dataset_is_reused_only_when_built_from_the_same_files_and_options(tmp_path, synthetic_dir):
+  tree, data = _tree(tmp_path, synthetic_dir), str(tmp_path / "tfds")
+  out = tfds_b2t.prepare(str(tree), data)
+  shard = next(p for p in os.listdir(out) if "array_record" in p)
+  built = os.stat(os.path.join(out, shard)).st_mtime_ns
+  assert tfds_b2t.prepare(str(tree), data) == out                                    # unchanged: reused
+  assert os.stat(os.path.join(out, shard)).st_mtime_ns == built
+  with pytest.raises(DataError, match=r"config.data.on_bad_trial: prepared with 'error', now 'skip'.*--overwrite"):
+    tfds_b2t.prepare(str(tree), data, on_bad_trial="skip")
+  with pytest.raises(DataError, match=r"config.data.sessions: prepared with a 45-session list, now another of 3"):
+    tfds_b2t.prepare(str(tree), data, sessions=T15_SESSIONS[:3])
+  _set(tree / S1 / "data_train.hdf5", lambda f: f["trial_0000"].attrs.__setitem__("block_num", 7))
+  os.remove(tree / T15_SESSIONS[2] / "data_val.hdf5")
+  with pytest.raises(DataError, match=rf"HDF5 file\(s\) gone: {T15_SESSIONS[2]}/data_val.hdf5; HDF5 file\(s\) "
+                                      rf"changed \(size or modification time\): {S1}/data_train.hdf5\. Rerun"):
+    tfds_b2t.prepare(str(tree), data)
+  assert os.stat(os.path.join(out, shard)).st_mtime_ns == built                     # refused: left as it was
+  assert tfds_b2t.prepare(str(tree), data, on_bad_trial="skip", overwrite=True) == out   # rebuilt from the tree
+  c = tiny_config(data)
+  c.data.on_bad_trial = "skip"
+  first_of_s1 = source.open_split(out, c, "train", train=True).read([16])[0]      # after session 0's 16 trials
+  assert (first_of_s1.session, first_of_s1.index_in_file, first_of_s1.block) == (S1, 0, 7)
+  assert len(source.open_split(out, c, "val", train=False)) == 4                     # 8 before the file went
+  assert tfds_b2t.prepare(str(tree), data, on_bad_trial="skip") == out               # and reused after
+
+
 def test_prepare_data_tool(tmp_path, synthetic_dir):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   p = subprocess.run([sys.executable, "tools/prepare_data.py", f"--hdf5_dir={synthetic_dir}",
@@ -251,6 +318,15 @@ def test_prepare_data_tool(tmp_path, synthetic_dir):
   c = tiny_config(str(tmp_path))
   assert json.load(open(os.path.join(source.find_dataset_dir(str(tmp_path)), "metadata.json")))["on_bad_trial"] == "skip"
   assert len(source.open_split(source.find_dataset_dir(str(tmp_path)), c, "val", train=False)) == 8
+  # Other build options on the same --data_dir: a one-line refusal naming the difference, then --overwrite.
+  again = [sys.executable, "tools/prepare_data.py", f"--hdf5_dir={synthetic_dir}", f"--data_dir={tmp_path}"]
+  p = subprocess.run(again, cwd=root, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 1 and "Traceback" not in p.stderr
+  assert "config.data.on_bad_trial: prepared with 'skip', now 'error'. Rerun with --overwrite" in p.stderr
+  p = subprocess.run(again + ["--overwrite"], cwd=root, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  meta = json.load(open(os.path.join(source.find_dataset_dir(str(tmp_path)), "metadata.json")))
+  assert meta["on_bad_trial"] == "error"
 
 
 def test_in_memory_split_of_a_prepared_dataset_equals_the_hdf5_split(prepared_dir, synthetic_dir):

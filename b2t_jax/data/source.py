@@ -55,14 +55,8 @@ def is_tfds_dir(path: str) -> bool:
 
 def tree_key(hdf5_dir: str, options: dict) -> str:
   """A content key of an HDF5 tree: relative paths, sizes and mtimes of its .hdf5 files, plus build options."""
-  entries = []
-  for dirpath, _, files in os.walk(hdf5_dir):
-    for name in files:
-      if name.endswith((".hdf5", ".h5")):
-        full = os.path.join(dirpath, name)
-        st = os.stat(full)
-        entries.append((os.path.relpath(full, hdf5_dir), st.st_size, st.st_mtime_ns))
-  blob = json.dumps([tfds_b2t.VERSION, options, sorted(entries)], sort_keys=True).encode()
+  entries = sorted([rel, *st] for rel, st in tfds_b2t.tree_entries(hdf5_dir).items())
+  blob = json.dumps([tfds_b2t.VERSION, options, entries], sort_keys=True).encode()
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -283,8 +277,20 @@ def write_skips(workdir: str, splits: Sequence[DataSplit]) -> str:
             for s in splits}
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(path.read_text()) if path.exists() else {}   # eval mode rewrites only 'val'
-    path.write_text(json.dumps({**previous, **report}, indent=2, sort_keys=True))
+    previous = {}                                                        # eval mode rewrites only 'val'
+    try:
+      previous = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as e:
+      logging.warning("%s is not valid JSON (%s); writing it afresh", path, e)
+    # A temporary file then a rename: a crash or a full disk mid-write leaves the old file whole (os.replace on a
+    # local disk; on gs:// the rename is a copy, and an object is never visible half-written anyway).
+    tmp = path.parent / f".{SKIPS_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+      tmp.write_text(json.dumps({**previous, **report}, indent=2, sort_keys=True))
+      tmp.replace(path)
+    except BaseException:
+      tmp.unlink(missing_ok=True)
+      raise
   total = {s.name: sum(sum(v.values()) for v in s.skipped.values()) for s in splits}
   if any(total.values()):
     logging.warning("skipped trials per split: %s (details in %s)", total, path)

@@ -49,8 +49,10 @@ class DataError(ValueError):
 # Skip-count keys: what was wrong, and what one count means (a trial unless stated).
 REASONS = {
     "unreadable_file": "a file that cannot be opened as HDF5 (corrupt or truncated); counts files",
+    "unreadable_trial": "a trial whose data cannot be read (e.g. a corrupt compressed chunk)",
     "missing_trial_groups": "trial_N groups missing from a file's contiguous numbering; counts missing groups",
     "session_not_in_config": "trials of a session folder absent from config.data.sessions",
+    "missing_train_file": "a session folder without data_train.hdf5; counts session folders",
     "missing_field": "a trial without a required dataset or attribute",
     "bad_shape": "input_features not (n_time_steps, n_features)",
     "zero_length": "a trial with 0 time bins",
@@ -125,6 +127,11 @@ class _TrialReader:
   def fail(self, name: str, field: str, msg: str, reason: str) -> DataError:
     return DataError(f"{self.path}: {name}: field '{field}': {msg}", reason)
 
+  def unreadable(self, name: str, where: str, e: OSError) -> DataError:
+    """HDF5 raises a bare OSError for damaged storage (e.g. a compressed chunk that fails to inflate)."""
+    return DataError(f"{self.path}: {name}: {where}cannot be read ({e}); the file is damaged: download it again "
+                     "or set config.data.on_bad_trial='skip' to skip the trial", "unreadable_trial")
+
   def attr(self, g, name: str, key: str):
     if key not in g.attrs:
       raise self.fail(name, key, "missing attribute (every trial needs it; is this a t15 HDF5 file?) "
@@ -135,7 +142,10 @@ class _TrialReader:
     if key not in g:
       raise self.fail(name, key, "missing dataset (every trial needs it; is this a t15 HDF5 file?) "
                       "Fix the file or set config.data.on_bad_trial='skip'", "missing_field")
-    return np.asarray(g[key][()])
+    try:
+      return np.asarray(g[key][()])
+    except OSError as e:
+      raise self.unreadable(name, f"field '{key}': ", e) from e
 
   def read(self, g, name: str) -> tuple[np.ndarray, np.ndarray | None, str | None, str | None, int, int]:
     x = self.dataset(g, name, "input_features")
@@ -206,15 +216,23 @@ def iter_file(path: str, *, day: int, session: str, labelled: bool, n_features: 
     logging.warning("skipping (config.data.on_bad_trial='skip'): %s", e)
     skipped[e.reason] += n
 
+  def unreadable_file(e: OSError) -> None:
+    bad(DataError(f"{path}: cannot be opened as HDF5 ({e}); the file is corrupt or truncated: download it again "
+                  "or set config.data.on_bad_trial='skip' to skip the whole file", "unreadable_file"))
+
   reader = _TrialReader(path, n_features, labelled, max_label_len)
   try:
     f = h5py.File(path, "r")
   except OSError as e:
-    bad(DataError(f"{path}: cannot be opened as HDF5 ({e}); the file is corrupt or truncated: download it again "
-                  "or set config.data.on_bad_trial='skip' to skip the whole file", "unreadable_file"))
+    unreadable_file(e)
     return
   with f:
-    numbers = sorted(int(k[len("trial_"):]) for k in f.keys() if k.startswith("trial_") and k[6:].isdigit())
+    try:
+      keys = list(f.keys())
+    except OSError as e:       # a damaged group index: no trial can be found
+      unreadable_file(e)
+      return
+    numbers = sorted(int(k[len("trial_"):]) for k in keys if k.startswith("trial_") and k[6:].isdigit())
     n_expected = numbers[-1] + 1 if numbers else 0
     missing = sorted(set(range(n_expected)) - set(numbers))
     if missing:
@@ -225,8 +243,8 @@ def iter_file(path: str, *, day: int, session: str, labelled: bool, n_features: 
                     "missing_trial_groups"), len(missing))
     for i in numbers:
       name = TRIAL_FMT.format(i)
-      g = f[name]
       try:
+        g = f[name]
         x, labels, sentence, transcription, block, trial = reader.read(g, name)
         sess_attr = _decode_str(reader.attr(g, name, "session"))
         if sess_attr != session:
@@ -234,6 +252,9 @@ def iter_file(path: str, *, day: int, session: str, labelled: bool, n_features: 
                             "session_mismatch")
       except DataError as e:
         bad(e)
+        continue
+      except OSError as e:     # the group or its attributes are damaged (datasets are caught by the reader)
+        bad(reader.unreadable(name, "", e))
         continue
       yield Trial(pool_features(x, feature_pool), labels, sentence, day, session, block, trial, i, transcription)
 
@@ -243,7 +264,8 @@ def session_files(data_dir: str, sessions: Sequence[str], split: str, *, on_bad_
   """(day, session, path) of every session folder's file for `split`, in session-list order.
 
   Folders not in `sessions` are an error, or with on_bad_trial='skip' skipped and their trials counted
-  under 'session_not_in_config'. Sessions without a file for this split are skipped with a log line (the
+  under 'session_not_in_config'. A folder without data_train.hdf5 is an error, or with 'skip' counted under
+  'missing_train_file' (train only); sessions without a val/test file are skipped with a log line (the
   release has sessions without val/test data)."""
   _check_on_bad_trial(on_bad_trial)
   if split not in SPLITS:
@@ -272,7 +294,15 @@ def session_files(data_dir: str, sessions: Sequence[str], split: str, *, on_bad_
       out.append((day_of[session], session, path))
     else:
       without.append(session)
-  if without:
+  if without and split == "train":     # every release session has one: the download is incomplete
+    msg = (f"{data_dir}: session folder(s) {without[:5]} have no data_train.hdf5 (every t15 session has one); "
+           "download them again, remove the folders, or set config.data.on_bad_trial='skip' to skip them")
+    if on_bad_trial == "error":
+      raise DataError(msg, "missing_train_file")
+    logging.warning("skipping (config.data.on_bad_trial='skip'): %s", msg)
+    if skipped is not None:
+      skipped["missing_train_file"] += len(without)
+  elif without:                        # the release has sessions without val/test files
     logging.info("%d session(s) have no %s file: %s", len(without), split, ", ".join(without))
   return out
 

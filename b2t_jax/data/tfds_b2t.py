@@ -12,15 +12,30 @@ reading a single feature. Features are stored at full width (512); feature pooli
 from __future__ import annotations
 
 import collections
+import os
 from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
 
 from b2t_jax.data import t15
 
 NAME = "b2t_t15"                 # the TFDS name of the builder below (snake case of the class name)
 VERSION = "1.0.0"
+
+
+def tree_entries(hdf5_dir: str) -> dict[str, list[int]]:
+  """Relative path -> [size, mtime_ns] of every .hdf5/.h5 file under `hdf5_dir`: what a dataset is built from."""
+  out = {}
+  for dirpath, _, files in os.walk(hdf5_dir):
+    for name in files:
+      if name.endswith((".hdf5", ".h5")):
+        full = os.path.join(dirpath, name)
+        st = os.stat(full)
+        out[os.path.relpath(full, hdf5_dir)] = [st.st_size, st.st_mtime_ns]
+  return out
 
 
 def ctc_min_len(labels: np.ndarray) -> int:
@@ -71,7 +86,7 @@ class B2tT15(tfds.core.GeneratorBasedBuilder):
     root = str(dl_manager.manual_dir)
     meta = self.info.metadata
     meta.update(sessions=list(self._sessions), n_features=self._n_features, on_bad_trial=self._on_bad_trial,
-                hdf5_dir=root, index={}, skipped={})
+                hdf5_dir=root, hdf5_files=tree_entries(root), index={}, skipped={})
     out = {}
     for split in t15.SPLITS:
       skipped: collections.Counter = collections.Counter()
@@ -109,10 +124,42 @@ class B2tT15(tfds.core.GeneratorBasedBuilder):
                           "files or the session list")
 
 
+def differences(meta: dict, hdf5_dir: str, options: dict) -> list[str]:
+  """How `hdf5_dir` and the build `options` differ from what a prepared dataset's metadata records ([] if not)."""
+  out = []
+  for k, v in options.items():
+    if meta.get(k) != v:
+      was, now = ((f"a {len(meta.get(k) or [])}-session list", f"another of {len(v)}") if k == "sessions" else
+                  (repr(meta.get(k)), repr(v)))
+      out.append(f"config.data.{k}: prepared with {was}, now {now}")
+  if "hdf5_files" not in meta:
+    return out + ["it does not record its HDF5 files (prepared by an older version)"]
+  was, now = meta["hdf5_files"], tree_entries(hdf5_dir)
+  changed = sorted(p for p in was.keys() & now.keys() if list(was[p]) != now[p])
+  for what, paths in (("new", sorted(now.keys() - was.keys())), ("gone", sorted(was.keys() - now.keys())),
+                      ("changed (size or modification time)", changed)):
+    if paths:
+      more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+      out.append(f"HDF5 file(s) {what}: {', '.join(paths[:5])}{more}")
+  return out
+
+
 def prepare(hdf5_dir: str, data_dir: str, *, sessions: Sequence[str] = t15.T15_SESSIONS, n_features: int = 512,
-            on_bad_trial: str = "error") -> str:
-  """Builds (or reuses) the ArrayRecord dataset of `hdf5_dir` under `data_dir`; returns the dataset folder
-  (`data_dir/b2t_t15/<version>`). `data_dir` may be local or gs://."""
+            on_bad_trial: str = "error", overwrite: bool = False) -> str:
+  """Builds the ArrayRecord dataset of `hdf5_dir` under `data_dir`, or reuses the one there when it was built
+  from the same HDF5 files (relative paths, sizes, mtimes) and options; returns the dataset folder
+  (`data_dir/b2t_t15/<version>`). A dataset built from anything else is a DataError naming the difference,
+  or with `overwrite` deleted and rebuilt. `data_dir` may be local or gs://."""
+  options = {"sessions": list(sessions), "n_features": n_features, "on_bad_trial": on_bad_trial}
+  existing = epath.Path(data_dir) / NAME / VERSION
+  if (existing / "dataset_info.json").exists():
+    diff = differences(dict(tfds.builder_from_directory(str(existing)).info.metadata or {}), hdf5_dir, options)
+    if diff and not overwrite:
+      raise t15.DataError(f"{existing} was built from other HDF5 files or options than this run's ({hdf5_dir}): "
+                          f"{'; '.join(diff)}. Rerun with --overwrite to rebuild it, or give another --data_dir")
+    if diff:
+      logging.warning("rebuilding %s (--overwrite): %s", existing, "; ".join(diff))
+      existing.rmtree()
   builder = B2tT15(data_dir=data_dir, sessions=sessions, n_features=n_features, on_bad_trial=on_bad_trial)
   builder.download_and_prepare(file_format="array_record",
                                download_config=tfds.download.DownloadConfig(manual_dir=hdf5_dir))
