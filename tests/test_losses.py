@@ -98,8 +98,9 @@ def test_triple_objective_combines_terms():
   np.testing.assert_allclose(float(aux["ctc_noisy"]), float(noisy_only), rtol=1e-6)
 
 
-def _hand_batch(config, n_features):
-  """8 rows: 5 trials that fit, one whose 12 labels cannot fit its 2 patches, two padding rows (weight 0)."""
+def hand_batch(config, n_features, day=(0, 1, 2, 0, 1, 2, 0, 0)):
+  """8 rows of days `day`: 5 trials that fit, one whose 12 labels cannot fit its 2 patches, two padding rows
+  (weight 0)."""
   rng = np.random.default_rng(3)
   n_time_steps = np.array([64, 50, 40, 45, 64, 20, 0, 0], np.int32)
   label_lens = np.array([5, 8, 3, 6, 2, 12, 0, 0], np.int32)
@@ -110,7 +111,7 @@ def _hand_batch(config, n_features):
   features = rng.standard_normal((8, 64, n_features)).astype(np.float32)
   features *= np.arange(64)[None, :, None] < n_time_steps[:, None, None]
   return {"features": features, "n_time_steps": n_time_steps, "labels": labels, "label_lens": label_lens,
-          "day": np.array([0, 1, 2, 0, 1, 2, 0, 0], np.int32), "weight": np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)}
+          "day": np.array(day, np.int32), "weight": np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)}
 
 
 def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
@@ -126,7 +127,7 @@ def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
   c.loss.noisy_weight, c.loss.noise_l2_weight, c.loss.adversarial_warmup_steps = 0.3, 0.7, 4
   c.model.grl_lambda = 0.5
   exp = train.Experiment(c)
-  batch = _hand_batch(c, exp.n_features)
+  batch = hand_batch(c, exp.n_features)
   x, _ = preprocess(None, jnp.asarray(batch["features"]), jnp.asarray(batch["n_time_steps"]), c.aug)
   patches = (batch["n_time_steps"] - c.model.patch_size) // c.model.patch_stride + 1
   refs = [batch["labels"][i, :batch["label_lens"][i]] for i in range(8)]
