@@ -98,6 +98,12 @@ def test_triple_objective_combines_terms():
   np.testing.assert_allclose(float(aux["ctc_noisy"]), float(noisy_only), rtol=1e-6)
 
 
+def frames_needed(labels) -> int:
+  """Fewest CTC frames for `labels`, from the definition: one per label and a blank between equal neighbours."""
+  labels = np.asarray(labels)
+  return len(labels) + int(np.sum(labels[1:] == labels[:-1]))
+
+
 def hand_batch(config, n_features, day=(0, 1, 2, 0, 1, 2, 0, 0)):
   """8 rows of days `day`: 5 trials that fit, one whose 12 labels cannot fit its 2 patches, two padding rows
   (weight 0)."""
@@ -124,16 +130,15 @@ def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
   c.aug.random_cut = 0
   c.model.input_dropout = c.model.rnn_dropout = 0.0
   c.optim.warmup_steps = c.optim.day_warmup_steps = 0       # the parameters move from step 0 on
-  c.loss.noisy_weight, c.loss.noise_l2_weight, c.loss.adversarial_warmup_steps = 0.3, 0.7, 4
-  c.model.grl_lambda = 0.5
+  noisy_w, l2_w, warm, grl = 0.3, 0.7, 4, 0.5
+  c.loss.noisy_weight, c.loss.noise_l2_weight, c.loss.adversarial_warmup_steps = noisy_w, l2_w, warm
+  c.model.grl_lambda = grl
   exp = train.Experiment(c)
   batch = hand_batch(c, exp.n_features)
   x, _ = preprocess(None, jnp.asarray(batch["features"]), jnp.asarray(batch["n_time_steps"]), c.aug)
   patches = (batch["n_time_steps"] - c.model.patch_size) // c.model.patch_stride + 1
   refs = [batch["labels"][i, :batch["label_lens"][i]] for i in range(8)]
-  # a CTC path needs a frame per label and a blank between equal neighbours
-  need = [len(r) + int(np.sum(r[1:] == r[:-1])) for r in refs]
-  fits = [i for i in range(8) if batch["weight"][i] > 0 and 1 <= patches[i] and need[i] <= patches[i]]
+  fits = [i for i in range(8) if batch["weight"][i] > 0 and 1 <= patches[i] and frames_needed(refs[i]) <= patches[i]]
   assert fits == [0, 1, 2, 3, 4]
 
   @jax.jit
@@ -142,13 +147,13 @@ def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
       outputs = exp.model.apply({"params": p}, x, jnp.asarray(batch["day"]), mode="full", grl_lambda=lam)
       return losses.decoder_loss(outputs, jnp.asarray(patches), jnp.asarray(batch["labels"]),
                                  jnp.asarray(batch["label_lens"]), jnp.asarray(batch["weight"]),
-                                 noisy_weight=0.3, noise_l2_weight=0.7)[0], outputs
+                                 noisy_weight=noisy_w, noise_l2_weight=l2_w)[0], outputs
     return jax.grad(loss, has_aux=True)(params)
 
   state = exp.init_state()
   sharded = sharding.shard_batch(batch, exp.mesh)
   for step in range(6):
-    lam = 0.5 * min(step / 4, 1.0)
+    lam = grl * min(step / warm, 1.0)
     grads, (clean, noisy, noise) = jax.device_get(reference(state.params, jnp.float32(lam)))
     state, m = exp.train_step(state, sharded)
     m = jax.device_get(m)
@@ -157,6 +162,6 @@ def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
     l2 = np.mean(np.square(np.asarray(noise, np.float64)))
     assert float(m["grl_lambda"]) == pytest.approx(lam, abs=1e-7)
     np.testing.assert_allclose([m["ctc"], m["ctc_noisy"], m["noise_l2"]], [ctc[0], ctc[1], l2], rtol=1e-4)
-    np.testing.assert_allclose(m["loss"], ctc[0] + 0.3 * ctc[1] + 0.7 * l2, rtol=1e-4)
+    np.testing.assert_allclose(m["loss"], ctc[0] + noisy_w * ctc[1] + l2_w * l2, rtol=1e-4)
     assert int(m["n_infeasible"]) == 1 and float(m["n_trials"]) == len(fits)
     np.testing.assert_allclose(m["grad_norm"], float(optax.tree.norm(grads)), rtol=1e-4)

@@ -15,7 +15,7 @@ from b2t_jax.optim import DAY_PARAMS, DayAdamState
 from b2t_jax.sharding import create_mesh
 from conftest import tiny_config
 from configs import tpu_v4
-from test_losses import hand_batch
+from test_losses import frames_needed, hand_batch
 
 
 def _batches(config, n):
@@ -126,7 +126,7 @@ def test_evaluate_counts_only_real_rows(tiny, tmp_path):
   kept = np.flatnonzero(val.keep)
   trials = val.read(kept)
   # a patch stride at which some, not all, real trials are too short for their labels (counted, not trained on)
-  need = np.array([len(t.labels) + int(np.sum(t.labels[1:] == t.labels[:-1])) for t in trials])
+  need = np.array([frames_needed(t.labels) for t in trials])
   frames = np.array([t.n_time_steps for t in trials])
   for stride in range(tiny.model.patch_stride, tiny.model.patch_size + 1):
     infeasible = int(np.sum((frames - tiny.model.patch_size) // stride + 1 < need))
