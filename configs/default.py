@@ -1,6 +1,6 @@
 """Reference hyper-parameters of SPEC §4 (the NEJM GRU baseline); other configs start from this one.
 
-Launch: python -m b2t_jax.main --config=configs/default.py --workdir=DIR --config.data_dir=.../hdf5_data_final
+Launch: python -m b2t_jax.main --config=configs/default.py --workdir=DIR --config.data.data_dir=.../hdf5_data_final
 """
 
 import ml_collections

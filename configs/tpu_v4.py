@@ -1,7 +1,8 @@
 """The TripleGRUDecoder TPU variant (SPEC §3.4, §4): 8 TPU v4 cores, 32 trials per core, bf16, 2 micro-batches.
 
-Launch on every host of the slice:
-  python -m b2t_jax.main --config=configs/tpu_v4.py --workdir=gs://BUCKET/run --config.data_dir=gs://.../hdf5_data_final
+Launch on every host of the slice, on the dataset prepared once by tools/prepare_data.py --data_dir=gs://...:
+  python -m b2t_jax.main --config=configs/tpu_v4.py --workdir=gs://BUCKET/run \
+      --config.data.data_dir=gs://BUCKET/t15_tfds
 """
 
 from configs import default

@@ -3,8 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
-from b2t_jax import losses
+from b2t_jax import losses, sharding, train
+from b2t_jax.data.augment import preprocess
+from conftest import tiny_config
 
 
 def numpy_ctc_nll(logits, labels, blank=0):
@@ -92,3 +96,72 @@ def test_triple_objective_combines_terms():
   np.testing.assert_allclose(float(total), float(clean_only) + 0.2 * float(noisy_only) + 0.5 * np.mean(noise ** 2),
                              rtol=1e-6)
   np.testing.assert_allclose(float(aux["ctc_noisy"]), float(noisy_only), rtol=1e-6)
+
+
+def frames_needed(labels) -> int:
+  """Fewest CTC frames for `labels`, from the definition: one per label and a blank between equal neighbours."""
+  labels = np.asarray(labels)
+  return len(labels) + int(np.sum(labels[1:] == labels[:-1]))
+
+
+def hand_batch(config, n_features, day=(0, 1, 2, 0, 1, 2, 0, 0)):
+  """8 rows of days `day`: 5 trials that fit, one whose 12 labels cannot fit its 2 patches, two padding rows
+  (weight 0)."""
+  rng = np.random.default_rng(3)
+  n_time_steps = np.array([64, 50, 40, 45, 64, 20, 0, 0], np.int32)
+  label_lens = np.array([5, 8, 3, 6, 2, 12, 0, 0], np.int32)
+  labels = np.zeros((8, config.data.max_label_len), np.int32)
+  for i, n in enumerate(label_lens):
+    labels[i, :n] = rng.integers(1, config.model.n_classes, n)
+  labels[0, 1] = labels[0, 0]   # a repeat: needs a blank between
+  features = rng.standard_normal((8, 64, n_features)).astype(np.float32)
+  features *= np.arange(64)[None, :, None] < n_time_steps[:, None, None]
+  return {"features": features, "n_time_steps": n_time_steps, "labels": labels, "label_lens": label_lens,
+          "day": np.array(day, np.int32), "weight": np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)}
+
+
+def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
+  """The real jitted train_step, step by step, against a NumPy CTC on the model's own outputs:
+  loss = CTC(clean) + noisy_weight * CTC(noisy) + noise_l2_weight * mean(noise^2), CTC averaged over the
+  feasible real trials; λ at step s = grl_lambda * min(s / adversarial_warmup_steps, 1), and the gradient
+  (its norm) is the one of that λ."""
+  c = tiny_config()
+  c.aug.white_noise_std = c.aug.constant_offset_std = 0.0   # deterministic inputs: smoothing only
+  c.aug.random_cut = 0
+  c.model.input_dropout = c.model.rnn_dropout = 0.0
+  c.optim.warmup_steps = c.optim.day_warmup_steps = 0       # the parameters move from step 0 on
+  noisy_w, l2_w, warm, grl = 0.3, 0.7, 4, 0.5
+  c.loss.noisy_weight, c.loss.noise_l2_weight, c.loss.adversarial_warmup_steps = noisy_w, l2_w, warm
+  c.model.grl_lambda = grl
+  exp = train.Experiment(c)
+  batch = hand_batch(c, exp.n_features)
+  x, _ = preprocess(None, jnp.asarray(batch["features"]), jnp.asarray(batch["n_time_steps"]), c.aug)
+  patches = (batch["n_time_steps"] - c.model.patch_size) // c.model.patch_stride + 1
+  refs = [batch["labels"][i, :batch["label_lens"][i]] for i in range(8)]
+  fits = [i for i in range(8) if batch["weight"][i] > 0 and 1 <= patches[i] and frames_needed(refs[i]) <= patches[i]]
+  assert fits == [0, 1, 2, 3, 4]
+
+  @jax.jit
+  def reference(params, lam):   # the model's outputs and the gradient of the objective at this λ
+    def loss(p):
+      outputs = exp.model.apply({"params": p}, x, jnp.asarray(batch["day"]), mode="full", grl_lambda=lam)
+      return losses.decoder_loss(outputs, jnp.asarray(patches), jnp.asarray(batch["labels"]),
+                                 jnp.asarray(batch["label_lens"]), jnp.asarray(batch["weight"]),
+                                 noisy_weight=noisy_w, noise_l2_weight=l2_w)[0], outputs
+    return jax.grad(loss, has_aux=True)(params)
+
+  state = exp.init_state()
+  sharded = sharding.shard_batch(batch, exp.mesh)
+  for step in range(6):
+    lam = grl * min(step / warm, 1.0)
+    grads, (clean, noisy, noise) = jax.device_get(reference(state.params, jnp.float32(lam)))
+    state, m = exp.train_step(state, sharded)
+    m = jax.device_get(m)
+    ctc = [np.mean([numpy_ctc_nll(np.asarray(o[i, :patches[i]], np.float64), refs[i]) for i in fits])
+           for o in (clean, noisy)]
+    l2 = np.mean(np.square(np.asarray(noise, np.float64)))
+    assert float(m["grl_lambda"]) == pytest.approx(lam, abs=1e-7)
+    np.testing.assert_allclose([m["ctc"], m["ctc_noisy"], m["noise_l2"]], [ctc[0], ctc[1], l2], rtol=1e-4)
+    np.testing.assert_allclose(m["loss"], ctc[0] + noisy_w * ctc[1] + l2_w * l2, rtol=1e-4)
+    assert int(m["n_infeasible"]) == 1 and float(m["n_trials"]) == len(fits)
+    np.testing.assert_allclose(m["grad_norm"], float(optax.tree.norm(grads)), rtol=1e-4)

@@ -1,7 +1,10 @@
 """The command line as users script it: summary JSON, train then eval printing `val_per=` last."""
 
+import ast
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -78,3 +81,61 @@ def test_two_processes_train_like_one(tmp_path, prepared_dir):
   assert two["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
   assert two["val_per"] == pytest.approx(single["val_per"], abs=1e-4)
   assert os.path.isdir(tmp_path / "two" / "checkpoints" / "3")
+
+
+def _documented_commands(text: str) -> list[str]:
+  """Every `python -m b2t_jax.main ...` command in `text`, backslash-continued lines joined."""
+  joined = re.sub(r"\\\n\s*", " ", text)
+  return [m.group(0) for m in re.finditer(r"python3? -m b2t_jax\.main[^\n`]*", joined)]
+
+
+def _placeholder_free(arg: str, tmp_path) -> str:
+  """`--flag=DIR`, `--flag=gs://...` and `--flag=.../x` name no real place: a temp path stands in."""
+  arg = arg.strip("[]")   # [--optional=flag]
+  flag, eq, value = arg.partition("=")
+  if eq and (value == "DIR" or value.startswith("gs://") or "..." in value):
+    return f"{flag}={tmp_path / flag.lstrip('-').replace('.', '_')}"
+  return arg
+
+
+def _launch_lines():
+  """(where, command) of each config's `Launch:` command and each README command that runs a configs/ file."""
+  out = []
+  for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+    if name.endswith(".py") and name != "__init__.py":
+      with open(os.path.join(ROOT, "configs", name)) as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+      launch = doc[doc.find("Launch"):] if "Launch" in doc else ""
+      out += [(f"configs/{name}", cmd) for cmd in _documented_commands(launch)] or [(f"configs/{name}", "")]
+  with open(os.path.join(ROOT, "README.md")) as f:
+    blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+  out += [("README.md", cmd) for cmd in _documented_commands("\n".join(blocks)) if "--config=configs/" in cmd]
+  return out
+
+
+_LAUNCH = _launch_lines()
+
+
+@pytest.mark.parametrize("where,command", _LAUNCH, ids=[f"{w}#{i}" for i, (w, _) in enumerate(_LAUNCH)])
+def test_documented_launch_commands_parse(where, command, tmp_path, monkeypatch, capsys):
+  """Each documented command, in summary mode, through b2t_jax.main's own flags: a renamed or misspelt
+  --config.field there fails here (AttributeError / unknown flag), not on a user's pod."""
+  assert command, f"{where}: its docstring has no 'Launch: python -m b2t_jax.main ...' command"
+  from absl import flags
+  from b2t_jax import main
+  args = [_placeholder_free(a, tmp_path) for a in shlex.split(command)[3:] if not a.startswith("--config.mode=")]
+  argv = ["b2t_jax.main", *args, "--config.mode=summary"]
+  monkeypatch.chdir(ROOT)             # the commands run from the checkout's root
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
+  fv = flags.FLAGS
+  for name in [n for n in fv if n.startswith("config.")]:  # override flags of an earlier parse
+    delattr(fv, name)
+  fv.unparse_flags()
+  try:
+    main.main(fv(argv))
+  finally:
+    for name in [n for n in fv if n.startswith("config.")]:
+      delattr(fv, name)
+    fv.unparse_flags()
+  counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert counts["total"] > 0

@@ -3,11 +3,15 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from b2t_jax import losses, train
+from b2t_jax.models import create_model
+from b2t_jax.models.decoders import model_hparams
 from b2t_jax.sharding import create_mesh
-from test_train import _batches, _losses
+from conftest import tiny_config
+from test_train import _batches, _losses, _updates
 
 
 def test_noise_gru_kernels_are_split_over_model_axis(tiny):
@@ -34,27 +38,59 @@ def test_same_losses_on_every_mesh_shape(tiny):
   np.testing.assert_allclose(results[(1, 8)], results[(8, 1)], rtol=2e-5)
 
 
-def test_bf16_step_matches_fp32_and_keeps_fp32_state(tiny):
-  batches = _batches(tiny, 2)
+def test_bf16_steps_match_fp32_and_keep_fp32_state(tiny):
+  """Three real steps at the peak LR: bf16 compute moves every parameter as fp32 does."""
+  tiny.optim.warmup_steps = tiny.optim.day_warmup_steps = 0
   tiny.model.input_dropout = tiny.model.rnn_dropout = 0.0
-  f32, _ = _losses(train.Experiment(tiny), batches)
+  batches = _batches(tiny, 3)
+  f32, d32, _ = _updates(train.Experiment(tiny), batches)
   tiny.model.dtype = "bfloat16"
-  b16, state = _losses(train.Experiment(tiny), batches)
+  b16, d16, state = _updates(train.Experiment(tiny), batches)
   np.testing.assert_allclose(b16, f32, rtol=2e-2)     # bf16 has 8 mantissa bits; CTC sums ~50 frame terms
+  # Per leaf, |update_bf16 - update_fp32| / |update_fp32| (L2 norms): bf16 rounds each matmul operand by up to
+  # 2^-9 = 0.2% and Adam passes such relative errors through to the update (measured: at most 0.6%); a gradient
+  # term lost or mis-scaled in the bf16 path moves a leaf's update by tens of percent.
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(d32)[0], jax.tree.leaves(d16)):
+    assert np.linalg.norm(a) > 1e-3, jax.tree_util.keystr(path)     # the leaf moved
+    assert np.linalg.norm(b - a) <= 2e-2 * np.linalg.norm(a), jax.tree_util.keystr(path)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   assert all(x.dtype != jnp.bfloat16 for x in jax.tree.leaves(state.opt_state))
 
 
-def _dot_dtypes(jaxpr, out):
+def _eqns(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs nested in its equations (scan bodies, custom VJPs, jits)."""
   for e in jaxpr.eqns:
-    if e.primitive.name == "dot_general":
-      (lhs, rhs), ((contract, _), _) = e.invars, e.params["dimension_numbers"]
-      out.append((str(lhs.aval.dtype), str(rhs.aval.dtype), tuple(lhs.aval.shape[i] for i in contract)))
+    yield e
     for p in e.params.values():
       for sub in (p if isinstance(p, (list, tuple)) else [p]):
         inner = getattr(sub, "jaxpr", sub)
         if hasattr(inner, "eqns"):
-          _dot_dtypes(inner, out)
+          yield from _eqns(inner)
+
+
+def test_bf16_forward_keeps_the_gru_carry_fp32():
+  """SPEC §4: bf16 matmul inputs, but the recurrent state every GRU scan carries from step to step is fp32."""
+  tiny = tiny_config()
+  tiny.model.dtype = "bfloat16"
+  model = create_model(tiny)
+  x = jnp.zeros((2, 40, model_hparams(tiny).n_input_features), jnp.float32)
+  day = jnp.zeros((2,), jnp.int32)
+  params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), x, day)["params"]))
+  jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, day, mode="full", grl_lambda=0.5))(params)
+  carries = [v.aval for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "scan"
+             for v in e.invars[e.params["num_consts"]:e.params["num_consts"] + e.params["num_carry"]]]
+  hidden = {tiny.model.hidden, tiny.model.patch_size * x.shape[-1]}
+  states = [a for a in carries if a.ndim == 2 and a.shape[0] == 2 and a.shape[1] in hidden]
+  n_layers = tiny.model.noise_layers + tiny.model.clean_layers + tiny.model.noisy_layers
+  assert len(states) == n_layers, carries
+  assert all(a.dtype == jnp.float32 for a in carries if jnp.issubdtype(a.dtype, jnp.floating)), carries
+
+
+def _dot_dtypes(jaxpr, out):
+  for e in _eqns(jaxpr):
+    if e.primitive.name == "dot_general":
+      (lhs, rhs), ((contract, _), _) = e.invars, e.params["dimension_numbers"]
+      out.append((str(lhs.aval.dtype), str(rhs.aval.dtype), tuple(lhs.aval.shape[i] for i in contract)))
   return out
 
 

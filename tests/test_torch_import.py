@@ -7,20 +7,19 @@ import sys
 
 import numpy as np
 import pytest
+import torch  # a plain import: the [test] extra installs torch, so a missing one fails the suite, never skips it
 import yaml
+from torch import nn as tnn
 
-torch = pytest.importorskip("torch")
-from torch import nn as tnn  # noqa: E402
-
-from b2t_jax import checkpoint as ckpt_lib  # noqa: E402
-from b2t_jax import metrics, sharding  # noqa: E402
-from b2t_jax.data import batching, t15  # noqa: E402
-from b2t_jax.data.augment import gaussian_kernel  # noqa: E402
-from b2t_jax.data.t15 import T15_SESSIONS  # noqa: E402
-from b2t_jax.decoding.streaming import StreamingDecoder  # noqa: E402
-from b2t_jax.torch_import import CheckpointImportError, import_checkpoint, state_dict_to_params  # noqa: E402
-from b2t_jax.train import Experiment  # noqa: E402
-from configs import default  # noqa: E402
+from b2t_jax import checkpoint as ckpt_lib
+from b2t_jax import metrics, sharding
+from b2t_jax.data import batching, t15
+from b2t_jax.data.augment import gaussian_kernel
+from b2t_jax.data.t15 import T15_SESSIONS
+from b2t_jax.decoding.streaming import StreamingDecoder
+from b2t_jax.torch_import import CheckpointImportError, import_checkpoint, state_dict_to_params
+from b2t_jax.train import Experiment
+from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_DAYS, FEATURES, HIDDEN, LAYERS, CLASSES, SIZE, STRIDE = 3, 512, 32, 2, 41, 14, 4

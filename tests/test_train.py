@@ -1,5 +1,6 @@
 """The jitted train step over a mesh, resume, preemption and the full-size TPU step's compilation."""
 
+import dataclasses
 import os
 import signal
 
@@ -9,9 +10,12 @@ import pytest
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import sharding, train
-from b2t_jax.data import batching, sampler, t15
+from b2t_jax.data import batching, sampler, source, t15
+from b2t_jax.optim import DAY_PARAMS, DayAdamState
 from b2t_jax.sharding import create_mesh
+from conftest import tiny_config
 from configs import tpu_v4
+from test_losses import frames_needed, hand_batch
 
 
 def _batches(config, n):
@@ -32,6 +36,13 @@ def _losses(exp, batches):
   return np.array(out), state
 
 
+def _updates(exp, batches):
+  """(losses, parameter change over the steps of `batches`, final state) from the initial state."""
+  init = jax.tree.map(np.asarray, exp.init_state().params)
+  out, state = _losses(exp, batches)
+  return out, jax.tree.map(lambda p, p0: np.asarray(p) - p0, state.params, init), state
+
+
 def test_eight_devices_match_one_device(tiny):
   assert jax.device_count() == 8
   batches = _batches(tiny, 3)
@@ -46,12 +57,96 @@ def test_eight_devices_match_one_device(tiny):
 
 
 def test_gradient_accumulation_matches_large_batch(tiny):
-  batches = _batches(tiny, 2)
+  """Three real steps (LR > 0 from step 0, the noise-L2 term on) with 2 micro-batches land on the same
+  parameters as with one batch: averaged, last-micro-batch-only or mis-split gradients would not."""
+  tiny.optim.warmup_steps = tiny.optim.day_warmup_steps = 0
   tiny.model.input_dropout = tiny.model.rnn_dropout = 0.0   # micro-batches draw their own dropout masks
-  full, _ = _losses(train.Experiment(tiny), batches)
+  tiny.loss.noise_l2_weight = 1.0
+  batches = _batches(tiny, 3)
+  full, d_full, _ = _updates(train.Experiment(tiny), batches)
   tiny.optim.grad_accum_steps = 2
-  accum, _ = _losses(train.Experiment(tiny, mesh=create_mesh((4, 1), jax.devices()[:4])), batches)
+  accum, d_accum, _ = _updates(train.Experiment(tiny, mesh=create_mesh((4, 1), jax.devices()[:4])), batches)
   np.testing.assert_allclose(accum, full, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(d_full)[0], jax.tree.leaves(d_accum)):
+    scale = np.abs(a).max()
+    assert scale > 1e-4, jax.tree_util.keystr(path)     # the leaf moved
+    # fp32 round-off of another summation order (measured: 2e-5 of the largest update); the noise-L2 term
+    # counted twice moves some leaves by 1.4%, averaged micro-batch gradients by 12%
+    assert np.abs(b - a).max() <= 1e-3 * scale, jax.tree_util.keystr(path)
+
+
+def test_days_absent_from_a_batch_keep_their_parameters_and_moments():
+  """SPEC §4 through real steps: a day with no real trial in the batch (padding rows do not count) keeps its day
+  weights, biases and both Adam moments bit-identical; each day's Adam count is the steps it was present."""
+  c = tiny_config()
+  c.optim.warmup_steps = c.optim.day_warmup_steps = 0
+  exp = train.Experiment(c)
+  n_days = len(c.data.sessions)
+  # days of the 8 rows per step; the last two rows are padding (weight 0) of a day absent that step
+  plan = [(0, 0, 1, 1, 0, 1, 2, 2), (1, 1, 2, 2, 1, 2, 0, 0), (0, 0, 2, 2, 0, 2, 1, 1)]
+  state = exp.init_state()
+  steps_present = np.zeros(n_days, int)
+
+  def day_leaves(s):   # {path: value} of every day-indexed parameter and moment, on the host
+    found = {}
+    adam = [x for x in jax.tree.leaves(s.opt_state, is_leaf=lambda x: isinstance(x, DayAdamState))
+            if isinstance(x, DayAdamState)]
+    assert len(adam) == 1
+    for name, tree in (("param", s.params), ("mu", adam[0].mu), ("nu", adam[0].nu)):
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jax.tree_util.keystr(path).split("'")[-2] in DAY_PARAMS:
+          found[name + jax.tree_util.keystr(path)] = np.asarray(leaf)
+    return found, {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(
+        adam[0].count)[0]}
+
+  before, _ = day_leaves(state)
+  assert len(before) == 3 * 2 * len(DAY_PARAMS)      # two front ends (noise, clean) x params, mu, nu
+  for days in plan:
+    batch = hand_batch(c, exp.n_features, days)
+    present = np.zeros(n_days, bool)
+    present[[d for d, w in zip(days, batch["weight"]) if w > 0]] = True
+    steps_present += present
+    state, _ = exp.train_step(state, sharding.shard_batch(batch, exp.mesh))
+    after, counts = day_leaves(state)
+    for key, old in before.items():
+      new = after[key]
+      np.testing.assert_array_equal(new[~present], old[~present], err_msg=key)   # bit-identical
+      assert np.all(np.any(new[present] != old[present], axis=tuple(range(1, new.ndim)))), key
+    for key, count in counts.items():
+      np.testing.assert_array_equal(count, steps_present, err_msg=key)
+    before = after
+
+
+def test_evaluate_counts_only_real_rows(tiny, tmp_path):
+  """Eval batches padded with weight-0 rows (day 0, no frames) give what unpadded one-trial batches give: no
+  phantom day, no padding row counted infeasible. Day 0 is left out of the split so that its padding rows
+  would show as a day of their own."""
+  val = train.open_data(tiny, str(tmp_path), ("val",))["val"]
+  val = dataclasses.replace(val, keep=val.keep & (val.day != 0))
+  kept = np.flatnonzero(val.keep)
+  trials = val.read(kept)
+  # a patch stride at which some, not all, real trials are too short for their labels (counted, not trained on)
+  need = np.array([frames_needed(t.labels) for t in trials])
+  frames = np.array([t.n_time_steps for t in trials])
+  for stride in range(tiny.model.patch_stride, tiny.model.patch_size + 1):
+    infeasible = int(np.sum((frames - tiny.model.patch_size) // stride + 1 < need))
+    if 0 < infeasible < len(trials):
+      break
+  assert 0 < infeasible < len(trials)
+  tiny.model.patch_stride = stride
+  days = sorted(set(val.day[kept].tolist()))
+  assert 0 not in days and any(len(i) % tiny.data.eval_batch_size for i in val.day_indices().values())
+  padded_exp = train.Experiment(tiny)
+  params = jax.device_get(padded_exp.init_state().params)
+  padded = train.evaluate(padded_exp, params, val, source.eval_plan(val, tiny.data.eval_batch_size))
+  tiny.data.eval_batch_size = 1
+  single_exp = train.Experiment(tiny, mesh=create_mesh((1, 1), jax.devices()[:1]))
+  single = train.evaluate(single_exp, params, val, source.eval_plan(val, 1))
+  assert sorted(padded["per_day"]) == sorted(single["per_day"]) == days
+  assert padded["val_infeasible"] == single["val_infeasible"] == infeasible
+  assert padded["val_per"] == pytest.approx(single["val_per"], abs=1e-9)
+  assert padded["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+  assert single["val_loss"] > 0
 
 
 def test_resume_gives_bit_identical_next_steps(tiny, tmp_path):
