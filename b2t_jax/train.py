@@ -205,7 +205,7 @@ def _lock_and_check(config: ml_collections.ConfigDict, workdir: str) -> workdir_
   lock = workdir_lib.WorkdirLock(workdir, tc.lock_heartbeat_s, tc.lock_stale_s)
   lock.acquire()
   try:
-    workdir_lib.check_config(config, workdir, record=True)
+    workdir_lib.check_config(config, workdir)
   except BaseException:
     lock.release()
     raise
@@ -234,6 +234,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   exp = Experiment(config)
   ckpts = ckpt_lib.Checkpoints(workdir, tc.max_checkpoints)
   state = ckpts.restore(exp.abstract_state()) or exp.init_state()
+  if jax.process_index() == 0:
+    workdir_lib.record_config(config, workdir)
   start = int(jax.device_get(state.step))
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
@@ -301,7 +303,7 @@ def restore_for_reading(exp: Experiment, workdir: str, which: str) -> TrainState
   """The `which` ('best' or 'latest') checkpoint of `workdir`, else the latest, without writing to `workdir`
   (eval and infer take no lock and run on read-only workdirs); the config is first checked against the one
   that created the workdir."""
-  workdir_lib.check_config(exp.config, workdir, record=False)
+  workdir_lib.check_config(exp.config, workdir)
   ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
   try:
     state = ckpts.restore(exp.abstract_state(), which)

@@ -91,21 +91,26 @@ def config_differences(recorded: dict[str, Any], current: dict[str, Any]) -> lis
           if not is_safe_to_change(k) and recorded.get(k, _ABSENT) != current.get(k, _ABSENT)]
 
 
-def check_config(config: ml_collections.ConfigDict, workdir: str, *, record: bool) -> None:
-  """Compares `config` with WORKDIR/config.json; with `record`, writes it when absent (a new workdir, or one
-  written before this file existed). Raises `ConfigMismatch` naming every field that must not differ."""
+def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Compares `config` with WORKDIR/config.json (when there is one); raises `ConfigMismatch` naming every
+  field that differs and may not change on resume, with both values."""
   path = epath.Path(workdir) / CONFIG_FILE
-  current = flat_config(config)
-  if path.exists():
-    diff = config_differences(json.loads(path.read_text()), current)
-    if diff:
-      raise ConfigMismatch(
-          f"{workdir} was created by another config ({path}); these fields cannot change on resume:\n  "
-          + "\n  ".join(diff) + "\nResume with the recorded values, or train in a new --workdir (the fields that "
-          "may change are listed in README 'Failure modes and resuming')")
-  elif record:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(str(path), json.dumps(current, indent=1, sort_keys=True))
+  if not path.exists():
+    return
+  diff = config_differences(json.loads(path.read_text()), flat_config(config))
+  if diff:
+    raise ConfigMismatch(
+        f"{workdir} was created by another config ({path}); these fields cannot change on resume:\n  "
+        + "\n  ".join(diff) + "\nResume with the recorded values, or train in a new --workdir (the fields that "
+        "may change are listed in the README, 'Failure modes')")
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes WORKDIR/config.json unless it exists (a new workdir, or one from before this file existed); called
+  once the train state is known to belong to `config` (restored or freshly initialised)."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    write_atomically(str(path), json.dumps(flat_config(config), indent=1, sort_keys=True))
     logging.info("recorded the config of this workdir in %s", path)
 
 
