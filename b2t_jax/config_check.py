@@ -119,7 +119,7 @@ def problems(config: ml_collections.ConfigDict, n_devices: int | None = None, n_
   if d.batch_size % d.days_per_batch:
     out.append(f"config.data.batch_size={d.batch_size} must be a multiple of "
                f"config.data.days_per_batch={d.days_per_batch}")
-  if d.days_per_batch > len(d.sessions):
+  if config.mode == "train" and d.days_per_batch > len(d.sessions):   # eval/infer never sample train batches
     out.append(f"config.data.days_per_batch={d.days_per_batch} exceeds the {len(d.sessions)} sessions of "
                "config.data.sessions")
   if o.grad_accum_steps and d.batch_size % o.grad_accum_steps:
