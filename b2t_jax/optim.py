@@ -98,3 +98,11 @@ def create_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransforma
                  cfg.b1, cfg.b2, cfg.eps)
   parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
   return optax.chain(*parts, optax.multi_transform({"main": main, "day": day}, param_groups))
+
+
+def guarded_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  """`create_optimizer` behind optax.apply_if_finite: a step whose gradients hold a NaN/Inf applies no update and
+  leaves params and moments as they were. Its state counts consecutive (`notfinite_count`) and total
+  (`total_notfinite`) skips; it never gives up and applies a non-finite update: the training loop stops the
+  run after `config.train.max_nonfinite_steps` consecutive skips instead."""
+  return optax.apply_if_finite(create_optimizer(cfg), max_consecutive_errors=int(jnp.iinfo(jnp.int32).max))

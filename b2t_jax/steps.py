@@ -17,6 +17,14 @@ from b2t_jax.models.frontend import n_patches
 from b2t_jax.optim import lr_schedule
 
 
+# Counters of the non-finite guard: the host reports their value at the last step of a log window, not a mean.
+COUNTER_METRICS = ("nonfinite_steps", "nonfinite_consecutive")
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced only non-finite steps for too long, or a non-finite state was about to be saved."""
+
+
 class TrainState(struct.PyTreeNode):
   """Everything a resume needs: the step (which also fixes the next batch), params, optimizer state and
   the base PRNG key (per-step keys are `fold_in(rng, step)`, so no key is carried forward)."""
@@ -52,7 +60,8 @@ def _micro_batches(tree, n: int):
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
-  """One optimizer step: augment -> model ('full' mode) -> loss -> grads (accumulated) -> AdamW."""
+  """One optimizer step: augment -> model ('full' mode) -> loss -> grads (accumulated) -> AdamW. `tx` is
+  `optim.guarded_optimizer` (its state carries the non-finite counters reported in the metrics)."""
   key = jax.random.fold_in(state.rng, state.step)
   aug_key, drop_key = jax.random.split(key)
   x, lengths = preprocess(aug_key, batch["features"], batch["n_time_steps"], config.aug)
@@ -92,7 +101,11 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
   day_present = jnp.zeros((n_days,), jnp.float32).at[batch["day"]].add(batch["weight"]) > 0
   updates, opt_state = tx.update(grads, state.opt_state, state.params, day_present=day_present)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
+  # optim.guarded_optimizer: a non-finite step applied zero updates; its counters travel in the metrics, which
+  # the host reads at log cadence anyway (no extra sync).
+  metrics = {"loss": loss, **aux, "nonfinite_steps": opt_state.total_notfinite,
+             "nonfinite_consecutive": opt_state.notfinite_count,
+             "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
              "param_norm": optax.tree.norm(params), "grl_lambda": lam,
              "lr": lr_schedule(config.optim.lr_peak, config.optim.lr_min, config.optim.warmup_steps,
                                config.optim.decay_steps)(state.step)}

@@ -408,7 +408,7 @@ def import_checkpoint(checkpoint: str, out: str, base_config: ml_collections.Con
   the run's settings) and an orbax checkpoint under OUT: step 0 in both 'best' and 'checkpoints', with a
   fresh optimizer state. Returns a summary dict for printing."""
   from b2t_jax import checkpoint as ckpt_lib  # noqa: PLC0415 - orbax is heavy; only the tool needs it
-  from b2t_jax.optim import create_optimizer  # noqa: PLC0415
+  from b2t_jax.optim import guarded_optimizer  # noqa: PLC0415
   from b2t_jax.steps import TrainState  # noqa: PLC0415
 
   if not os.path.isfile(checkpoint):
@@ -425,7 +425,7 @@ def import_checkpoint(checkpoint: str, out: str, base_config: ml_collections.Con
   config = apply_overrides(copy.deepcopy(base_config), overrides)
   params = state_dict_to_params(state_dict, config, source=checkpoint)
 
-  tx = create_optimizer(config.optim)
+  tx = guarded_optimizer(config.optim)
   # Same key derivation as steps.create_train_state, so a fine-tune from here is seeded like a fresh run.
   _, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
   state = TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), rng=base_key)

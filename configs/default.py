@@ -102,6 +102,13 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 100           # write train metrics every N steps
   t.checkpoint_every = 2000   # save the resumable 'latest' checkpoint every N steps
   t.max_checkpoints = 2       # 'latest' checkpoints kept
+  t.max_nonfinite_steps = 10  # stop with an error after this many consecutive skipped non-finite steps
+  t.preempt_exit_code = 75    # exit status after saving on SIGTERM (EX_TEMPFAIL): a scheduler restarts on it
+  t.lock_heartbeat_s = 30.0   # seconds between refreshes of WORKDIR/lock
+  t.lock_stale_s = 600.0      # a lock not refreshed for this long is taken over (its run is dead)
+
+  c.eval = ev = ml_collections.ConfigDict()
+  ev.out_dir = ""             # mode=eval writes metrics.json and skipped_trials.json here; "" = WORKDIR/eval
 
   # Word decoding (b2t_jax/decoding/lexicon_lm.py): flashlight-text LexiconDecoder over a CMUdict phoneme trie.
   # Emissions are natural-log CTC posteriors, KenLM scores are log10: a hypothesis scores

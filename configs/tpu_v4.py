@@ -2,7 +2,7 @@
 
 Launch on every host of the slice, on the dataset prepared once by tools/prepare_data.py --data_dir=gs://...:
   python -m b2t_jax.main --config=configs/tpu_v4.py --workdir=gs://BUCKET/run \
-      --config.data.data_dir=gs://BUCKET/t15_tfds
+      --config.data.data_dir=gs://BUCKET/t15_tfds --config.distributed=True
 """
 
 from configs import default

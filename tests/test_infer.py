@@ -115,7 +115,8 @@ def test_infer_test_split_writes_the_competition_csv(trained, synthetic_dir, pre
   assert [r[1] for r in rows[1:]] == [r["words_no_lm"] for r in recs]
   assert all(r["words_lm"] is None and "true_sentence" not in r for r in recs)
   assert [r["session"] for r in recs] == [t.session for t in test.trials]
-  assert sorted(os.listdir(tmp_path / "out")) == ["metrics.json", "submission.csv", "trials.jsonl"]
+  assert sorted(os.listdir(tmp_path / "out")) == ["metrics.json", "skipped_trials.json", "submission.csv",
+                                                  "trials.jsonl"]   # the skip report too: the workdir is only read
 
 
 def test_training_sentences_read_the_same_from_hdf5_and_the_prepared_dataset(synthetic_dir, prepared_dir):

@@ -5,9 +5,11 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -58,18 +60,26 @@ def test_synthetic_data_tool(tmp_path):
   assert sorted(os.listdir(tmp_path / "t15.2023.08.13")) == ["data_test.hdf5", "data_train.hdf5", "data_val.hdf5"]
 
 
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(common, port, popen):
+  return [subprocess.Popen(
+      [sys.executable, "-m", "b2t_jax.main", *common, "--config.distributed=True",
+       f"--config.coordinator_address=localhost:{port}", "--config.num_processes=2", f"--config.process_id={i}"],
+      cwd=ROOT, env=_env(4), text=True, **popen(i)) for i in range(2)]
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, prepared_dir):
   """Two local processes x 4 CPU devices (a stand-in for a 2-host pod) follow one 8-device process."""
   common = ["--config=configs/demo.py", f"--config.data.data_dir={prepared_dir}", *TINY]
   single = _final(_run(*common, f"--workdir={tmp_path / 'one'}")[-1])
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "b2t_jax.main", *common, f"--workdir={tmp_path / 'two'}", "--config.distributed=True",
-       f"--config.coordinator_address=localhost:{port}", "--config.num_processes=2", f"--config.process_id={i}"],
-      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = _two_processes([*common, f"--workdir={tmp_path / 'two'}"], _free_port(),
+                         popen=lambda i: {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE})
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -139,3 +149,32 @@ def test_documented_launch_commands_parse(where, command, tmp_path, monkeypatch,
     fv.unparse_flags()
   counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert counts["total"] > 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, prepared_dir):
+  """A preempted host of a pod: only process 1 gets SIGTERM; both save the same step and exit for a restart."""
+  work, logs = tmp_path / "work", tmp_path / "logs"
+  logs.mkdir()
+  common = ["--config=configs/demo.py", f"--config.data.data_dir={prepared_dir}", *as_flags(TINY_SIZES),
+            "--config.train.num_steps=1000", "--config.train.log_every=1", "--config.train.eval_every=5000",
+            f"--workdir={work}"]
+  files = [(open(logs / f"{i}.out", "w"), open(logs / f"{i}.err", "w")) for i in range(2)]
+  procs = _two_processes(common, _free_port(), popen=lambda i: {"stdout": files[i][0], "stderr": files[i][1]})
+  try:
+    deadline = time.time() + 600
+    while "step 3/1000" not in (logs / "1.err").read_text():   # compiled and training
+      assert time.time() < deadline and all(p.poll() is None for p in procs), (logs / "1.err").read_text()[-3000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+    for f in (f for pair in files for f in pair):
+      f.close()
+  outs = [(logs / f"{i}.out").read_text() for i in range(2)]
+  assert codes == [75, 75], [(logs / f"{i}.err").read_text()[-2000:] for i in range(2)]
+  stops = [re.findall(r"stopped at step (\d+) on SIGTERM", out) for out in outs]
+  assert len(stops[0]) == 1 and stops[0] == stops[1], outs
+  assert int(stops[0][0]) < 1000 and os.listdir(work / "checkpoints") == [stops[0][0]]

@@ -25,7 +25,8 @@ def test_noise_gru_kernels_are_split_over_model_axis(tiny):
   state = exp.init_state()
   w_hh = state.params["noise_model"]["gru"]["layer_1"]["cell"]["w_hh"]
   assert w_hh.addressable_shards[0].data.shape == (112, 3, 56)        # half of the hidden axis per device
-  mu = state.opt_state[1].inner_states["main"].inner_state[0].mu["noise_model"]["gru"]["layer_1"]["cell"]["w_hh"]
+  adamw = state.opt_state.inner_state[1].inner_states["main"].inner_state[0]   # inside apply_if_finite, the clip
+  mu = adamw.mu["noise_model"]["gru"]["layer_1"]["cell"]["w_hh"]
   assert mu.sharding.spec == P(None, None, "model")                     # Adam moments follow their params
 
 

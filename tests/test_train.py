@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from b2t_jax import checkpoint as ckpt_lib
-from b2t_jax import sharding, train
+from b2t_jax import main, sharding, train
 from b2t_jax.data import batching, sampler, source, t15
 from b2t_jax.optim import DAY_PARAMS, DayAdamState
 from b2t_jax.sharding import create_mesh
@@ -163,7 +163,7 @@ def test_resume_gives_bit_identical_next_steps(tiny, tmp_path):
   assert os.path.isdir(tmp_path / "b" / "best")
 
 
-def test_sigterm_saves_and_stops(tiny, tmp_path, monkeypatch):
+def test_sigterm_saves_stops_and_exits_for_a_restart(tiny, tmp_path, monkeypatch, capsys):
   tiny.train.num_steps = 50
   tiny.data.prefetch = 0   # sample on the training thread, so that "step 2" below is the step in flight
   real = sampler.train_batch_indices
@@ -175,10 +175,14 @@ def test_sigterm_saves_and_stops(tiny, tmp_path, monkeypatch):
 
   monkeypatch.setattr(sampler, "train_batch_indices", preempt_at_step_2)
   before = signal.getsignal(signal.SIGTERM)
-  result = train.train_and_evaluate(tiny, str(tmp_path))
-  assert result["step"] == 3                                   # finished the step in flight, then stopped
+  # A non-zero status makes a Kubernetes Job / SLURM requeue restart the run instead of calling it done.
+  assert main.run(tiny, str(tmp_path)) == tiny.train.preempt_exit_code == 75
+  out = capsys.readouterr().out
+  assert "stopped at step 3 on SIGTERM" in out                 # finished the step in flight, then stopped
+  assert "final" not in out and "val_per" not in out           # no stale evaluation under the stop step
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
   assert signal.getsignal(signal.SIGTERM) == before            # the handler is restored
+  assert not os.path.exists(tmp_path / "lock")                 # released for the restart
 
 
 def test_batch_that_does_not_divide_devices_is_explained(tiny):
