@@ -33,7 +33,7 @@ def _config():
   c = demo.get_config()
   c.data.sessions = T15_SESSIONS[:N_SESSIONS]
   assert c.data.feature_pool == 1 and c.model.patch_features > 0   # every one of the 512 columns is read
-  c.model.kind, c.model.hidden, c.model.n_layers = "gru", 64, 2
+  c.model.kind, c.model.hidden, c.model.n_layers = "gru", 128, 2   # the demo width: cheap beside the day layer
   c.data.batch_size, c.data.days_per_batch = 16, 2
   c.optim.warmup_steps = c.optim.day_warmup_steps = 20
   c.optim.decay_steps = STEPS

@@ -18,7 +18,7 @@ import os
 import h5py
 import numpy as np
 
-SESSIONS = ("t15.2023.08.11", "t15.2023.09.01", "t15.2023.10.20", "t15.2024.03.08")  # day indices 0, 6, 15, 30
+SESSIONS = ("t15.2023.08.11", "t15.2023.09.01", "t15.2023.10.20", "t15.2024.03.08")  # day indices 0, 6, 15, 29
 TRAIN, VAL, TEST = 60, 20, 20
 N_COLUMNS, N_LATENT, N_PHONEMES, WORD_BOUNDARY = 512, 6, 39, 40
 NOISE = 1.5                  # std of the additive Gaussian noise, per bin and column
