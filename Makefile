@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Trains the demo triple model end to end on freshly generated synthetic t15 data, read through the same
+# Trains the demo triple model (all 512 features) end to end on freshly generated synthetic t15 data, read through the same
 # TFDS (ArrayRecord) path as the real release.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)

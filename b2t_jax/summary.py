@@ -38,14 +38,14 @@ def _gru_flops(n_layers: int, d_in: int, hidden: int) -> int:
 def forward_flops(config: ml_collections.ConfigDict, time_bins: int) -> int:
   """Matmul FLOPs of one trial's training forward pass ('full' mode for the triple model) over `time_bins`.
 
-  Counts the day layers (per bin), the GRU input and recurrent projections and the output heads (per patch);
-  elementwise work (gates, softsign, CTC) is left out, as MFU conventions do.
+  Counts the day layers and the optional projection (per bin), the GRU input and recurrent projections and
+  the output heads (per patch); elementwise work (gates, softsign, CTC) is left out, as MFU conventions do.
   """
   m = config.model
   f = config.data.n_features // config.data.feature_pool
   patches = (time_bins - m.patch_size) // m.patch_stride + 1
-  patch_dim = f * m.patch_size
-  day = 2 * f * f * time_bins
+  patch_dim = (m.patch_features or f) * m.patch_size
+  day = 2 * f * f * time_bins + 2 * f * m.patch_features * time_bins  # day layer (+ projection, when on)
   head = 2 * m.hidden * m.n_classes * patches
   if m.kind == "gru":
     return day + _gru_flops(m.n_layers, patch_dim, m.hidden) * patches + head

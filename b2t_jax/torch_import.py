@@ -213,6 +213,7 @@ def config_overrides(args: dict, kind: str, base: ml_collections.ConfigDict
          "data.sessions": tuple(sessions),
          "data.n_features": int(values["model.n_input_features"]),
          "data.feature_pool": 1,
+         "model.patch_features": 0,   # the reference patches the day layer outputs directly
          "model.hidden": int(values["model.n_units"]),
          "model.patch_size": int(values["model.patch_size"]),
          "model.patch_stride": int(values["model.patch_stride"]),

@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.prefetch_workers = 2      # threads decoding and padding host batches in parallel
   d.sessions = T15_SESSIONS   # session list: position = day index
   d.n_features = 512          # features per 20 ms bin in the files
-  d.feature_pool = 1          # average each group of this many adjacent feature columns (1 = off)
+  d.feature_pool = 1          # opt-in: average groups of this many adjacent columns (1 = off). Assumes neighbouring
+                              # columns share a signal, which no real array gives: a speed knob, not a recipe
   d.batch_size = 64           # global trials per optimizer step
   d.days_per_batch = 4        # distinct days per training batch, trials sampled with replacement within a day
   d.seed = 1                  # batch-sampler seed (batch k depends only on (seed, k))
@@ -60,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.n_classes = 41            # blank + 39 phonemes + word boundary
   m.patch_size = 14           # bins per patch
   m.patch_stride = 4          # bins between patch starts
+  m.patch_features = 0        # 0 = patch the day layer's n_features outputs (SPEC); F = learned Dense(-> F) first
   m.input_dropout = 0.2       # dropout after the day layer (training only)
   m.rnn_dropout = 0.4         # dropout between GRU layers
   m.hidden = 768              # GRU width (baseline; clean and noisy decoders of the triple)

@@ -1,7 +1,9 @@
-"""A small triple model on freshly generated synthetic t15 data: trains on 2 CPU cores in a few minutes.
+"""A small triple model on freshly generated synthetic t15 data: trains on 2 CPU cores in minutes.
 
-Same code paths as tpu_v4 (triple model, GRL, day layers, augmentation, CTC, checkpoints); only widths,
-feature count (32 adjacent electrodes pooled into one) and schedule are reduced.
+Same code paths as tpu_v4 (triple model, GRL, day layers on all 512 features, augmentation, CTC, checkpoints).
+Reduced: widths, batch (16) and schedule, and a learned projection (model.patch_features, not in SPEC) maps the
+day layer's 512 outputs to 16 features before patching, so the noise GRU is 14 * 16 = 224 wide, not 7,168.
+No feature pooling: every one of the 512 columns reaches the model, in whatever order the files hold them.
 Launch: python -m b2t_jax.main --config=configs/demo.py --workdir=/tmp/b2t_demo
 """
 
@@ -11,9 +13,9 @@ from configs import default
 def get_config():
   c = default.get_config()
   c.model.kind = "triple"
-  c.data.feature_pool = 32            # 512 -> 16 features per bin; noise GRU width 14 * 16 = 224
+  c.model.patch_features = 16         # Dense(512 -> 16) before patching: noise GRU width 14 * 16 = 224
   c.model.hidden = 128                # clean and noisy decoder width
-  c.data.batch_size = 32
+  c.data.batch_size = 16              # 4 days x 4 trials: the 512 x 512 day layers cost per trial-bin
   c.data.days_per_batch = 4
   c.data.eval_batch_size = 32
   c.data.time_buckets = (128, 192, 256, 384, 512)

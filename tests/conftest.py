@@ -14,7 +14,8 @@ from configs import demo  # noqa: E402
 
 # The test-size model and batches, shared by in-process tests, CLI tests and the notebook test.
 TINY_SIZES = {
-    "data.feature_pool": 64,         # 8 features per bin -> noise GRU width 112
+    "data.feature_pool": 64,         # 8 features per bin -> noise GRU width 112 (speed only: see test_permutation)
+    "model.patch_features": 0,       # the demo's projection off: the 8 pooled features are patched directly
     "model.hidden": 16,
     "data.batch_size": 8,
     "data.days_per_batch": 2,

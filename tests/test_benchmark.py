@@ -17,10 +17,11 @@ from configs import default
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("kind", ["gru", "triple"])
-def test_analytic_forward_flops_match_xla_cost_analysis(kind):
+@pytest.mark.parametrize("kind,patch_features", [("gru", 0), ("triple", 0), ("gru", 24), ("triple", 24)])
+def test_analytic_forward_flops_match_xla_cost_analysis(kind, patch_features):
   c = default.get_config()
   c.model.kind, c.data.feature_pool, c.model.hidden, c.model.n_layers = kind, 16, 32, 2
+  c.model.patch_features = patch_features
   t, b = 34, 2
   patches = (t - c.model.patch_size) // c.model.patch_stride + 1
   # XLA's cost analysis counts a while-loop body once, so unroll every scan fully for the comparison.

@@ -23,9 +23,10 @@ ATOL = 2e-5
 
 
 @functools.lru_cache(maxsize=None)  # one init per (kind, seed) for the whole module
-def _model_and_params(kind: str, seed: int = 0):
+def _model_and_params(kind: str, seed: int = 0, patch_features: int = 0):
   c = tiny_config()
   c.model.kind = kind
+  c.model.patch_features = patch_features
   c.data.sessions = c.data.sessions[:3]
   c.model.n_layers = 2  # fewer layers compile faster; the layer loop is the same code
   model = create_model(c)
@@ -64,9 +65,11 @@ def _stream(decoder, raw, sizes):
   return np.concatenate(rows)
 
 
-@pytest.mark.parametrize("kind", ["gru", "triple"])
-def test_streaming_equals_offline(kind):
-  c, model, params = _model_and_params(kind)
+@pytest.mark.parametrize("kind,patch_features", [("gru", 0), ("triple", 0), ("triple", 5)])
+def test_streaming_equals_offline(kind, patch_features):
+  c, model, params = _model_and_params(kind, patch_features=patch_features)
+  if kind == "triple":  # the projection exists exactly when asked for
+    assert ("proj" in params["noise_model"]["frontend"]) == bool(patch_features)
   rng = np.random.default_rng(1)
   decoder = StreamingDecoder(c, params, day=2)
   for t in (61, 14, 100):  # odd length (partial last chunk), exactly one patch, a multiple of the chunk

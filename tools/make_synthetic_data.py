@@ -1,7 +1,11 @@
 """Writes a synthetic dataset in the exact t15 HDF5 layout (SPEC §1), named after the real sessions.
 
 python tools/make_synthetic_data.py --out=DIR [--seed=N] [--sessions=N] [--trials_per_session=N]
-  [--length_profile=demo|t15]
+  [--length_profile=demo|t15] [--permute_columns=SEED]
+
+--permute_columns=SEED writes the same trials with their 512 feature columns shuffled by one fixed
+permutation (b2t_jax.data.synthetic.column_permutation): a recipe that learns both trees does not rely on
+column order, which real arrays do not give.
 """
 
 from absl import app, flags
@@ -16,13 +20,16 @@ _TRIALS = flags.DEFINE_integer("trials_per_session", 80, "train trials per sessi
 _NOISE = flags.DEFINE_float("noise_std", 1.0, "per-bin Gaussian noise std")
 _PROFILE = flags.DEFINE_enum("length_profile", "demo", sorted(LENGTH_PROFILES),
                              "trial lengths: demo (1.5-4 s) or t15 (like the release, ~2-30 s)")
+_PERMUTE = flags.DEFINE_integer("permute_columns", None, "shuffle the feature columns by the fixed permutation "
+                                "of this seed (same trials otherwise); unset = t15 column order")
 
 
 def main(argv):
   del argv
   out = make_synthetic_dataset(_OUT.value, T15_SESSIONS, n_sessions=_SESSIONS.value,
                                trials_per_session=_TRIALS.value, seed=_SEED.value, noise_std=_NOISE.value,
-                               length_profile=_PROFILE.value)
+                               length_profile=_PROFILE.value,
+                               permute_columns=_PERMUTE.value)
   print(f"wrote {_SESSIONS.value} sessions to {out}")
 
 

@@ -52,6 +52,7 @@ class StreamGeometry:
   stride: int          # patch stride in frames
   keep: int            # day-transformed frames carried between steps
   n_features: int      # features per bin entering the model
+  frame_features: int  # features per day-transformed frame (model.patch_features, else n_features)
 
   @property
   def lag(self) -> int:
@@ -80,8 +81,9 @@ def geometry(config: ml_collections.ConfigDict, chunk: int | None = None) -> Str
   keep = max(m.patch_size - m.patch_stride, 0)
   while (keep + lag) % m.patch_stride:  # align every step's frame buffer to a patch start
     keep += 1
+  f = model_hparams(config).n_input_features
   return StreamGeometry(chunk=chunk, taps=taps, size=m.patch_size, stride=m.patch_stride, keep=keep,
-                        n_features=model_hparams(config).n_input_features)
+                        n_features=f, frame_features=m.patch_features or f)
 
 
 # ------------------------------------------------------------------------------------------- pure functions
@@ -105,17 +107,19 @@ def _n_layers(stack: dict) -> int:
 
 def stream_params(params: dict, kind: str, day: int) -> dict:
   """The inference subset of `params` with each front end's day layer already gathered for `day`."""
-  fronts = {name: {"w": fe["day_weights"][day], "b": fe["day_biases"][day]}
-            for name, fe in _front_ends(params, kind).items()}
+  fronts = {}
+  for name, fe in _front_ends(params, kind).items():
+    fronts[name] = {"w": fe["day_weights"][day], "b": fe["day_biases"][day]}
+    if "proj" in fe:
+      fronts[name]["proj"] = fe["proj"]
   head = params["out"] if kind == "gru" else params["clean_model"]["out"]
   return {"front": fronts, "stacks": _stacks(params, kind), "head": head}
 
 
 def init_state(sp: dict, geo: StreamGeometry) -> dict:
   """Zero smoothing and frame buffers; every layer of every stack starts at its stack's h0."""
-  f = geo.n_features
-  return {"raw": jnp.zeros((len(geo.taps) - 1, f), jnp.float32),
-          "frames": {name: jnp.zeros((geo.keep, f), jnp.float32) for name in sp["front"]},
+  return {"raw": jnp.zeros((len(geo.taps) - 1, geo.n_features), jnp.float32),
+          "frames": {name: jnp.zeros((geo.keep, geo.frame_features), jnp.float32) for name in sp["front"]},
           "h": {name: jnp.broadcast_to(st["h0"].astype(jnp.float32), (_n_layers(st),) + st["h0"].shape)
                 for name, st in sp["stacks"].items()}}
 
@@ -152,6 +156,8 @@ def stream_step(sp: dict, state: dict, chunk: jax.Array, first: jax.Array, end: 
   patches, frames = {}, {}
   for name, fe in sp["front"].items():
     y = jax.nn.soft_sign(matmul("tf,fg->tg", smoothed, fe["w"], dtype) + fe["b"]).astype(dtype)
+    if "proj" in fe:  # config.model.patch_features: the front end's Dense before patching
+      y = (matmul("tf,fg->tg", y, fe["proj"]["kernel"], dtype) + fe["proj"]["bias"]).astype(dtype)
     buf = jnp.concatenate([state["frames"][name].astype(dtype), y], axis=0)
     patches[name] = jnp.stack([buf[o:o + geo.size].reshape(-1) for o in range(0, geo.slots * geo.stride,
                                                                                geo.stride)])

@@ -36,7 +36,8 @@ class _FrontEndMixin:
   def front_end(self, name: str) -> DayFrontEnd:
     m = self.cfg
     return DayFrontEnd(n_days=m.n_days, n_features=m.n_input_features, patch_size=m.patch_size,
-                       patch_stride=m.patch_stride, dropout_rate=m.input_dropout, dtype=self.dtype, name=name)
+                       patch_stride=m.patch_stride, dropout_rate=m.input_dropout,
+                       patch_features=m.patch_features, dtype=self.dtype, name=name)
 
   def stack(self, n_layers: int, hidden: int, name: str, hidden_axis: str = "hidden") -> GRUStack:
     return GRUStack(n_layers=n_layers, hidden=hidden, dropout_rate=self.cfg.rnn_dropout, dtype=self.dtype,
@@ -133,6 +134,9 @@ def model_hparams(config: ml_collections.ConfigDict) -> ml_collections.FrozenCon
     raise ValueError(f"config.data.feature_pool={config.data.feature_pool} must divide "
                      f"config.data.n_features={config.data.n_features}")
   hp["n_input_features"] = config.data.n_features // config.data.feature_pool
+  if hp["patch_features"] < 0:
+    raise ValueError(f"config.model.patch_features={hp['patch_features']}: use 0 (off, SPEC) or the width of "
+                     "the learned projection before patching")
   return ml_collections.FrozenConfigDict(hp)
 
 

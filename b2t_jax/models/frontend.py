@@ -36,13 +36,18 @@ def _identity_stack(key, shape, dtype=jnp.float32):
 
 
 class DayFrontEnd(nn.Module):
-  """`softsign(x @ W[day] + b[day])` with W, b gathered by each trial's day index, then dropout and patching."""
+  """`softsign(x @ W[day] + b[day])` with W, b gathered by each trial's day index, then dropout and patching.
+
+  With `patch_features` > 0 (not in SPEC; config.model.patch_features) a learned Dense(n_features ->
+  patch_features) sits between dropout and patching, so patches are patch_size * patch_features wide.
+  """
 
   n_days: int
   n_features: int
   patch_size: int
   patch_stride: int
   dropout_rate: float
+  patch_features: int = 0
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -56,4 +61,6 @@ class DayFrontEnd(nn.Module):
     y = matmul("btf,bfg->btg", x, jnp.take(w, day, axis=0), self.dtype)
     y = nn.soft_sign(y + jnp.take(b, day, axis=0)[:, None, :])
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    if self.patch_features:
+      y = nn.Dense(self.patch_features, dtype=self.dtype, name="proj")(y)
     return patchify(y.astype(self.dtype), self.patch_size, self.patch_stride)
