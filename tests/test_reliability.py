@@ -76,7 +76,7 @@ def test_eval_runs_beside_a_live_run_and_writes_only_to_its_out_dir(trained, pre
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny, tmp_path, caplog):
   tiny.aug.constant_offset_std = 1e39    # beyond float32: inf offsets, every step's gradients are NaN
   tiny.train.num_steps, tiny.train.checkpoint_every, tiny.train.max_nonfinite_steps = 6, 1, 3
-  with caplog.at_level("INFO"), pytest.raises(NonFiniteError, match="3 consecutive non-finite training steps"):
+  with caplog.at_level("INFO", logger="absl"), pytest.raises(NonFiniteError, match="3 consecutive non-finite training steps"):
     train.train_and_evaluate(tiny, str(tmp_path))
   assert "nonfinite_steps 2" in caplog.text
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]   # step 3 raised before its save
