@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
-
-import math
 
 import jax
 import jax.numpy as jnp
