@@ -33,7 +33,7 @@ from tqdm import tqdm
 from b2t_jax import metrics as metrics_lib
 from b2t_jax import sharding
 from b2t_jax import steps
-from b2t_jax import train
+from b2t_jax import train, vocab
 from b2t_jax.data import source, t15
 from b2t_jax.decoding import lexicon_lm, ngram
 
@@ -96,7 +96,7 @@ def build_decoders(config: ml_collections.ConfigDict) -> tuple[dict[str, lexicon
 
 
 def phoneme_string(ids) -> str:
-  return " ".join(t15.PHONEMES[i].strip() for i in ids)
+  return " ".join(vocab.PHONEMES[i].strip() for i in ids)
 
 
 def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

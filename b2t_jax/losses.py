@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from b2t_jax.data.t15 import BLANK_ID
+from b2t_jax.vocab import BLANK_ID
 
 
 def min_ctc_frames(labels: jax.Array, label_lens: jax.Array) -> jax.Array:

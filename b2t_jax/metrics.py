@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from b2t_jax.data.t15 import BLANK_ID
+from b2t_jax.vocab import BLANK_ID
 
 
 def greedy_decode(frame_ids: np.ndarray, length: int) -> list[int]:

@@ -13,7 +13,7 @@ from flax import struct
 
 from b2t_jax import losses
 from b2t_jax.data.augment import preprocess
-from b2t_jax.models.frontend import n_patches
+from b2t_jax.patching import n_patches
 from b2t_jax.optim import lr_schedule
 
 

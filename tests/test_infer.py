@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from b2t_jax import checkpoint as ckpt_lib
-from b2t_jax import train
+from b2t_jax import train, vocab
 from b2t_jax.data import source, t15
 from b2t_jax.decoding import ngram
-from b2t_jax.models.frontend import n_patches
+from b2t_jax.patching import n_patches
 from conftest import TINY_SIZES, as_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,8 +72,8 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
     assert (rec["session"], rec["day"], rec["block"], rec["trial"]) == (trial.session, trial.day, trial.block,
                                                                         trial.trial)
     assert rec["true_sentence"] == trial.sentence
-    assert rec["true_phonemes"].split() == [t15.PHONEMES[i].strip() for i in trial.labels]
-    assert set(rec["greedy_phonemes"].split()) <= {p.strip() for p in t15.PHONEMES[1:]}
+    assert rec["true_phonemes"].split() == [vocab.PHONEMES[i].strip() for i in trial.labels]
+    assert set(rec["greedy_phonemes"].split()) <= {p.strip() for p in vocab.PHONEMES[1:]}
     assert row[1] == rec["words_lm"] and isinstance(rec["words_no_lm"], str)
 
   logits = np.load(os.path.join(out, "logits.npz"))

@@ -3,7 +3,7 @@
 import pytest
 
 from b2t_jax import metrics
-from b2t_jax.data.t15 import BLANK_ID
+from b2t_jax.vocab import BLANK_ID
 
 _ = BLANK_ID
 

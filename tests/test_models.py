@@ -8,7 +8,8 @@ from optax.tree import norm as optax_norm
 from flax import linen as nn
 
 from b2t_jax.models import create_model, gradient_reversal
-from b2t_jax.models.frontend import DayFrontEnd, n_patches, patchify
+from b2t_jax.models.frontend import DayFrontEnd, patchify
+from b2t_jax.patching import n_patches
 from b2t_jax.summary import parameter_counts
 from configs import gru_baseline, tpu_v4
 

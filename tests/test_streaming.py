@@ -15,7 +15,7 @@ from flax import linen as nn
 from b2t_jax.data.augment import preprocess
 from b2t_jax.decoding.streaming import StreamingDecoder, geometry
 from b2t_jax.models import create_model
-from b2t_jax.models.frontend import n_patches
+from b2t_jax.patching import n_patches
 from conftest import tiny_config
 
 # fp32 everywhere; the two paths differ only in matmul shapes (summation order), measured max |diff| ~1e-6.

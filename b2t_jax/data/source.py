@@ -29,7 +29,7 @@ from etils import epath
 
 from b2t_jax.data import batching, sampler, t15, tfds_b2t
 from b2t_jax.data.synthetic import make_synthetic_dataset
-from b2t_jax.models.frontend import n_patches
+from b2t_jax.patching import n_patches
 
 SKIPS_FILE = "skipped_trials.json"   # written to the workdir: skip counts per split, stage and reason
 

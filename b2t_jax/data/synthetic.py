@@ -31,7 +31,8 @@ import os
 import h5py
 import numpy as np
 
-from b2t_jax.data.t15 import PHONEMES, SIL_ID, TRIAL_FMT
+from b2t_jax.data.t15 import TRIAL_FMT
+from b2t_jax.vocab import PHONEMES, SIL_ID
 
 # word -> ARPAbet without stress; together they cover all 39 phonemes.
 LEXICON = {

@@ -16,10 +16,8 @@ import h5py
 import numpy as np
 from absl import logging
 
-# Logit index -> phoneme (SPEC §2). Index 0 is the CTC blank, 40 the word boundary.
-PHONEMES = ("BLANK", "AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G", "HH",
-            "IH", "IY", "JH", "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH", "UH", "UW",
-            "V", "W", "Y", "Z", "ZH", " | ")
+from b2t_jax.vocab import SIL_ID
+
 # The t15 sessions in release order: a trial's day index is its session's position here (SPEC §1).
 T15_SESSIONS = tuple(
     [f"t15.2023.{d}" for d in (
@@ -30,8 +28,6 @@ T15_SESSIONS = tuple(
         "02.25", "03.03", "03.08", "03.15", "03.17", "04.25", "04.28", "05.10", "06.14", "07.19", "07.21",
         "07.28")]
     + [f"t15.2025.{d}" for d in ("01.10", "01.12", "03.14", "03.16", "03.30", "04.13")])
-BLANK_ID = 0
-SIL_ID = len(PHONEMES) - 1
 SPLITS = ("train", "val", "test")
 TRIAL_FMT = "trial_{:04d}"
 

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from absl import logging
 
-from b2t_jax.data.t15 import BLANK_ID, PHONEMES, SIL_ID
+from b2t_jax.vocab import BLANK_ID, PHONEMES, SIL_ID
 from b2t_jax.decoding import ngram
 
 UNK_WORD = ngram.UNK

@@ -7,11 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from b2t_jax.models.gru import matmul
-
-
-def n_patches(n_time_steps, patch_size: int, patch_stride: int):
-  """Number of patches `floor((T - size) / stride) + 1` (works on ints and arrays; <= 0 means too short)."""
-  return (n_time_steps - patch_size) // patch_stride + 1
+from b2t_jax.patching import n_patches
 
 
 def patchify(x: jax.Array, patch_size: int, patch_stride: int) -> jax.Array:
