@@ -33,7 +33,7 @@ from tqdm import tqdm
 from b2t_jax import metrics as metrics_lib
 from b2t_jax import sharding
 from b2t_jax import steps
-from b2t_jax import train, vocab
+from b2t_jax import evaluation, experiment, vocab
 from b2t_jax.data import source, t15
 from b2t_jax.decoding import lexicon_lm, ngram
 
@@ -46,7 +46,7 @@ def logits_step(params: Any, batch: dict, *, model, config: ml_collections.Confi
   return {"logits": logits.astype(jnp.float32), "input_lens": jnp.maximum(input_lens, 0)}
 
 
-def split_logits(exp: train.Experiment, params: Any, split: source.DataSplit) -> dict[int, np.ndarray]:
+def split_logits(exp: experiment.Experiment, params: Any, split: source.DataSplit) -> dict[int, np.ndarray]:
   """Record index -> logits (n_patches_i, 41) of every kept trial of `split`; each process reads its rows."""
   cfg = exp.config
   data = sharding.batch_sharding(exp.mesh)
@@ -54,7 +54,7 @@ def split_logits(exp: train.Experiment, params: Any, split: source.DataSplit) ->
                  in_shardings=(exp.state_shardings.params, data), out_shardings=data)
   out: dict[int, np.ndarray] = {}
   plan = source.eval_plan(split, cfg.data.eval_batch_size)
-  for idx, gb in tqdm(train.eval_batches(exp, split, plan), total=len(plan), desc=f"{split.name} logits",
+  for idx, gb in tqdm(evaluation.eval_batches(exp, split, plan), total=len(plan), desc=f"{split.name} logits",
                       unit="batch", disable=jax.process_index() > 0):
     res = sharding.to_host(step(params, gb))
     for r, i in enumerate(idx):
@@ -71,19 +71,13 @@ def split_trials(split: source.DataSplit, chunk: int) -> Iterator[tuple[int, t15
     yield from zip(idx.tolist(), split.read(idx))
 
 
-def restore_params(exp: train.Experiment, workdir: str, which: str) -> tuple[Any, int]:
-  """Params and step of the `which` ('best' or 'latest') checkpoint of `workdir`, falling back to 'latest';
-  nothing is written to `workdir`."""
-  state = train.restore_for_reading(exp, workdir, which)
-  return state.params, int(jax.device_get(state.step))
-
-
-def build_decoders(config: ml_collections.ConfigDict) -> tuple[dict[str, lexicon_lm.LexiconLMDecoder],
-                                                               lexicon_lm.Lexicon, str]:
-  """The lexicon-only decoder and, when `config.decode.lm_path` is set, the LM decoder, over one lexicon."""
+def build_decoders(config: ml_collections.ConfigDict, dataset_dir: str
+                   ) -> tuple[dict[str, lexicon_lm.LexiconLMDecoder], lexicon_lm.Lexicon, str]:
+  """The lexicon-only decoder and, when `config.decode.lm_path` is set, the LM decoder, over one lexicon
+  (vocabularies drawn from the training sentences read them from the prepared `dataset_dir`)."""
   dc = config.decode
   needs_train = dc.vocabulary in ("train", "cmudict") or (dc.vocabulary == "auto" and not dc.lm_path)
-  sentences = list(ngram.dataset_sentences(config.data.data_dir, "train")) if needs_train else None
+  sentences = list(ngram.dataset_sentences(dataset_dir, "train")) if needs_train else None
   vocab, source = lexicon_lm.decoding_vocabulary(dc, sentences)
   extra = lexicon_lm.read_lexicon_file(dc.lexicon_path) if dc.lexicon_path else None
   lexicon = lexicon_lm.build_lexicon(vocab, extra, source=source)
@@ -105,17 +99,18 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if ic.split not in t15.SPLITS:
     raise ValueError(f"config.infer.split={ic.split!r}: expected one of {t15.SPLITS}")
   out_dir = ic.out_dir or os.path.join(workdir, f"infer_{ic.split}")
-  split = train.open_data(config, workdir, (ic.split,), report_dir=out_dir)[ic.split]   # resolves data_dir, checks
+  split = experiment.open_data(config, workdir, (ic.split,), report_dir=out_dir)[ic.split]
   skipped = {f"{stage}:{reason}": n for stage, counts in split.skipped.items() for reason, n in counts.items() if n}
   if ic.split == "test" and skipped:
     # Competition ids are positions among all test trials (SPEC §5): a skipped trial would shift every later id.
-    raise t15.DataError(f"{config.data.data_dir}: the test split had trials skipped ({skipped}); the competition "
+    raise t15.DataError(f"{split.dataset_dir}: the test split had trials skipped ({skipped}); the competition "
                         "CSV needs every test trial in release order. Prepare and run with "
                         "--config.data.on_bad_trial=error to see which trial is bad")
-  exp = train.Experiment(config)
-  params, step = restore_params(exp, workdir, ic.checkpoint)
-  record_logits = split_logits(exp, params, split)
-  decoders, lexicon, vocab_source = build_decoders(config)
+  exp = experiment.Experiment(config)
+  state = evaluation.restore_for_reading(exp, workdir, ic.checkpoint)
+  step = int(jax.device_get(state.step))
+  record_logits = split_logits(exp, state.params, split)
+  decoders, lexicon, vocab_source = build_decoders(config, split.dataset_dir)
   labelled = ic.split != "test"
 
   per = metrics_lib.ErrorRate()

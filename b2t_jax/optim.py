@@ -86,16 +86,25 @@ def lr_schedule(peak: float, end: float, warmup_steps: int, decay_steps: int) ->
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, decay_steps, end)
 
 
+def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """The main group's schedule of `config.optim` (what the train step logs as `lr`)."""
+  return lr_schedule(cfg.lr_peak, cfg.lr_min, cfg.warmup_steps, cfg.decay_steps)
+
+
+def day_learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """The day layers' schedule of `config.optim`."""
+  return lr_schedule(cfg.day_lr_peak, cfg.day_lr_min, cfg.day_warmup_steps, cfg.decay_steps)
+
+
 def create_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
   """The full optimizer; `update` takes the extra keyword `day_present` (n_days,) bool."""
   for name in ("warmup_steps", "day_warmup_steps"):
     if not 0 <= cfg[name] < cfg.decay_steps:
       raise ValueError(f"config.optim.{name}={cfg[name]} must be below config.optim.decay_steps={cfg.decay_steps} "
                        "(the cosine ends at decay_steps, warm-up included)")
-  main = optax.adamw(lr_schedule(cfg.lr_peak, cfg.lr_min, cfg.warmup_steps, cfg.decay_steps),
+  main = optax.adamw(learning_rate(cfg),
                      b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-  day = day_adam(lr_schedule(cfg.day_lr_peak, cfg.day_lr_min, cfg.day_warmup_steps, cfg.decay_steps),
-                 cfg.b1, cfg.b2, cfg.eps)
+  day = day_adam(day_learning_rate(cfg), cfg.b1, cfg.b2, cfg.eps)
   parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
   return optax.chain(*parts, optax.multi_transform({"main": main, "day": day}, param_groups))
 

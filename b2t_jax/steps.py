@@ -14,7 +14,7 @@ from flax import struct
 from b2t_jax import losses
 from b2t_jax.data.augment import preprocess
 from b2t_jax.patching import n_patches
-from b2t_jax.optim import lr_schedule
+from b2t_jax.optim import learning_rate
 
 
 # Counters of the non-finite guard: the host reports their value at the last step of a log window, not a mean.
@@ -107,8 +107,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
              "nonfinite_consecutive": opt_state.notfinite_count,
              "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
              "param_norm": optax.tree.norm(params), "grl_lambda": lam,
-             "lr": lr_schedule(config.optim.lr_peak, config.optim.lr_min, config.optim.warmup_steps,
-                               config.optim.decay_steps)(state.step)}
+             "lr": learning_rate(config.optim)(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -3,128 +3,24 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
-from etils import epath
 from jax.experimental import multihost_utils
 
 from b2t_jax import checkpoint as ckpt_lib
-from b2t_jax import metrics as metrics_lib
 from b2t_jax import sharding
 from b2t_jax import workdir as workdir_lib
-from b2t_jax.data import batching, source, t15
-from b2t_jax.models import create_model
-from b2t_jax.optim import guarded_optimizer
-from b2t_jax.steps import COUNTER_METRICS, NonFiniteError, TrainState, create_train_state, eval_step, train_step
-from b2t_jax.summary import abstract_params
-
-
-class Experiment:
-  """Model, optimizer, mesh and the jitted steps of one config; shared by train, eval and tests."""
-
-  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
-    self.config = config
-    self.model = create_model(config)
-    self.tx = guarded_optimizer(config.optim)
-    self.mesh = sharding.create_mesh(config.mesh_shape) if mesh is None else mesh
-    repl = sharding.replicated(self.mesh)
-    data = sharding.batch_sharding(self.mesh)
-    self.param_shardings = sharding.param_shardings(abstract_params(config), self.mesh, config.logical_axis_rules)
-    self._state_shapes = jax.eval_shape(self._create_state)
-    self.state_shardings = sharding.state_shardings(self._state_shapes, self.param_shardings, self.mesh)
-    st = self.state_shardings
-    self.train_step = jax.jit(functools.partial(train_step, model=self.model, tx=self.tx, config=config),
-                              in_shardings=(st, data), out_shardings=(st, repl), donate_argnums=0)
-    self.eval_step = jax.jit(functools.partial(eval_step, model=self.model, config=config),
-                             in_shardings=(st.params, data), out_shardings=data)
-    self._init = jax.jit(self._create_state, out_shardings=st)
-
-  @property
-  def n_features(self) -> int:
-    return self.config.data.n_features // self.config.data.feature_pool
-
-  def example_batch(self, rows: int, t: int) -> dict[str, jax.ShapeDtypeStruct]:
-    return {"features": jax.ShapeDtypeStruct((rows, t, self.n_features), jnp.float32),
-            "n_time_steps": jax.ShapeDtypeStruct((rows,), jnp.int32),
-            "labels": jax.ShapeDtypeStruct((rows, self.config.data.max_label_len), jnp.int32),
-            "label_lens": jax.ShapeDtypeStruct((rows,), jnp.int32),
-            "day": jax.ShapeDtypeStruct((rows,), jnp.int32),
-            "weight": jax.ShapeDtypeStruct((rows,), jnp.float32)}
-
-  def _create_state(self) -> TrainState:
-    shapes = self.example_batch(1, min(self.config.data.time_buckets))
-    example = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
-    return create_train_state(self.model, self.tx, self.config, example)
-
-  def init_state(self) -> TrainState:
-    return self._init()
-
-  def abstract_state(self) -> TrainState:
-    """Shapes, dtypes and shardings of the train state, without allocating it."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self._state_shapes, self.state_shardings)
-
-
-def eval_batches(exp: Experiment, split: source.DataSplit, plan: list[np.ndarray]
-                 ) -> Iterator[tuple[np.ndarray, dict[str, jax.Array]]]:
-  """(global record indices, global device batch) of each eval batch of `plan`, read ahead by the prefetcher;
-  each process reads only its rows."""
-  config = exp.config
-  read = functools.partial(source.eval_host_batch, split, config)
-  with batching.Prefetcher(read, plan, config.data.prefetch, config.data.prefetch_workers) as batches:
-    for idx, batch in batches:
-      yield idx, sharding.shard_batch(batch, exp.mesh)
-
-
-def evaluate(exp: Experiment, params: Any, split: source.DataSplit, plan: list[np.ndarray]) -> dict[str, Any]:
-  """Runs every trial of `plan` (global record indices per eval batch) once; each process reads only its
-  rows. Returns aggregate and per-day PER, mean CTC loss and the infeasible count."""
-  per = metrics_lib.ErrorRate()
-  total_nll, n_feasible, n_infeasible = 0.0, 0, 0
-  for _, gb in eval_batches(exp, split, plan):
-    out = sharding.to_host({**exp.eval_step(params, gb), "labels": gb["labels"], "label_lens": gb["label_lens"],
-                            "day": gb["day"], "weight": gb["weight"]})
-    for r in np.flatnonzero(out["weight"] > 0):
-      hyp = metrics_lib.greedy_decode(out["pred"][r], int(out["input_lens"][r]))
-      per.add(int(out["day"][r]), hyp, out["labels"][r, :out["label_lens"][r]].tolist())
-      if out["feasible"][r]:
-        total_nll += float(out["nll"][r])
-        n_feasible += 1
-      else:
-        n_infeasible += 1
-  return {"val_per": per.rate(), "val_loss": total_nll / max(n_feasible, 1), "val_infeasible": n_infeasible,
-          "per_day": per.per_day()}
-
-
-def open_data(config: ml_collections.ConfigDict, workdir: str, splits=("train", "val"), report_dir: str = ""
-              ) -> dict[str, source.DataSplit]:
-  """Resolves (and if needed prepares) the dataset, opens `splits` with their load-time checks, checks the
-  time buckets and writes the skip counts to REPORT_DIR/skipped_trials.json (default: the workdir)."""
-  d = config.data
-  dataset_dir = source.resolve_dataset(config, workdir)
-  config.data.data_dir = dataset_dir
-  out = {name: source.open_split(dataset_dir, config, name, train=name == "train") for name in splits}
-  for split in out.values():
-    if not len(split):
-      raise t15.DataError(f"{dataset_dir}: the {split.name} split has no trials left")
-    source.check_buckets(split, d.time_buckets)
-  source.write_skips(report_dir or workdir, list(out.values()))
-  logging.info("data: %s from %s", ", ".join(f"{len(s)} {s.name}" for s in out.values()), dataset_dir)
-  return out
-
-
-def format_per_day(per_day: dict[int, float], sessions) -> str:
-  return "\n".join(f"  {sessions[d]:<16} day {d:>2}  PER {p:.4f}" for d, p in per_day.items())
+from b2t_jax.data import batching, source
+from b2t_jax.evaluation import evaluate, format_per_day
+from b2t_jax.experiment import Experiment, open_data
+from b2t_jax.steps import COUNTER_METRICS, NonFiniteError
 
 
 class _Preemption:
@@ -299,34 +195,3 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return {**last_eval, "train": last_train, "step": step, "preempted": False}
 
 
-def restore_for_reading(exp: Experiment, workdir: str, which: str) -> TrainState:
-  """The `which` ('best' or 'latest') checkpoint of `workdir`, else the latest, without writing to `workdir`
-  (eval and infer take no lock and run on read-only workdirs); the config is first checked against the one
-  that created the workdir."""
-  workdir_lib.check_config(exp.config, workdir)
-  ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
-  try:
-    state = ckpts.restore(exp.abstract_state(), which)
-    if state is None and which != "latest":
-      state = ckpts.restore(exp.abstract_state(), "latest")
-  finally:
-    ckpts.close()
-  if state is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/best or {workdir}/checkpoints; train first (or import "
-                            "a PyTorch checkpoint into this workdir)")
-  return state
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict[str, Any]:
-  """Loads the best (else latest) checkpoint of `workdir` and evaluates the val split; writes metrics.json and
-  skipped_trials.json to `config.eval.out_dir` (default WORKDIR/eval), nothing else."""
-  out_dir = config.eval.out_dir or os.path.join(workdir, "eval")
-  val_split = open_data(config, workdir, ("val",), report_dir=out_dir)["val"]
-  exp = Experiment(config)
-  state = restore_for_reading(exp, workdir, which)
-  result = evaluate(exp, state.params, val_split, source.eval_plan(val_split, config.data.eval_batch_size))
-  result["step"] = int(jax.device_get(state.step))
-  if jax.process_index() == 0:
-    workdir_lib.write_atomically(str(epath.Path(out_dir) / "metrics.json"),
-                                 json.dumps({k: v for k, v in result.items() if k != "per_day"}, indent=1))
-  return result

@@ -249,11 +249,11 @@ def test_wavefront_bf16_runs_and_is_close():
 def test_wavefront_train_step_matches_on_a_model_parallel_mesh(tiny):
   """model.gru_wavefront reaches every GRU stack of the triple model; with the noise GRU's hidden axis split over
   'model' (mesh 4x2) and dropout on, the train-step loss is that of the layer-by-layer run on 8x1."""
-  from b2t_jax import train
+  from b2t_jax import experiment
   from b2t_jax.sharding import create_mesh
   from test_train import _batches, _losses
   batches = _batches(tiny, 1)   # one step: each new batch shape would compile both models again
-  ref, _ = _losses(train.Experiment(tiny, mesh=create_mesh((8, 1))), batches)
+  ref, _ = _losses(experiment.Experiment(tiny, mesh=create_mesh((8, 1))), batches)
   tiny.model.gru_wavefront = True
   seen = []   # the `wavefront` field of every GRUStack the model calls while the step is traced
 
@@ -263,6 +263,6 @@ def test_wavefront_train_step_matches_on_a_model_parallel_mesh(tiny):
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(spy):
-    got, _ = _losses(train.Experiment(tiny, mesh=create_mesh((4, 2))), batches)
+    got, _ = _losses(experiment.Experiment(tiny, mesh=create_mesh((4, 2))), batches)
   assert seen and all(seen), seen
   np.testing.assert_allclose(got, ref, rtol=2e-5)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from b2t_jax import checkpoint as ckpt_lib
-from b2t_jax import train, vocab
+from b2t_jax import evaluation, experiment, vocab
 from b2t_jax.data import source, t15
 from b2t_jax.decoding import ngram
 from b2t_jax.patching import n_patches
@@ -27,10 +27,10 @@ def trained(tmp_path_factory, synthetic_dir, prepared_dir):
   from conftest import tiny_config
   work = str(tmp_path_factory.mktemp("infer_work"))
   config = tiny_config(prepared_dir)
-  exp = train.Experiment(config)
+  exp = experiment.Experiment(config)
   state = exp.init_state()
-  val = train.open_data(config, work, ("val",))["val"]
-  evaluated = train.evaluate(exp, state.params, val, source.eval_plan(val, config.data.eval_batch_size))
+  val = experiment.open_data(config, work, ("val",))["val"]
+  evaluated = evaluation.evaluate(exp, state.params, val, source.eval_plan(val, config.data.eval_batch_size))
   ckpts = ckpt_lib.Checkpoints(work)
   ckpts.maybe_save_best(state, evaluated["val_per"], evaluated["val_loss"])
   ckpts.wait()

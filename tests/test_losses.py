@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from b2t_jax import losses, sharding, train
+from b2t_jax import experiment, losses, sharding
 from b2t_jax.data.augment import preprocess
 from conftest import tiny_config
 
@@ -133,7 +133,7 @@ def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
   noisy_w, l2_w, warm, grl = 0.3, 0.7, 4, 0.5
   c.loss.noisy_weight, c.loss.noise_l2_weight, c.loss.adversarial_warmup_steps = noisy_w, l2_w, warm
   c.model.grl_lambda = grl
-  exp = train.Experiment(c)
+  exp = experiment.Experiment(c)
   batch = hand_batch(c, exp.n_features)
   x, _ = preprocess(None, jnp.asarray(batch["features"]), jnp.asarray(batch["n_time_steps"]), c.aug)
   patches = (batch["n_time_steps"] - c.model.patch_size) // c.model.patch_stride + 1

@@ -16,7 +16,7 @@ import h5py
 import jax
 import numpy as np
 
-from b2t_jax import metrics, sharding, train
+from b2t_jax import experiment, metrics, sharding
 from b2t_jax.data import batching, sampler, t15
 from b2t_jax.data.synthetic import column_permutation, make_synthetic_dataset
 from b2t_jax.data.t15 import T15_SESSIONS
@@ -42,7 +42,7 @@ def _config():
 
 def _val_per(root: str) -> float:
   c = _config()
-  exp = train.Experiment(c, mesh=sharding.create_mesh((1, 1), jax.devices()[:1]))
+  exp = experiment.Experiment(c, mesh=sharding.create_mesh((1, 1), jax.devices()[:1]))
   tr = t15.load_split(root, c.data.sessions, "train", max_label_len=c.data.max_label_len)
   val = t15.load_split(root, c.data.sessions, "val", max_label_len=c.data.max_label_len)
   days, d = tr.day_indices(), c.data

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from b2t_jax import checkpoint as ckpt_lib
-from b2t_jax import config_check, train
+from b2t_jax import config_check, evaluation, experiment, train
 from b2t_jax.steps import NonFiniteError, TrainState
 from b2t_jax.workdir import CONFIG_FILE, LOCK_FILE, ConfigMismatch, WorkdirLock, WorkdirLocked
 from conftest import tiny_config
@@ -64,7 +64,7 @@ def test_eval_runs_beside_a_live_run_and_writes_only_to_its_out_dir(trained, pre
   before = _tree(trained)
   c = tiny_config(prepared_dir)
   c.mode, c.eval.out_dir = "eval", str(tmp_path / "eval")
-  result = train.evaluate_checkpoint(c, trained)
+  result = evaluation.evaluate_checkpoint(c, trained)
   after = _tree(trained)
   os.remove(lock)
   assert after == before
@@ -80,7 +80,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny, tmp_path, ca
     train.train_and_evaluate(tiny, str(tmp_path))
   assert "nonfinite_steps 2" in caplog.text
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]   # step 3 raised before its save
-  exp = train.Experiment(tiny)
+  exp = experiment.Experiment(tiny)
   ckpts = ckpt_lib.Checkpoints(str(tmp_path), read_only=True)
   saved = ckpts.restore(exp.abstract_state())
   ckpts.close()

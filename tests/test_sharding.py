@@ -6,7 +6,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from b2t_jax import losses, train
+from b2t_jax import experiment, losses
 from b2t_jax.models import create_model
 from b2t_jax.models.decoders import model_hparams
 from b2t_jax.sharding import create_mesh
@@ -15,7 +15,7 @@ from test_train import _batches, _losses, _updates
 
 
 def test_noise_gru_kernels_are_split_over_model_axis(tiny):
-  exp = train.Experiment(tiny, mesh=create_mesh((4, 2)))
+  exp = experiment.Experiment(tiny, mesh=create_mesh((4, 2)))
   ps = exp.param_shardings
   layer = ps["noise_model"]["gru"]["layer_0"]
   assert layer["w_ih"].spec == P(None, None, "model") and layer["cell"]["w_hh"].spec == P(None, None, "model")
@@ -32,7 +32,7 @@ def test_noise_gru_kernels_are_split_over_model_axis(tiny):
 
 def test_same_losses_on_every_mesh_shape(tiny):
   batches = _batches(tiny, 3)
-  results = {shape: _losses(train.Experiment(tiny, mesh=create_mesh(shape)), batches)[0]
+  results = {shape: _losses(experiment.Experiment(tiny, mesh=create_mesh(shape)), batches)[0]
              for shape in [(8, 1), (4, 2), (1, 8)]}
   # fp32 round-off from different reduction orders only
   np.testing.assert_allclose(results[(4, 2)], results[(8, 1)], rtol=2e-5)
@@ -44,9 +44,9 @@ def test_bf16_steps_match_fp32_and_keep_fp32_state(tiny):
   tiny.optim.warmup_steps = tiny.optim.day_warmup_steps = 0
   tiny.model.input_dropout = tiny.model.rnn_dropout = 0.0
   batches = _batches(tiny, 3)
-  f32, d32, _ = _updates(train.Experiment(tiny), batches)
+  f32, d32, _ = _updates(experiment.Experiment(tiny), batches)
   tiny.model.dtype = "bfloat16"
-  b16, d16, state = _updates(train.Experiment(tiny), batches)
+  b16, d16, state = _updates(experiment.Experiment(tiny), batches)
   np.testing.assert_allclose(b16, f32, rtol=2e-2)     # bf16 has 8 mantissa bits; CTC sums ~50 frame terms
   # Per leaf, |update_bf16 - update_fp32| / |update_fp32| (L2 norms): bf16 rounds each matmul operand by up to
   # 2^-9 = 0.2% and Adam passes such relative errors through to the update (measured: at most 0.6%); a gradient
@@ -97,7 +97,7 @@ def _dot_dtypes(jaxpr, out):
 
 def test_bf16_train_step_has_no_fp64_and_no_upcast_matmuls(tiny):
   tiny.model.dtype = "bfloat16"
-  exp = train.Experiment(tiny)
+  exp = experiment.Experiment(tiny)
   jaxpr = jax.make_jaxpr(exp.train_step)(exp.abstract_state(), exp.example_batch(8, 256))
   assert "f64" not in str(jaxpr)
   dots = _dot_dtypes(jaxpr.jaxpr, [])

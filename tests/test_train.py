@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from b2t_jax import checkpoint as ckpt_lib
-from b2t_jax import main, sharding, train
+from b2t_jax import evaluation, experiment, main, sharding, train
 from b2t_jax.data import batching, sampler, source, t15
 from b2t_jax.optim import DAY_PARAMS, DayAdamState
 from b2t_jax.sharding import create_mesh
@@ -46,8 +46,8 @@ def _updates(exp, batches):
 def test_eight_devices_match_one_device(tiny):
   assert jax.device_count() == 8
   batches = _batches(tiny, 3)
-  one, s1 = _losses(train.Experiment(tiny, mesh=create_mesh((1, 1), jax.devices()[:1])), batches)
-  eight, s8 = _losses(train.Experiment(tiny), batches)
+  one, s1 = _losses(experiment.Experiment(tiny, mesh=create_mesh((1, 1), jax.devices()[:1])), batches)
+  eight, s8 = _losses(experiment.Experiment(tiny), batches)
   # Same math, different reduction order across devices: fp32 round-off only.
   np.testing.assert_allclose(eight, one, rtol=1e-5)
   assert one[0] > 1.0 and np.all(np.isfinite(one))
@@ -63,9 +63,9 @@ def test_gradient_accumulation_matches_large_batch(tiny):
   tiny.model.input_dropout = tiny.model.rnn_dropout = 0.0   # micro-batches draw their own dropout masks
   tiny.loss.noise_l2_weight = 1.0
   batches = _batches(tiny, 3)
-  full, d_full, _ = _updates(train.Experiment(tiny), batches)
+  full, d_full, _ = _updates(experiment.Experiment(tiny), batches)
   tiny.optim.grad_accum_steps = 2
-  accum, d_accum, _ = _updates(train.Experiment(tiny, mesh=create_mesh((4, 1), jax.devices()[:4])), batches)
+  accum, d_accum, _ = _updates(experiment.Experiment(tiny, mesh=create_mesh((4, 1), jax.devices()[:4])), batches)
   np.testing.assert_allclose(accum, full, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(d_full)[0], jax.tree.leaves(d_accum)):
     scale = np.abs(a).max()
@@ -80,7 +80,7 @@ def test_days_absent_from_a_batch_keep_their_parameters_and_moments():
   weights, biases and both Adam moments bit-identical; each day's Adam count is the steps it was present."""
   c = tiny_config()
   c.optim.warmup_steps = c.optim.day_warmup_steps = 0
-  exp = train.Experiment(c)
+  exp = experiment.Experiment(c)
   n_days = len(c.data.sessions)
   # days of the 8 rows per step; the last two rows are padding (weight 0) of a day absent that step
   plan = [(0, 0, 1, 1, 0, 1, 2, 2), (1, 1, 2, 2, 1, 2, 0, 0), (0, 0, 2, 2, 0, 2, 1, 1)]
@@ -121,7 +121,7 @@ def test_evaluate_counts_only_real_rows(tiny, tmp_path):
   """Eval batches padded with weight-0 rows (day 0, no frames) give what unpadded one-trial batches give: no
   phantom day, no padding row counted infeasible. Day 0 is left out of the split so that its padding rows
   would show as a day of their own."""
-  val = train.open_data(tiny, str(tmp_path), ("val",))["val"]
+  val = experiment.open_data(tiny, str(tmp_path), ("val",))["val"]
   val = dataclasses.replace(val, keep=val.keep & (val.day != 0))
   kept = np.flatnonzero(val.keep)
   trials = val.read(kept)
@@ -136,12 +136,12 @@ def test_evaluate_counts_only_real_rows(tiny, tmp_path):
   tiny.model.patch_stride = stride
   days = sorted(set(val.day[kept].tolist()))
   assert 0 not in days and any(len(i) % tiny.data.eval_batch_size for i in val.day_indices().values())
-  padded_exp = train.Experiment(tiny)
+  padded_exp = experiment.Experiment(tiny)
   params = jax.device_get(padded_exp.init_state().params)
-  padded = train.evaluate(padded_exp, params, val, source.eval_plan(val, tiny.data.eval_batch_size))
+  padded = evaluation.evaluate(padded_exp, params, val, source.eval_plan(val, tiny.data.eval_batch_size))
   tiny.data.eval_batch_size = 1
-  single_exp = train.Experiment(tiny, mesh=create_mesh((1, 1), jax.devices()[:1]))
-  single = train.evaluate(single_exp, params, val, source.eval_plan(val, 1))
+  single_exp = experiment.Experiment(tiny, mesh=create_mesh((1, 1), jax.devices()[:1]))
+  single = evaluation.evaluate(single_exp, params, val, source.eval_plan(val, 1))
   assert sorted(padded["per_day"]) == sorted(single["per_day"]) == days
   assert padded["val_infeasible"] == single["val_infeasible"] == infeasible
   assert padded["val_per"] == pytest.approx(single["val_per"], abs=1e-9)
@@ -186,7 +186,7 @@ def test_sigterm_saves_stops_and_exits_for_a_restart(tiny, tmp_path, monkeypatch
 
 
 def test_batch_that_does_not_divide_devices_is_explained(tiny):
-  exp = train.Experiment(tiny)
+  exp = experiment.Experiment(tiny)
   bad = {"features": np.zeros((6, 256, 8), np.float32)}
   with pytest.raises(ValueError, match="6 trials does not divide the 8 devices"):
     sharding.shard_batch(bad, exp.mesh)
@@ -195,7 +195,7 @@ def test_batch_that_does_not_divide_devices_is_explained(tiny):
 @pytest.mark.slow
 def test_tpu_v4_train_step_compiles_at_full_size():
   config = tpu_v4.get_config()
-  exp = train.Experiment(config)
+  exp = experiment.Experiment(config)
   lowered = exp.train_step.lower(exp.abstract_state(), exp.example_batch(config.data.batch_size, 256))
   compiled = lowered.compile()
   mem = compiled.memory_analysis()
@@ -214,7 +214,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, cap
         with open(os.path.join(root, f), "wb") as fh:
           fh.write(b"garbage")
   os.makedirs(ckpt_dir / "4.orbax-checkpoint-tmp")              # a save interrupted half-way
-  exp = train.Experiment(tiny)
+  exp = experiment.Experiment(tiny)
   ckpts = ckpt_lib.Checkpoints(str(tmp_path))
   with caplog.at_level("WARNING"):
     state = ckpts.restore(exp.abstract_state())

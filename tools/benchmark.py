@@ -13,19 +13,17 @@ same cores and clock; the larger probe is used), on TPU/GPU the vendor's dense p
 import json
 import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from b2t_jax import sharding, summary, train  # noqa: E402
-import benchlib  # noqa: E402  (tools/ is the script's own folder)
+from b2t_jax import experiment, sharding, summary
+import benchlib  # tools/ is the script's own folder
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gru_baseline.py", "config file")
 _T = flags.DEFINE_integer("time_bins", 500, "trial length in 20 ms bins (every trial of the batch)")
@@ -71,7 +69,7 @@ def platform_peak(device, dtype: str) -> tuple[float | None, str]:
   return None, f"no peak known for {device.device_kind} {dtype}"
 
 
-def synthetic_batch(exp: train.Experiment, batch: int, t: int, label_len: int) -> dict[str, np.ndarray]:
+def synthetic_batch(exp: experiment.Experiment, batch: int, t: int, label_len: int) -> dict[str, np.ndarray]:
   """A fixed, feasible batch of the config's shapes: every trial `t` bins, `label_len` phonemes."""
   rng = np.random.default_rng(0)
   cfg = exp.config
@@ -89,7 +87,7 @@ def main(argv):
   load_before = benchlib.load_average()
   config = _CONFIG.value
   device = jax.devices()[0]
-  exp = train.Experiment(config)
+  exp = experiment.Experiment(config)
   gb, t = config.data.batch_size, _T.value
   batch = sharding.shard_batch(synthetic_batch(exp, gb, t, _LABEL_LEN.value), exp.mesh)
   state = exp.init_state()

@@ -14,19 +14,15 @@ trial lengths (~2-30 s), because its full 64-trial step takes minutes on a small
 
 import functools
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ from any cwd
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import numpy as np
+from absl import app, flags, logging
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-
-from b2t_jax import sharding, train  # noqa: E402
-from b2t_jax.data import batching, source  # noqa: E402
-from configs import demo, gru_baseline  # noqa: E402
+from b2t_jax import experiment, sharding
+from b2t_jax.data import batching, source
+from configs import demo, gru_baseline
 
 _CONFIGS = flags.DEFINE_list("configs", ["demo", "gru_baseline"], "configs to measure")
 _OUT = flags.DEFINE_string("out", "/tmp/b2t_bench_input", "scratch folder for the synthetic data")
@@ -66,7 +62,7 @@ def time_input(split, config, steps: int, depth: int, workers: int) -> tuple[flo
 
 def time_train(split, config, steps: int) -> tuple[float, float]:
   """examples/s of the jitted train step (after compiling every bucket used) and the compile seconds."""
-  exp = train.Experiment(config)
+  exp = experiment.Experiment(config)
   state = exp.init_state()
   batches = [sharding.shard_batch(source.train_host_batch(split, config, k), exp.mesh) for k in range(steps)]
   t0 = time.perf_counter()
@@ -89,7 +85,7 @@ def main(argv):
     config = make_config(name)
     workdir = os.path.join(_OUT.value, name)
     t0 = time.perf_counter()
-    data = train.open_data(config, workdir, ("train",))["train"]
+    data = experiment.open_data(config, workdir, ("train",))["train"]
     prep_s = time.perf_counter() - t0
     input_1, shapes = time_input(data, config, _INPUT_STEPS.value, 0, 1)
     input_rate, _ = time_input(data, config, _INPUT_STEPS.value, config.data.prefetch, config.data.prefetch_workers)

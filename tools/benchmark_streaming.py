@@ -11,27 +11,21 @@ covers compilation. A real-time BCI needs each chunk processed in less than the 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import linen as nn
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import linen as nn  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from b2t_jax.decoding.streaming import StreamingDecoder  # noqa: E402
-from b2t_jax.models import create_model  # noqa: E402
+from b2t_jax.decoding.streaming import StreamingDecoder
+from b2t_jax.models import create_model
 
 BIN_MS = 20.0  # duration of one t15 bin
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "default.py"),
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py",
                                           "config of the model to time (default: the full-size gru baseline)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "restore params from this workdir's best/latest checkpoint "
                                "(default: random params of the config's shapes, which time the same)")
@@ -43,7 +37,7 @@ _DAY = flags.DEFINE_integer("day", 0, "day index whose day layer is used")
 def _params(config):
   if _WORKDIR.value:
     from b2t_jax import checkpoint as ckpt_lib  # noqa: PLC0415 - orbax only when restoring
-    from b2t_jax.train import Experiment  # noqa: PLC0415
+    from b2t_jax.experiment import Experiment  # noqa: PLC0415
     exp = Experiment(config)
     ckpts = ckpt_lib.Checkpoints(_WORKDIR.value)
     state = ckpts.restore(exp.abstract_state(), "best") or ckpts.restore(exp.abstract_state(), "latest")

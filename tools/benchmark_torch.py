@@ -14,14 +14,12 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import benchlib  # noqa: E402  (tools/ is the script's own folder)
+import benchlib  # tools/ is the script's own folder
 
 
 def _import_torch():

@@ -8,16 +8,14 @@ python tools/bucketing_report.py [--config=configs/gru_baseline.py] [--batches=2
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ from any cwd
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from b2t_jax.data import batching, sampler  # noqa: E402
-from b2t_jax.data.synthetic import SyntheticT15  # noqa: E402
+from b2t_jax.data import batching, sampler
+from b2t_jax.data.synthetic import SyntheticT15
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",

@@ -11,15 +11,9 @@ from the checkpoint's folder unless --args names it. Key layouts: b2t_jax/torch_
 
 from __future__ import annotations
 
-import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "torch.save file (reference format or a bare state dict)")
 _OUT = flags.DEFINE_string("out", None, "workdir to create: OUT/config.py, OUT/best/, OUT/checkpoints/")

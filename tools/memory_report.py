@@ -9,16 +9,14 @@ but not in what is stored (parameters, optimizer state, activations kept for the
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
-from b2t_jax import train  # noqa: E402
-from b2t_jax.sharding import create_mesh  # noqa: E402
+from b2t_jax import experiment
+from b2t_jax.sharding import create_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tpu_v4.py", "config file")
 _MESHES = flags.DEFINE_list("meshes", ["8x1", "4x2"], "data x model mesh shapes")
@@ -33,7 +31,7 @@ def main(argv):
   for mesh_str in _MESHES.value:
     shape = tuple(int(v) for v in mesh_str.split("x"))
     t0 = time.time()
-    exp = train.Experiment(config, mesh=create_mesh(shape))
+    exp = experiment.Experiment(config, mesh=create_mesh(shape))
     compiled = exp.train_step.lower(exp.abstract_state(), exp.example_batch(config.data.batch_size, _T.value)
                                     ).compile()
     m = compiled.memory_analysis()

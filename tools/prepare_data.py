@@ -13,12 +13,11 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ from any cwd
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
-from b2t_jax.data import source, t15, tfds_b2t  # noqa: E402
+from b2t_jax.data import source, t15, tfds_b2t
 
 _HDF5 = flags.DEFINE_string("hdf5_dir", None, "the hdf5_data_final root (session folders)", required=True)
 _DATA = flags.DEFINE_string("data_dir", None, "TFDS data dir to write (local or gs://)", required=True)

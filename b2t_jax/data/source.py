@@ -139,6 +139,7 @@ class DataSplit:
   """One split of a prepared dataset: the in-memory index plus a random-access source of the examples."""
 
   name: str
+  dataset_dir: str                # the prepared dataset folder it was opened from
   source: Any                     # tfds ArrayRecordDataSource: len, __getitems__
   day: np.ndarray                 # (N,) per record
   n_time_steps: np.ndarray
@@ -233,7 +234,7 @@ def open_split(dataset_dir: str, config: ml_collections.ConfigDict, split: str, 
   if len(source) != len(arrays["day"]):
     raise t15.DataError(f"{dataset_dir}: the {split} split has {len(source)} records but its index "
                         f"{len(arrays['day'])}; delete the folder and prepare it again")
-  out = DataSplit(split, source, arrays["day"], arrays["n_time_steps"], arrays["label_len"], arrays["ctc_len"],
+  out = DataSplit(split, dataset_dir, source, arrays["day"], arrays["n_time_steps"], arrays["label_len"], arrays["ctc_len"],
                   arrays["index_in_file"], tuple(meta["sessions"]), d.feature_pool,
                   np.ones(len(source), bool), {"prepare": dict(meta.get("skipped", {}).get(split, {})), "load": {}})
   _apply_load_checks(out, config, train=train)
