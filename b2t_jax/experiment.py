@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
+from flax import linen as nn
 
 from b2t_jax import sharding
 from b2t_jax.data import source, t15
 from b2t_jax.models import create_model
 from b2t_jax.optim import guarded_optimizer
 from b2t_jax.steps import TrainState, create_train_state, eval_step, train_step
-from b2t_jax.summary import abstract_params
 
 
 class Experiment:
@@ -28,15 +28,16 @@ class Experiment:
     self.mesh = sharding.create_mesh(config.mesh_shape) if mesh is None else mesh
     repl = sharding.replicated(self.mesh)
     data = sharding.batch_sharding(self.mesh)
-    self.param_shardings = sharding.param_shardings(abstract_params(config), self.mesh, config.logical_axis_rules)
-    self._state_shapes = jax.eval_shape(self._create_state)
-    self.state_shardings = sharding.state_shardings(self._state_shapes, self.param_shardings, self.mesh)
-    st = self.state_shardings
+    # The init is traced once for shapes; its boxes (every parameter's logical axes, which the optimizer's moments
+    # inherit) give every leaf's sharding. The arrays themselves are unboxed.
+    boxed = jax.eval_shape(self._create_boxed_state)
+    self.state_shardings = st = sharding.tree_shardings(boxed, self.mesh, config.logical_axis_rules)
+    self._state_shapes = nn.unbox(boxed)
     self.train_step = jax.jit(functools.partial(train_step, model=self.model, tx=self.tx, config=config),
                               in_shardings=(st, data), out_shardings=(st, repl), donate_argnums=0)
     self.eval_step = jax.jit(functools.partial(eval_step, model=self.model, config=config),
                              in_shardings=(st.params, data), out_shardings=data)
-    self._init = jax.jit(self._create_state, out_shardings=st)
+    self._init = jax.jit(lambda: nn.unbox(self._create_boxed_state()), out_shardings=st)
 
   @property
   def n_features(self) -> int:
@@ -51,7 +52,11 @@ class Experiment:
             "day": jax.ShapeDtypeStruct((rows,), jnp.int32),
             "weight": jax.ShapeDtypeStruct((rows,), jnp.float32)}
 
-  def _create_state(self) -> TrainState:
+  @property
+  def param_shardings(self):
+    return self.state_shardings.params
+
+  def _create_boxed_state(self) -> TrainState:
     shapes = self.example_batch(1, min(self.config.data.time_buckets))
     example = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
     return create_train_state(self.model, self.tx, self.config, example)

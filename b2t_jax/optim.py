@@ -17,14 +17,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax.core import meta
 
 DAY_PARAMS = ("day_weights", "day_biases")
 DECAYED_PARAMS = ("w_ih", "w_hh", "kernel", "h0")
 
 
 def _leaf_name(path) -> str:
-  last = path[-1]
-  return str(getattr(last, "key", getattr(last, "name", last)))
+  """The parameter's own name: the last dict key of its path (the path of a boxed parameter, as in the abstract
+  train state, ends in the box's `value` attribute)."""
+  return str([k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1])
 
 
 def param_groups(params) -> Any:
@@ -54,7 +56,10 @@ def day_adam(learning_rate: optax.Schedule, b1: float, b2: float, eps: float
 
   def init_fn(params):
     zeros = lambda p: jnp.zeros_like(p, dtype=jnp.float32)
-    return DayAdamState(count=jax.tree.map(lambda p: jnp.zeros((p.shape[0],), jnp.int32), params),
+    # One step count per day (axis 0): an unannotated (replicated) array even where the parameter is boxed with
+    # logical axis names, which describe the parameter's axes, not the count's.
+    count = jax.tree.map(lambda p: jnp.zeros((p.shape[0],), jnp.int32), meta.unbox(params))
+    return DayAdamState(count=count,
                         mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params)), jnp.zeros([], jnp.int32)
 
   def update_fn(updates, state, params=None, *, day_present=None, **extra):

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import linen as nn
+from flax.core import meta
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -40,32 +41,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
-def param_shardings(abstract_params: Any, mesh: Mesh, rules: Sequence[tuple[str, str | None]]) -> Any:
-  """NamedShardings of the (unboxed) params from their logical axis names (`nn.with_logical_partitioning`)
-  mapped to mesh axes by `rules` (config.logical_axis_rules); unannotated params are replicated."""
-  specs = nn.get_partition_spec(abstract_params)
-  return nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
+def logical_specs(abstract_tree: Any) -> Any:
+  """The logical PartitionSpec of every leaf of a (boxed) tree: a box's axis names (`nn.with_logical_partitioning`),
+  P() for unannotated leaves (step, keys, counters), and an empty box (what optax.masked leaves where a
+  transform does not apply) stays an empty node, so the result has the structure of `nn.unbox(abstract_tree)`."""
+  def spec(x):
+    if isinstance(x, meta.AxisMetadata):
+      return x.get_partition_spec() if jax.tree.leaves(x.unbox()) else x.unbox()
+    return P()
+  return jax.tree.map(spec, abstract_tree, is_leaf=meta.is_axis_metadata)
 
 
-def state_shardings(abstract_state: Any, params_sharding: Any, mesh: Mesh) -> Any:
-  """Shardings for a whole train state: a leaf whose key path ends with a parameter's path and has that
-  parameter's shape (params, Adam moments) takes the parameter's sharding; everything else (step counts,
-  keys, per-day counters) is replicated."""
-  by_path = {tuple(str(k) for k in path): s
-             for path, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]}
-  shapes = {tuple(str(k) for k in path): leaf.shape
-            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
-  repl = replicated(mesh)
-
-  def pick(path, leaf):
-    keys = tuple(str(k) for k in path)
-    for n in range(len(keys)):
-      tail = keys[n:]
-      if tail in by_path and shapes[tail] == leaf.shape:
-        return by_path[tail]
-    return repl
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_state)
+def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str | None]]) -> Any:
+  """NamedShardings of a boxed tree (params, or a whole train state whose optimizer moments were initialised
+  from boxed params and so carry their parameter's axis names), its logical axes mapped to mesh axes by
+  `rules` (config.logical_axis_rules)."""
+  return nn.logical_to_mesh_sharding(logical_specs(abstract_tree), mesh, [tuple(r) for r in rules])
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

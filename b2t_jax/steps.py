@@ -37,10 +37,12 @@ class TrainState(struct.PyTreeNode):
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, config, example_batch
                        ) -> TrainState:
-  """Initialises params from `config.seed` on a shape-only example batch."""
+  """Initialises params from `config.seed` on a shape-only example batch. Params, and the optimizer moments
+  initialised from them, stay boxed with their logical axis names (`sharding.tree_shardings` reads them;
+  `nn.unbox` gives the arrays the steps take)."""
   key = jax.random.PRNGKey(config.seed)
   init_key, base_key = jax.random.split(key)
-  params = nn.unbox(model.init({"params": init_key}, example_batch["features"], example_batch["day"])["params"])
+  params = model.init({"params": init_key}, example_batch["features"], example_batch["day"])["params"]
   return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), rng=base_key)
 
 

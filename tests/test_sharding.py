@@ -114,3 +114,28 @@ def test_bf16_train_step_has_no_fp64_and_no_upcast_matmuls(tiny):
       noise_l2_weight=0.0)[0]))(outputs)
   ctc_dots = _dot_dtypes(loss_only.jaxpr, [])
   assert len(f32) == len(ctc_dots) and all(d[0] == "float32" for d in ctc_dots)
+
+
+def test_state_shardings_follow_each_parameters_logical_axes():
+  """The optimizer state is initialised from boxed params, so each Adam moment carries its parameter's axis names
+  and gets the parameter's sharding; unboxing gives the same tree (and group labels) as initialising unboxed."""
+  from b2t_jax import optim
+  exp = experiment.Experiment(tiny_config(""), mesh=create_mesh((4, 2)))
+  boxed = jax.eval_shape(exp._create_boxed_state)
+  unboxed = nn.unbox(boxed)
+  assert jax.tree.structure(unboxed.opt_state) == jax.tree.structure(jax.eval_shape(exp.tx.init, unboxed.params))
+  assert nn.unbox(optim.param_groups(boxed.params)) == optim.param_groups(unboxed.params)
+  assert nn.unbox(optim.decay_mask(boxed.params)) == optim.decay_mask(unboxed.params)
+  assert "day" in jax.tree.leaves(optim.param_groups(boxed.params))
+  by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(exp.param_shardings)}
+  groups = exp.state_shardings.opt_state.inner_state[1].inner_states
+  checked = 0
+  for adam in (groups["main"].inner_state[0], groups["day"].inner_state[0]):
+    for moments in (adam.mu, adam.nu):
+      for path, s in jax.tree_util.tree_leaves_with_path(moments):
+        assert s == by_path[jax.tree_util.keystr(path)], jax.tree_util.keystr(path)
+        checked += 1
+  assert checked == 2 * len(by_path)     # every parameter has both moments, in its own group
+  assert any(s.spec == P(None, None, "model") for s in by_path.values())
+  # the per-day step counts are small and replicated
+  assert all(s.spec == P() for s in jax.tree.leaves(groups["day"].inner_state[0].count))
