@@ -66,7 +66,7 @@ class TorchGRUDecoder(TorchSub):
 
 
 class TorchTriple(tnn.Module):
-  """The TripleGRUDecoder key layout of b2t_jax/torch_import.py; forward = inference mode (clean logits)."""
+  """The TripleGRUDecoder key layout of b2t_jax/torch_import/__init__.py; forward = inference mode (clean logits)."""
 
   def __init__(self, n_days, f, hidden, classes):
     super().__init__()

@@ -6,7 +6,7 @@
       --config.data.data_dir=/data/hdf5_data_final
 
 The checkpoint is read with torch.load(weights_only=True) (a checkpoint is untrusted input); `args.yaml` is read
-from the checkpoint's folder unless --args names it. Key layouts: b2t_jax/torch_import.py.
+from the checkpoint's folder unless --args names it. Key layouts: b2t_jax/torch_import/__init__.py.
 """
 
 from __future__ import annotations
