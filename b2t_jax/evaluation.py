@@ -17,23 +17,23 @@ from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import metrics as metrics_lib
 from b2t_jax import sharding
 from b2t_jax import workdir as workdir_lib
-from b2t_jax.data import batching, source
+from b2t_jax.data import batching, pipeline
 from b2t_jax.experiment import Experiment, open_data
 from b2t_jax.steps import TrainState
 
 
-def eval_batches(exp: Experiment, split: source.DataSplit, plan: list[np.ndarray]
+def eval_batches(exp: Experiment, split: pipeline.DataSplit, plan: list[np.ndarray]
                  ) -> Iterator[tuple[np.ndarray, dict[str, jax.Array]]]:
   """(global record indices, global device batch) of each eval batch of `plan`, read ahead by the prefetcher;
   each process reads only its rows."""
   config = exp.config
-  read = functools.partial(source.eval_host_batch, split, config)
+  read = functools.partial(pipeline.eval_host_batch, split, config)
   with batching.Prefetcher(read, plan, config.data.prefetch, config.data.prefetch_workers) as batches:
     for idx, batch in batches:
       yield idx, sharding.shard_batch(batch, exp.mesh)
 
 
-def evaluate(exp: Experiment, params: Any, split: source.DataSplit, plan: list[np.ndarray]) -> dict[str, Any]:
+def evaluate(exp: Experiment, params: Any, split: pipeline.DataSplit, plan: list[np.ndarray]) -> dict[str, Any]:
   """Runs every trial of `plan` (global record indices per eval batch) once; each process reads only its
   rows. Returns aggregate and per-day PER, mean CTC loss and the infeasible count."""
   per = metrics_lib.ErrorRate()
@@ -83,7 +83,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
   val_split = open_data(config, workdir, ("val",), report_dir=out_dir)["val"]
   exp = Experiment(config)
   state = restore_for_reading(exp, workdir, which)
-  result = evaluate(exp, state.params, val_split, source.eval_plan(val_split, config.data.eval_batch_size))
+  result = evaluate(exp, state.params, val_split, pipeline.eval_plan(val_split, config.data.eval_batch_size))
   result["step"] = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     workdir_lib.write_atomically(str(epath.Path(out_dir) / "metrics.json"),

@@ -12,7 +12,7 @@ from absl import logging
 from flax import linen as nn
 
 from b2t_jax import sharding
-from b2t_jax.data import source, t15
+from b2t_jax.data import pipeline, prepare, t15
 from b2t_jax.models import create_model
 from b2t_jax.optim import guarded_optimizer
 from b2t_jax.steps import TrainState, create_train_state, eval_step, train_step
@@ -71,16 +71,16 @@ class Experiment:
 
 
 def open_data(config: ml_collections.ConfigDict, workdir: str, splits=("train", "val"), report_dir: str = ""
-              ) -> dict[str, source.DataSplit]:
+              ) -> dict[str, pipeline.DataSplit]:
   """Resolves (and if needed prepares) the dataset, opens `splits` with their load-time checks, checks the
   time buckets and writes the skip counts to REPORT_DIR/skipped_trials.json (default: the workdir). The
   resolved dataset folder is each split's `dataset_dir`; the config is not written to."""
-  dataset_dir = source.resolve_dataset(config, workdir)
-  out = {name: source.open_split(dataset_dir, config, name, train=name == "train") for name in splits}
+  dataset_dir = prepare.resolve_dataset(config, workdir)
+  out = {name: pipeline.open_split(dataset_dir, config, name, train=name == "train") for name in splits}
   for split in out.values():
     if not len(split):
       raise t15.DataError(f"{dataset_dir}: the {split.name} split has no trials left")
-    source.check_buckets(split, config.data.time_buckets)
-  source.write_skips(report_dir or workdir, list(out.values()))
+    pipeline.check_buckets(split, config.data.time_buckets)
+  pipeline.write_skips(report_dir or workdir, list(out.values()))
   logging.info("data: %s from %s", ", ".join(f"{len(s)} {s.name}" for s in out.values()), dataset_dir)
   return out

@@ -34,7 +34,7 @@ from b2t_jax import metrics as metrics_lib
 from b2t_jax import sharding
 from b2t_jax import steps
 from b2t_jax import evaluation, experiment, vocab
-from b2t_jax.data import source, t15
+from b2t_jax.data import pipeline, t15
 from b2t_jax.decoding import lexicon_lm, ngram
 
 NO_LM, WITH_LM = "lexicon", "lm"
@@ -46,14 +46,14 @@ def logits_step(params: Any, batch: dict, *, model, config: ml_collections.Confi
   return {"logits": logits.astype(jnp.float32), "input_lens": jnp.maximum(input_lens, 0)}
 
 
-def split_logits(exp: experiment.Experiment, params: Any, split: source.DataSplit) -> dict[int, np.ndarray]:
+def split_logits(exp: experiment.Experiment, params: Any, split: pipeline.DataSplit) -> dict[int, np.ndarray]:
   """Record index -> logits (n_patches_i, 41) of every kept trial of `split`; each process reads its rows."""
   cfg = exp.config
   data = sharding.batch_sharding(exp.mesh)
   step = jax.jit(functools.partial(logits_step, model=exp.model, config=cfg),
                  in_shardings=(exp.state_shardings.params, data), out_shardings=data)
   out: dict[int, np.ndarray] = {}
-  plan = source.eval_plan(split, cfg.data.eval_batch_size)
+  plan = pipeline.eval_plan(split, cfg.data.eval_batch_size)
   for idx, gb in tqdm(evaluation.eval_batches(exp, split, plan), total=len(plan), desc=f"{split.name} logits",
                       unit="batch", disable=jax.process_index() > 0):
     res = sharding.to_host(step(params, gb))
@@ -62,7 +62,7 @@ def split_logits(exp: experiment.Experiment, params: Any, split: source.DataSpli
   return out
 
 
-def split_trials(split: source.DataSplit, chunk: int) -> Iterator[tuple[int, t15.Trial]]:
+def split_trials(split: pipeline.DataSplit, chunk: int) -> Iterator[tuple[int, t15.Trial]]:
   """(record index, trial) of every kept trial in record order (SPEC §5 order), read `chunk` at a time so that
   only one chunk's features are in memory."""
   kept = np.flatnonzero(split.keep)
@@ -148,7 +148,7 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   return result
 
 
-def per_day_rows(split: source.DataSplit, per: metrics_lib.ErrorRate, wer: dict[str, metrics_lib.ErrorRate],
+def per_day_rows(split: pipeline.DataSplit, per: metrics_lib.ErrorRate, wer: dict[str, metrics_lib.ErrorRate],
                  sessions) -> list[dict[str, Any]]:
   """One row per day of the split: session, day, trials, greedy PER, WER without and with the LM."""
   n_trials = {d: len(v) for d, v in split.day_indices().items()}

@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import sharding
 from b2t_jax import workdir as workdir_lib
-from b2t_jax.data import batching, source
+from b2t_jax.data import batching, pipeline
 from b2t_jax.evaluation import evaluate, format_per_day
 from b2t_jax.experiment import Experiment, open_data
 from b2t_jax.steps import COUNTER_METRICS, NonFiniteError
@@ -125,7 +125,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   d, tc = config.data, config.train
   data = open_data(config, workdir)
   train_split, val_split = data["train"], data["val"]
-  eval_plan = source.eval_plan(val_split, d.eval_batch_size)
+  eval_plan = pipeline.eval_plan(val_split, d.eval_batch_size)
 
   exp = Experiment(config)
   ckpts = ckpt_lib.Checkpoints(workdir, tc.max_checkpoints)
@@ -144,7 +144,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t_log, step_log = time.time(), start
   preempted = False
   try:
-    read = functools.partial(source.train_host_batch, train_split, config)
+    read = functools.partial(pipeline.train_host_batch, train_split, config)
     prefetcher = batching.Prefetcher(read, range(start, tc.num_steps), d.prefetch, d.prefetch_workers)
     with _Preemption(start) as preempt, prefetcher as batches:
       for step, batch in batches:

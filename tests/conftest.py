@@ -1,12 +1,16 @@
 """Shared fixtures. Eight simulated CPU devices stand in for a TPU slice (set before JAX is imported)."""
 
+import collections
+import dataclasses
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from b2t_jax.data import batching, t15  # noqa: E402
 from b2t_jax.data.synthetic import make_synthetic_dataset  # noqa: E402
 from b2t_jax.data.t15 import T15_SESSIONS  # noqa: E402
 from configs import demo  # noqa: E402
@@ -22,6 +26,38 @@ TINY_SIZES = {
     "data.eval_batch_size": 8,
     "data.time_buckets": (256, 512),
 }
+
+
+@dataclasses.dataclass
+class Hdf5Split:
+  """All trials of one split of an HDF5 tree, in session-list order then file order (the competition's order)."""
+
+  name: str
+  trials: list[t15.Trial]
+  skipped: dict[str, int]       # reason -> number of trials skipped (on_bad_trial='skip')
+
+  def __len__(self) -> int:
+    return len(self.trials)
+
+  def day_indices(self) -> dict[int, np.ndarray]:
+    """day -> indices of that day's trials in `trials` (ascending)."""
+    by_day: dict[int, list[int]] = collections.defaultdict(list)
+    for i, t in enumerate(self.trials):
+      by_day[t.day].append(i)
+    return {d: np.asarray(v, np.int64) for d, v in sorted(by_day.items())}
+
+
+def load_hdf5_split(data_dir: str, sessions, split: str, *, n_features: int = 512, feature_pool: int = 1,
+                    max_label_len: int = 10_000, on_bad_trial: str = "error") -> Hdf5Split:
+  """One split of an HDF5 tree read whole into memory, through what the TFDS builder reads it with
+  (t15.session_files, t15.iter_file) and the pooling a prepared split applies when read."""
+  skipped: collections.Counter = collections.Counter()
+  trials = []
+  for day, session, path in t15.session_files(data_dir, sessions, split, on_bad_trial=on_bad_trial, skipped=skipped):
+    for tr in t15.iter_file(path, day=day, session=session, labelled=split != "test", n_features=n_features,
+                            max_label_len=max_label_len, on_bad_trial=on_bad_trial, skipped=skipped):
+      trials.append(dataclasses.replace(tr, features=batching.pool_features(tr.features, feature_pool)))
+  return Hdf5Split(split, trials, dict(skipped))
 
 
 def as_flags(overrides: dict) -> list[str]:

@@ -7,9 +7,10 @@ import h5py
 import numpy as np
 import pytest
 
-from b2t_jax.data import batching, sampler
+from b2t_jax.data import pipeline, prepare, sampler
 from b2t_jax.data.synthetic import make_synthetic_dataset
-from b2t_jax.data.t15 import DataError, T15_SESSIONS, load_split
+from b2t_jax.data.t15 import DataError, T15_SESSIONS
+from conftest import load_hdf5_split, tiny_config
 
 
 def test_synthetic_files_follow_the_t15_layout(synthetic_dir):
@@ -35,7 +36,7 @@ def test_synthetic_files_follow_the_t15_layout(synthetic_dir):
 def test_synthetic_is_deterministic(tmp_path):
   a = make_synthetic_dataset(str(tmp_path / "a"), T15_SESSIONS, n_sessions=2, trials_per_session=4, seed=5)
   b = make_synthetic_dataset(str(tmp_path / "b"), T15_SESSIONS, n_sessions=2, trials_per_session=4, seed=5)
-  sa, sb = load_split(a, T15_SESSIONS, "train"), load_split(b, T15_SESSIONS, "train")
+  sa, sb = load_hdf5_split(a, T15_SESSIONS, "train"), load_hdf5_split(b, T15_SESSIONS, "train")
   assert len(sa) == len(sb) == 8
   for x, y in zip(sa.trials, sb.trials):
     np.testing.assert_array_equal(x.features, y.features)
@@ -43,12 +44,12 @@ def test_synthetic_is_deterministic(tmp_path):
 
 
 def test_reader_loads_days_in_session_order(synthetic_dir):
-  train = load_split(synthetic_dir, T15_SESSIONS, "train", feature_pool=64)
+  train = load_hdf5_split(synthetic_dir, T15_SESSIONS, "train", feature_pool=64)
   assert [t.day for t in train.trials] == [0] * 16 + [1] * 16 + [2] * 16
   assert train.trials[0].features.shape[1] == 8
-  val = load_split(synthetic_dir, T15_SESSIONS, "val")
+  val = load_hdf5_split(synthetic_dir, T15_SESSIONS, "val")
   assert {t.day for t in val.trials} == {1, 2}
-  test = load_split(synthetic_dir, T15_SESSIONS, "test")
+  test = load_hdf5_split(synthetic_dir, T15_SESSIONS, "test")
   assert all(t.labels is None and t.sentence is None for t in test.trials)
 
 
@@ -84,7 +85,7 @@ def test_bad_files_raise_named_errors(one_session, corrupt, message):
   root, path = one_session
   _edit(path, corrupt)
   with pytest.raises(DataError, match=message) as e:
-    load_split(root, T15_SESSIONS, "train")
+    load_hdf5_split(root, T15_SESSIONS, "train")
   if "contiguous" not in message:
     assert path in str(e.value)
 
@@ -93,7 +94,7 @@ def test_skip_mode_counts_bad_trials(one_session):
   root, path = one_session
   _edit(path, lambda f: f["trial_0004"]["input_features"].__setitem__((3, 7), np.inf))
   _edit(path, lambda f: f["trial_0006"]["input_features"].__setitem__((0, 0), np.nan))
-  split = load_split(root, T15_SESSIONS, "train", on_bad_trial="skip")
+  split = load_hdf5_split(root, T15_SESSIONS, "train", on_bad_trial="skip")
   assert len(split) == 14 and split.skipped == {"non_finite": 2}
 
 
@@ -103,25 +104,25 @@ def test_truncated_file_is_reported(one_session):
   with open(path, "r+b") as f:
     f.truncate(size // 3)
   with pytest.raises(DataError, match="cannot be opened as HDF5.*corrupt or truncated"):
-    load_split(root, T15_SESSIONS, "train")
+    load_hdf5_split(root, T15_SESSIONS, "train")
 
 
 def test_unknown_session_folder_and_missing_dir(one_session, tmp_path):
   root, _ = one_session
   os.mkdir(os.path.join(root, "t15.2030.01.01"))
   with pytest.raises(DataError, match=r"\['t15.2030.01.01'\] are not in config.data.sessions"):
-    load_split(root, T15_SESSIONS, "train")
+    load_hdf5_split(root, T15_SESSIONS, "train")
   with pytest.raises(DataError, match="does not exist"):
-    load_split(str(tmp_path / "nowhere"), T15_SESSIONS, "train")
+    load_hdf5_split(str(tmp_path / "nowhere"), T15_SESSIONS, "train")
 
 
 def test_label_longer_than_padding_is_an_error(synthetic_dir):
   with pytest.raises(DataError, match="exceed config.data.max_label_len=3"):
-    load_split(synthetic_dir, T15_SESSIONS, "train", max_label_len=3)
+    load_hdf5_split(synthetic_dir, T15_SESSIONS, "train", max_label_len=3)
 
 
 def test_sampler_is_a_pure_function_of_seed_and_step(synthetic_dir):
-  days = load_split(synthetic_dir, T15_SESSIONS, "train").day_indices()
+  days = load_hdf5_split(synthetic_dir, T15_SESSIONS, "train").day_indices()
   a = sampler.train_batch_indices(1, 7, days, 8, 2)
   assert np.array_equal(a, sampler.train_batch_indices(1, 7, days, 8, 2))
   assert not np.array_equal(a, sampler.train_batch_indices(1, 8, days, 8, 2))
@@ -141,10 +142,14 @@ def test_eval_batches_are_per_day_and_cover_each_trial_once():
   assert np.array_equal(np.concatenate(chunks), np.arange(21))
 
 
-def test_batches_pad_to_buckets(synthetic_dir):
-  trials = load_split(synthetic_dir, T15_SESSIONS, "train", feature_pool=64).trials
+def test_batches_pad_to_buckets(prepared_dir):
+  c = tiny_config(prepared_dir)
+  assert c.data.feature_pool == 64
+  c.data.update(time_buckets=(64, 256, 512), max_label_len=40, eval_batch_size=4)
+  split = pipeline.open_split(prepare.find_dataset_dir(prepared_dir), c, "train", train=False)
+  trials = split.read(np.flatnonzero(split.keep))
   idx = np.array([0, 5, 17])
-  b = batching.make_batch(trials, idx, buckets=(64, 256, 512), max_label_len=40, n_rows=4)
+  b = pipeline.eval_host_batch(split, c, idx)
   longest = max(trials[i].n_time_steps for i in idx)
   assert b["features"].shape == (4, 256 if longest > 64 else 64, 8)
   assert list(b["weight"]) == [1, 1, 1, 0] and b["day"][2] == 1
@@ -152,7 +157,7 @@ def test_batches_pad_to_buckets(synthetic_dir):
   assert not b["features"][1, trials[5].n_time_steps:].any()
   assert b["label_lens"][0] == len(trials[0].labels)
   with pytest.raises(ValueError, match="add a bucket"):
-    batching.check_buckets(trials, (32,), "train split")
+    pipeline.check_buckets(split, (32,))
 
 
 def test_synthetic_sentences_follow_a_fixed_sparse_grammar():

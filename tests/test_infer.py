@@ -11,10 +11,10 @@ import pytest
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import evaluation, experiment, vocab
-from b2t_jax.data import source, t15
+from b2t_jax.data import pipeline, t15
 from b2t_jax.decoding import ngram
 from b2t_jax.patching import n_patches
-from conftest import TINY_SIZES, as_flags
+from conftest import TINY_SIZES, as_flags, load_hdf5_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def trained(tmp_path_factory, synthetic_dir, prepared_dir):
   exp = experiment.Experiment(config)
   state = exp.init_state()
   val = experiment.open_data(config, work, ("val",))["val"]
-  evaluated = evaluation.evaluate(exp, state.params, val, source.eval_plan(val, config.data.eval_batch_size))
+  evaluated = evaluation.evaluate(exp, state.params, val, pipeline.eval_plan(val, config.data.eval_batch_size))
   ckpts = ckpt_lib.Checkpoints(work)
   ckpts.maybe_save_best(state, evaluated["val_per"], evaluated["val_loss"])
   ckpts.wait()
@@ -60,7 +60,7 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
   assert last.startswith("greedy_per=") and " wer_no_lm=" in last and " wer_lm=" in last, p.stdout[-1000:]
   assert "WER+LM" in p.stdout
 
-  val = t15.load_split(synthetic_dir, t15.T15_SESSIONS, "val", feature_pool=TINY_SIZES["data.feature_pool"])
+  val = load_hdf5_split(synthetic_dir, t15.T15_SESSIONS, "val", feature_pool=TINY_SIZES["data.feature_pool"])
   out = os.path.join(work, "infer_val")
   rows = _rows(os.path.join(out, "submission.csv"))
   assert rows[0] == ["id", "text"] and [int(r[0]) for r in rows[1:]] == list(range(len(val)))
@@ -106,7 +106,7 @@ def test_infer_test_split_writes_the_competition_csv(trained, synthetic_dir, pre
   config.infer.out_dir = str(tmp_path / "out")
   config.decode.beam_size = 20
   result = infer.run_inference(config, work)
-  test = t15.load_split(synthetic_dir, t15.T15_SESSIONS, "test", feature_pool=TINY_SIZES["data.feature_pool"])
+  test = load_hdf5_split(synthetic_dir, t15.T15_SESSIONS, "test", feature_pool=TINY_SIZES["data.feature_pool"])
   assert not result["labelled"] and result["n_trials"] == len(test)
   rows = _rows(tmp_path / "out" / "submission.csv")
   assert rows[0] == ["id", "text"] and [int(r[0]) for r in rows[1:]] == list(range(len(test)))

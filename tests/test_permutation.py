@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from b2t_jax import experiment, metrics, sharding
-from b2t_jax.data import batching, sampler, t15
+from b2t_jax.data import pipeline
 from b2t_jax.data.synthetic import column_permutation, make_synthetic_dataset
 from b2t_jax.data.t15 import T15_SESSIONS
 from configs import demo
@@ -40,22 +40,19 @@ def _config():
   return c
 
 
-def _val_per(root: str) -> float:
+def _val_per(root: str, workdir: str) -> float:
   c = _config()
+  c.data.data_dir, c.data.cache_dir = root, os.path.join(workdir, "cache")
   exp = experiment.Experiment(c, mesh=sharding.create_mesh((1, 1), jax.devices()[:1]))
-  tr = t15.load_split(root, c.data.sessions, "train", max_label_len=c.data.max_label_len)
-  val = t15.load_split(root, c.data.sessions, "val", max_label_len=c.data.max_label_len)
-  days, d = tr.day_indices(), c.data
+  data = experiment.open_data(c, workdir)
+  tr, val = data["train"], data["val"]
   state = exp.init_state()
   for k in range(STEPS):
-    idx = sampler.train_batch_indices(d.seed, k, days, d.batch_size, d.days_per_batch)
-    b = batching.make_batch(tr.trials, idx, buckets=d.time_buckets, max_label_len=d.max_label_len)
+    b = pipeline.train_host_batch(tr, c, k)
     state, _ = exp.train_step(state, sharding.shard_batch(b, exp.mesh))
   per = metrics.ErrorRate()
-  for start in range(0, len(val.trials), d.batch_size):
-    idx = np.arange(start, min(start + d.batch_size, len(val.trials)))
-    b = batching.make_batch(val.trials, idx, buckets=d.time_buckets, max_label_len=d.max_label_len,
-                            n_rows=d.batch_size)
+  for idx in pipeline.eval_plan(val, c.data.eval_batch_size):
+    b = pipeline.eval_host_batch(val, c, idx)
     out = sharding.to_host(exp.eval_step(state.params, sharding.shard_batch(b, exp.mesh)))
     for r in range(len(idx)):
       hyp = metrics.greedy_decode(out["pred"][r], int(out["input_lens"][r]))
@@ -76,7 +73,7 @@ def test_model_learns_shuffled_columns_as_well_as_plain(tmp_path):
   assert (perm != np.arange(512)).mean() > 0.99
   trial = (T15_SESSIONS[1], "data_val.hdf5", "trial_0002")   # same trials, columns reordered, nothing else
   np.testing.assert_array_equal(_features(shuffled, *trial), _features(plain, *trial)[:, perm])
-  per = {"plain": _val_per(plain), "shuffled": _val_per(shuffled)}
+  per = {name: _val_per(root, str(tmp_path / f"{name}_work")) for name, root in (("plain", plain), ("shuffled", shuffled))}
   print(per)
   assert per["plain"] < LEARNED_PER and per["shuffled"] < LEARNED_PER, per
   assert abs(per["plain"] - per["shuffled"]) < SAME_PER, per

@@ -15,25 +15,25 @@ import h5py
 import numpy as np
 import pytest
 
-from b2t_jax.data import batching, source, tfds_b2t
-from b2t_jax.data.t15 import DataError, T15_SESSIONS, load_split
-from conftest import tiny_config
+from b2t_jax.data import batching, pipeline, prepare, tfds_b2t
+from b2t_jax.data.t15 import DataError, T15_SESSIONS
+from conftest import load_hdf5_split, tiny_config
 
 
 def _open(prepared_dir, split="train", train=True, **data):
   c = tiny_config(prepared_dir)
   c.data.feature_pool = 1
   c.data.update(data)
-  return source.open_split(source.find_dataset_dir(prepared_dir), c, split, train=train), c
+  return pipeline.open_split(prepare.find_dataset_dir(prepared_dir), c, split, train=train), c
 
 
 def test_round_trip_hdf5_to_tfds_to_batch_is_bit_exact(prepared_dir, synthetic_dir):
   split, c = _open(prepared_dir)
-  hdf5 = load_split(synthetic_dir, T15_SESSIONS, "train").trials
+  hdf5 = load_hdf5_split(synthetic_dir, T15_SESSIONS, "train").trials
   assert len(split) == len(hdf5) == 48
   assert list(split.day) == [t.day for t in hdf5] and list(split.n_time_steps) == [t.n_time_steps for t in hdf5]
-  batch = source.train_host_batch(split, c, 3)
-  idx = source.sampler.train_batch_indices(c.data.seed, 3, split.days, c.data.batch_size, c.data.days_per_batch)
+  batch = pipeline.train_host_batch(split, c, 3)
+  idx = pipeline.sampler.train_batch_indices(c.data.seed, 3, split.days, c.data.batch_size, c.data.days_per_batch)
   for r, i in enumerate(idx):
     t = hdf5[i]
     with h5py.File(os.path.join(synthetic_dir, t.session, "data_train.hdf5")) as f:
@@ -53,9 +53,9 @@ def test_round_trip_hdf5_to_tfds_to_batch_is_bit_exact(prepared_dir, synthetic_d
 
 def test_batches_are_a_pure_function_of_step_across_a_restart(prepared_dir):
   split, c = _open(prepared_dir, feature_pool=64)
-  straight = [b for _, b in batching.Prefetcher(lambda k: source.train_host_batch(split, c, k), range(0, 6), 2)]
+  straight = [b for _, b in batching.Prefetcher(lambda k: pipeline.train_host_batch(split, c, k), range(0, 6), 2)]
   reopened, _ = _open(prepared_dir, feature_pool=64)                    # a new process after a restart
-  with batching.Prefetcher(lambda k: source.train_host_batch(reopened, c, k), range(3, 6), 2) as it:
+  with batching.Prefetcher(lambda k: pipeline.train_host_batch(reopened, c, k), range(3, 6), 2) as it:
     resumed = list(it)
   assert [k for k, _ in resumed] == [3, 4, 5]
   for (_, a), b in zip(resumed, straight[3:]):
@@ -67,32 +67,32 @@ def test_batches_are_a_pure_function_of_step_across_a_restart(prepared_dir):
 def test_two_hosts_read_disjoint_rows_whose_union_is_the_global_batch(prepared_dir, monkeypatch):
   split, c = _open(prepared_dir, feature_pool=64)
   read = []
-  original = source.DataSplit.read
-  monkeypatch.setattr(source.DataSplit, "read", lambda self, idx: read.append(list(idx)) or original(self, idx))
+  original = pipeline.DataSplit.read
+  monkeypatch.setattr(pipeline.DataSplit, "read", lambda self, idx: read.append(list(idx)) or original(self, idx))
   for step in range(3):
     read.clear()
-    whole = source.train_host_batch(split, c, step, process_index=0, process_count=1)
-    parts = [source.train_host_batch(split, c, step, process_index=p, process_count=2) for p in range(2)]
+    whole = pipeline.train_host_batch(split, c, step, process_index=0, process_count=1)
+    parts = [pipeline.train_host_batch(split, c, step, process_index=p, process_count=2) for p in range(2)]
     assert len(read[1]) == len(read[2]) == 4          # each host decodes only its own 4 of the 8 rows
     assert parts[0]["features"].shape == parts[1]["features"].shape  # one bucket for the global batch
     for key in whole:
       np.testing.assert_array_equal(np.concatenate([parts[0][key], parts[1][key]]), whole[key])
   # Eval: the per-day plan covers every val trial exactly once, the hosts' rows together hold each once.
   val, c = _open(prepared_dir, "val", train=False, feature_pool=64)
-  plan = source.eval_plan(val, c.data.eval_batch_size)
+  plan = pipeline.eval_plan(val, c.data.eval_batch_size)
   assert sorted(np.concatenate(plan)) == list(range(len(val)))
   seen = []
   for idx in plan:
     for p in range(2):
-      b = source.eval_host_batch(val, c, idx, process_index=p, process_count=2)
+      b = pipeline.eval_host_batch(val, c, idx, process_index=p, process_count=2)
       assert b["features"].shape[0] == c.data.eval_batch_size // 2
       seen += [(int(d), int(n)) for d, n, w in zip(b["day"], b["n_time_steps"], b["weight"]) if w]
   assert sorted(seen) == sorted(zip(val.day.tolist(), val.n_time_steps.tolist()))
   # A batch that does not split evenly over the hosts is refused (it would silently drop the remainder rows).
   with pytest.raises(ValueError, match="config.data.eval_batch_size=8 does not divide the 3 processes"):
-    source.eval_host_batch(val, c, plan[0], process_index=0, process_count=3)
+    pipeline.eval_host_batch(val, c, plan[0], process_index=0, process_count=3)
   with pytest.raises(ValueError, match="config.data.batch_size=8 does not divide the 3 processes"):
-    source.train_host_batch(split, c, 0, process_index=0, process_count=3)
+    pipeline.train_host_batch(split, c, 0, process_index=0, process_count=3)
 
 
 def test_prefetcher_runs_ahead_boundedly_in_order_and_reraises():
@@ -129,11 +129,11 @@ def test_hdf5_data_dir_is_prepared_once_into_a_content_keyed_cache(tmp_path, syn
   calls = []
   real = tfds_b2t.prepare
   monkeypatch.setattr(tfds_b2t, "prepare", lambda *a, **k: calls.append(a) or real(*a, **k))
-  first = source.resolve_dataset(c, str(tmp_path / "work"))
-  assert source.resolve_dataset(c, str(tmp_path / "work2")) == first and len(calls) == 1   # reused
+  first = prepare.resolve_dataset(c, str(tmp_path / "work"))
+  assert prepare.resolve_dataset(c, str(tmp_path / "work2")) == first and len(calls) == 1   # reused
   with h5py.File(tree / T15_SESSIONS[1] / "data_train.hdf5", "r+") as f:   # the tree changes
     f["trial_0000"].attrs["block_num"] = 7
-  second = source.resolve_dataset(c, str(tmp_path / "work"))
+  second = prepare.resolve_dataset(c, str(tmp_path / "work"))
   assert second != first and len(calls) == 2
   assert len(os.listdir(tmp_path / "cache")) == 2 and not any(".tmp-" in n for n in os.listdir(tmp_path / "cache"))
 
@@ -212,20 +212,20 @@ def test_bad_input_stops_with_a_named_error_or_is_skipped_and_counted(tmp_path, 
   split_name = "val" if "val" in message else "train"
   c = tiny_config(str(tmp_path / "skip"))
   c.data.on_bad_trial = "skip"
-  split = source.open_split(out, c, split_name, train=split_name == "train")
+  split = pipeline.open_split(out, c, split_name, train=split_name == "train")
   assert split.skipped["prepare"] == {reason: count}
   n_clean = {"train": 48, "val": 8}[split_name]
   assert len(split) == n_clean - LOST_TRIALS.get(reason, count)
-  source.write_skips(str(tmp_path / "work"), [split])
-  written = json.load(open(tmp_path / "work" / source.SKIPS_FILE))
+  pipeline.write_skips(str(tmp_path / "work"), [split])
+  written = json.load(open(tmp_path / "work" / pipeline.SKIPS_FILE))
   assert written[split_name]["prepare"] == {reason: count} and written[split_name]["kept"] == len(split)
 
 
 def test_skips_file_is_replaced_whole_or_left_as_it_was(prepared_dir, tmp_path):
   train, _ = _open(prepared_dir, "train")
   val, _ = _open(prepared_dir, "val", train=False)
-  path = tmp_path / source.SKIPS_FILE
-  source.write_skips(str(tmp_path), [val])                               # a previous run's file
+  path = tmp_path / pipeline.SKIPS_FILE
+  pipeline.write_skips(str(tmp_path), [val])                               # a previous run's file
   before = path.read_text()
   # The disk fills up mid-write: RLIMIT_FSIZE makes any write past the limit fail (EFBIG) after a partial write.
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -233,13 +233,13 @@ def test_skips_file_is_replaced_whole_or_left_as_it_was(prepared_dir, tmp_path):
   resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
   try:
     with pytest.raises(OSError):
-      source.write_skips(str(tmp_path), [train, val])
+      pipeline.write_skips(str(tmp_path), [train, val])
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, on_xfsz)
-  assert path.read_text() == before and os.listdir(tmp_path) == [source.SKIPS_FILE]   # whole, no temp left
+  assert path.read_text() == before and os.listdir(tmp_path) == [pipeline.SKIPS_FILE]   # whole, no temp left
   path.write_text(before[:len(before) // 2])                             # torn by an older version: start afresh
-  source.write_skips(str(tmp_path), [train, val])
+  pipeline.write_skips(str(tmp_path), [train, val])
   assert sorted(json.loads(path.read_text())) == ["train", "val"]
 
 
@@ -247,30 +247,30 @@ def test_trials_too_short_for_their_labels_after_patching(prepared_dir, tmp_path
   # A stride of 5 bins leaves too few CTC frames for some synthetic sentences (about one label per 5 bins).
   c = tiny_config(prepared_dir)
   c.model.patch_stride = 5
-  ds = source.find_dataset_dir(prepared_dir)
+  ds = prepare.find_dataset_dir(prepared_dir)
   with pytest.raises(DataError, match=r"t15\.2023\.08\.\d\d trial_\d{4} \(train record \d+\): \d+ bins give \d+ "
                                       r"CTC frames after patching \(size 14, stride 5\), but its \d+ labels need \d+ .*on_bad_trial='skip'"):
-    source.open_split(ds, c, "train", train=True)
+    pipeline.open_split(ds, c, "train", train=True)
   c.data.on_bad_trial = "skip"
-  split = source.open_split(ds, c, "train", train=True)
+  split = pipeline.open_split(ds, c, "train", train=True)
   frames = (split.n_time_steps - 14) // 5 + 1
   expected = int(np.sum(frames < split.ctc_len))
   assert 0 < expected < 48 and split.skipped["load"] == {"too_short_for_labels": expected}
   assert len(split) == 48 - expected
   kept = np.concatenate(list(split.day_indices().values()))
   assert np.all(frames[kept] >= split.ctc_len[kept])
-  source.write_skips(str(tmp_path), [split])
-  assert json.load(open(tmp_path / source.SKIPS_FILE))["train"]["load"] == {"too_short_for_labels": expected}
+  pipeline.write_skips(str(tmp_path), [split])
+  assert json.load(open(tmp_path / pipeline.SKIPS_FILE))["train"]["load"] == {"too_short_for_labels": expected}
 
 
 def test_label_longer_than_config_padding_is_caught_at_load(prepared_dir):
   c = tiny_config(prepared_dir)
   c.data.max_label_len = 12
-  ds = source.find_dataset_dir(prepared_dir)
+  ds = prepare.find_dataset_dir(prepared_dir)
   with pytest.raises(DataError, match=r"phonemes exceed config.data.max_label_len=12"):
-    source.open_split(ds, c, "train", train=True)
+    pipeline.open_split(ds, c, "train", train=True)
   c.data.on_bad_trial = "skip"
-  split = source.open_split(ds, c, "train", train=True)
+  split = pipeline.open_split(ds, c, "train", train=True)
   assert split.skipped["load"]["label_too_long"] == int(np.sum(split.label_len > 12)) > 0
 
 
@@ -278,7 +278,7 @@ def test_dataset_built_for_another_session_list_is_refused(prepared_dir):
   c = tiny_config(prepared_dir)
   c.data.sessions = tuple(reversed(T15_SESSIONS))
   with pytest.raises(DataError, match="different session list"):
-    source.open_split(source.find_dataset_dir(prepared_dir), c, "train", train=True)
+    pipeline.open_split(prepare.find_dataset_dir(prepared_dir), c, "train", train=True)
 
 
 def test_prepared_dataset_is_reused_only_when_built_from_the_same_files_and_options(tmp_path, synthetic_dir):
@@ -301,9 +301,9 @@ def test_prepared_dataset_is_reused_only_when_built_from_the_same_files_and_opti
   assert tfds_b2t.prepare(str(tree), data, on_bad_trial="skip", overwrite=True) == out   # rebuilt from the tree
   c = tiny_config(data)
   c.data.on_bad_trial = "skip"
-  first_of_s1 = source.open_split(out, c, "train", train=True).read([16])[0]      # after session 0's 16 trials
+  first_of_s1 = pipeline.open_split(out, c, "train", train=True).read([16])[0]      # after session 0's 16 trials
   assert (first_of_s1.session, first_of_s1.index_in_file, first_of_s1.block) == (S1, 0, 7)
-  assert len(source.open_split(out, c, "val", train=False)) == 4                     # 8 before the file went
+  assert len(pipeline.open_split(out, c, "val", train=False)) == 4                     # 8 before the file went
   assert tfds_b2t.prepare(str(tree), data, on_bad_trial="skip") == out               # and reused after
 
 
@@ -316,8 +316,8 @@ def test_prepare_data_tool(tmp_path, synthetic_dir):
   assert "prepared {'train': 48, 'val': 8, 'test': 8}" in p.stdout
   assert "Generating train examples" in p.stderr                       # the progress bar
   c = tiny_config(str(tmp_path))
-  assert json.load(open(os.path.join(source.find_dataset_dir(str(tmp_path)), "metadata.json")))["on_bad_trial"] == "skip"
-  assert len(source.open_split(source.find_dataset_dir(str(tmp_path)), c, "val", train=False)) == 8
+  assert json.load(open(os.path.join(prepare.find_dataset_dir(str(tmp_path)), "metadata.json")))["on_bad_trial"] == "skip"
+  assert len(pipeline.open_split(prepare.find_dataset_dir(str(tmp_path)), c, "val", train=False)) == 8
   # Other build options on the same --data_dir: a one-line refusal naming the difference, then --overwrite.
   again = [sys.executable, "tools/prepare_data.py", f"--hdf5_dir={synthetic_dir}", f"--data_dir={tmp_path}"]
   p = subprocess.run(again, cwd=root, capture_output=True, text=True, timeout=300)
@@ -325,17 +325,17 @@ def test_prepare_data_tool(tmp_path, synthetic_dir):
   assert "config.data.on_bad_trial: prepared with 'skip', now 'error'. Rerun with --overwrite" in p.stderr
   p = subprocess.run(again + ["--overwrite"], cwd=root, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
-  meta = json.load(open(os.path.join(source.find_dataset_dir(str(tmp_path)), "metadata.json")))
+  meta = json.load(open(os.path.join(prepare.find_dataset_dir(str(tmp_path)), "metadata.json")))
   assert meta["on_bad_trial"] == "error"
 
 
 def test_in_memory_split_of_a_prepared_dataset_equals_the_hdf5_split(prepared_dir, synthetic_dir):
-  from b2t_jax.data.t15 import load_split_from_config
   c = tiny_config(prepared_dir)
-  got = load_split_from_config(c, "val")
-  want = load_split(synthetic_dir, T15_SESSIONS, "val", feature_pool=c.data.feature_pool)
+  val = pipeline.open_split(prepare.find_dataset_dir(prepared_dir), c, "val", train=False)
+  got = val.read(np.flatnonzero(val.keep))
+  want = load_hdf5_split(synthetic_dir, T15_SESSIONS, "val", feature_pool=c.data.feature_pool)
   assert len(got) == len(want) == 8
-  for a, b in zip(got.trials, want.trials):
+  for a, b in zip(got, want.trials):
     np.testing.assert_array_equal(a.features, b.features)
     np.testing.assert_array_equal(a.labels, b.labels)
     assert (a.day, a.session, a.block, a.trial, a.sentence) == (b.day, b.session, b.block, b.trial, b.sentence)

@@ -13,12 +13,12 @@ from torch import nn as tnn
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import metrics, sharding
-from b2t_jax.data import batching, t15
+from b2t_jax.data import pipeline
 from b2t_jax.data.augment import gaussian_kernel
 from b2t_jax.data.t15 import T15_SESSIONS
 from b2t_jax.decoding.streaming import StreamingDecoder
 from b2t_jax.torch_import import CheckpointImportError, import_checkpoint, state_dict_to_params
-from b2t_jax.experiment import Experiment
+from b2t_jax.experiment import Experiment, open_data
 from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,10 +147,11 @@ def imported(tmp_path_factory):
   return model, str(tmp / "work")
 
 
-def test_import_matches_torch_logits_and_phonemes(imported, synthetic_dir):
+def test_import_matches_torch_logits_and_phonemes(imported, synthetic_dir, tmp_path):
   model, workdir = imported
   config = _load_config(os.path.join(workdir, "config.py"))
   config.data.data_dir = synthetic_dir
+  config.data.cache_dir = str(tmp_path / "cache")
   assert config.model.hidden == HIDDEN and config.model.n_layers == LAYERS
   assert config.data.sessions == T15_SESSIONS[:N_DAYS] and config.aug.smooth_kernel_std == 2.0
 
@@ -172,15 +173,14 @@ def test_import_matches_torch_logits_and_phonemes(imported, synthetic_dir):
   assert np.abs(ref).max() > 0.1  # the comparison is not between two near-zero tensors
 
   # Our eval path (smoothing + padded batch + sharded eval step) against torch on torch-smoothed input.
-  split = t15.load_split_from_config(config, "val")
-  idx = np.arange(min(len(split), config.data.eval_batch_size))
-  batch = batching.make_batch(split.trials, idx, buckets=config.data.time_buckets,
-                              max_label_len=config.data.max_label_len, n_rows=config.data.eval_batch_size)
+  split = open_data(config, str(tmp_path / "work"), ("val",))["val"]
+  idx = np.flatnonzero(split.keep)[:config.data.eval_batch_size]
+  trials = split.read(idx)
+  batch = pipeline.eval_host_batch(split, config, idx)
   out = sharding.to_host(exp.eval_step(state.params, sharding.shard_batch(batch, exp.mesh)))
   taps = torch.from_numpy(gaussian_kernel(2.0, 100, 0.01))
   n_same = 0
-  for r, i in enumerate(idx):
-    trial = split.trials[i]
+  for r, trial in enumerate(trials):
     xt = torch.from_numpy(trial.features).T[:, None, :]  # (F, 1, T): depthwise conv over time
     smoothed = torch.nn.functional.conv1d(xt, taps.view(1, 1, -1), padding="same")[:, 0, :].T
     with torch.no_grad():
@@ -193,7 +193,7 @@ def test_import_matches_torch_logits_and_phonemes(imported, synthetic_dir):
   assert n_same > 0  # some trial decodes to a non-empty phoneme sequence
 
   # Streaming on the restored (mesh-sharded) params follows the torch model too.
-  trial = split.trials[0]
+  trial = trials[0]
   decoder = StreamingDecoder(config, state.params, trial.day)
   streamed = np.concatenate([decoder.feed(trial.features[i:i + 4]) for i in range(0, trial.features.shape[0], 4)]
                             + [decoder.finish()])

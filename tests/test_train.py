@@ -10,7 +10,7 @@ import pytest
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import evaluation, experiment, main, sharding, train
-from b2t_jax.data import batching, sampler, source, t15
+from b2t_jax.data import pipeline, prepare, sampler
 from b2t_jax.optim import DAY_PARAMS, DayAdamState
 from b2t_jax.sharding import create_mesh
 from conftest import tiny_config
@@ -19,12 +19,9 @@ from test_losses import frames_needed, hand_batch
 
 
 def _batches(config, n):
-  split = t15.load_split_from_config(config, "train")
-  days = split.day_indices()
-  d = config.data
-  return [batching.make_batch(split.trials, sampler.train_batch_indices(d.seed, k, days, d.batch_size,
-                                                                      d.days_per_batch),
-                              buckets=d.time_buckets, max_label_len=d.max_label_len) for k in range(n)]
+  """Training batches 0..n-1 as training reads them, built once so that every Experiment given them sees the same."""
+  split = pipeline.open_split(prepare.find_dataset_dir(config.data.data_dir), config, "train", train=True)
+  return [pipeline.train_host_batch(split, config, k) for k in range(n)]
 
 
 def _losses(exp, batches):
@@ -138,10 +135,10 @@ def test_evaluate_counts_only_real_rows(tiny, tmp_path):
   assert 0 not in days and any(len(i) % tiny.data.eval_batch_size for i in val.day_indices().values())
   padded_exp = experiment.Experiment(tiny)
   params = jax.device_get(padded_exp.init_state().params)
-  padded = evaluation.evaluate(padded_exp, params, val, source.eval_plan(val, tiny.data.eval_batch_size))
+  padded = evaluation.evaluate(padded_exp, params, val, pipeline.eval_plan(val, tiny.data.eval_batch_size))
   tiny.data.eval_batch_size = 1
   single_exp = experiment.Experiment(tiny, mesh=create_mesh((1, 1), jax.devices()[:1]))
-  single = evaluation.evaluate(single_exp, params, val, source.eval_plan(val, 1))
+  single = evaluation.evaluate(single_exp, params, val, pipeline.eval_plan(val, 1))
   assert sorted(padded["per_day"]) == sorted(single["per_day"]) == days
   assert padded["val_infeasible"] == single["val_infeasible"] == infeasible
   assert padded["val_per"] == pytest.approx(single["val_per"], abs=1e-9)

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from b2t_jax import experiment, sharding
-from b2t_jax.data import batching, source
+from b2t_jax.data import batching, pipeline
 from configs import demo, gru_baseline
 
 _CONFIGS = flags.DEFINE_list("configs", ["demo", "gru_baseline"], "configs to measure")
@@ -50,9 +50,9 @@ def make_config(name: str):
 def time_input(split, config, steps: int, depth: int, workers: int) -> tuple[float, set]:
   """examples/s of building host batches through the train loop's prefetcher (depth 0: on this thread),
   and the padded lengths seen."""
-  source.train_host_batch(split, config, 0)                      # open files, warm caches
+  pipeline.train_host_batch(split, config, 0)                      # open files, warm caches
   shapes = set()
-  read = functools.partial(source.train_host_batch, split, config)
+  read = functools.partial(pipeline.train_host_batch, split, config)
   t0 = time.perf_counter()
   with batching.Prefetcher(read, range(1, steps + 1), depth, workers) as batches:
     for _, b in batches:
@@ -64,7 +64,7 @@ def time_train(split, config, steps: int) -> tuple[float, float]:
   """examples/s of the jitted train step (after compiling every bucket used) and the compile seconds."""
   exp = experiment.Experiment(config)
   state = exp.init_state()
-  batches = [sharding.shard_batch(source.train_host_batch(split, config, k), exp.mesh) for k in range(steps)]
+  batches = [sharding.shard_batch(pipeline.train_host_batch(split, config, k), exp.mesh) for k in range(steps)]
   t0 = time.perf_counter()
   for t in sorted({b["features"].shape[1] for b in batches}):   # one warm-up step per bucket compiles it
     state, m = exp.train_step(state, next(b for b in batches if b["features"].shape[1] == t))

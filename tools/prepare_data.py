@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from b2t_jax.data import source, t15, tfds_b2t
+from b2t_jax.data import prepare, t15, tfds_b2t
 
 _HDF5 = flags.DEFINE_string("hdf5_dir", None, "the hdf5_data_final root (session folders)", required=True)
 _DATA = flags.DEFINE_string("data_dir", None, "TFDS data dir to write (local or gs://)", required=True)
@@ -41,7 +41,7 @@ def main(argv):
   counts = {name: s.num_examples for name, s in info.splits.items()}
   print(f"skipped: {json.dumps(info.metadata.get('skipped', {}), sort_keys=True)}")
   print(f"prepared {counts} in {out}; train with --config.data.data_dir={_DATA.value}")
-  assert source.find_dataset_dir(_DATA.value) == out
+  assert prepare.find_dataset_dir(_DATA.value) == out
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Padding trials into fixed-shape batches (time padded up to one of a few buckets, labels to a fixed
-length) and a background prefetcher that keeps host batches ready ahead of the device."""
+"""Feature pooling, padding trials into fixed-shape batches (time padded up to one of a few buckets, labels to a
+fixed length) and a background prefetcher that keeps host batches ready ahead of the device."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ import numpy as np
 from b2t_jax.data.t15 import Trial
 
 
+def pool_features(x: np.ndarray, pool: int) -> np.ndarray:
+  """Averages each group of `pool` adjacent feature columns: (T, F) -> (T, F // pool)."""
+  if pool == 1:
+    return x
+  t, f = x.shape
+  return x.reshape(t, f // pool, pool).mean(axis=-1, dtype=np.float32)
+
+
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
   """The smallest bucket >= n; an error naming the config field when none is."""
   for b in sorted(buckets):
@@ -19,14 +27,6 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
       return int(b)
   raise ValueError(f"a batch needs {n} time bins but the largest of config.data.time_buckets is "
                    f"{max(buckets)}; add a larger bucket")
-
-
-def check_buckets(trials: Sequence[Trial], buckets: Sequence[int], where: str) -> None:
-  """Fails early (at load time, naming the trial) when a trial is longer than every bucket."""
-  longest = max(trials, key=lambda t: t.n_time_steps)
-  if longest.n_time_steps > max(buckets):
-    raise ValueError(f"{where}: {longest.session} trial_{longest.index_in_file:04d} has {longest.n_time_steps} "
-                     f"bins, more than the largest of config.data.time_buckets={tuple(buckets)}; add a bucket")
 
 
 def pad_batch(chosen: Sequence[Trial], *, t: int, n_features: int, max_label_len: int,
@@ -56,15 +56,6 @@ def pad_batch(chosen: Sequence[Trial], *, t: int, n_features: int, max_label_len
     batch["day"][r] = tr.day
     batch["weight"][r] = 1.0
   return batch
-
-
-def make_batch(trials: Sequence[Trial], indices: np.ndarray, *, buckets: Sequence[int], max_label_len: int,
-               n_rows: int | None = None) -> dict[str, np.ndarray]:
-  """Pads in-memory `trials[indices]` to the smallest bucket that fits them (see pad_batch)."""
-  chosen = [trials[i] for i in indices]
-  t = bucket_length(max(tr.n_time_steps for tr in chosen), buckets)
-  return pad_batch(chosen, t=t, n_features=chosen[0].features.shape[1], max_label_len=max_label_len,
-                   n_rows=n_rows)
 
 
 class Prefetcher:

@@ -64,7 +64,7 @@ REASONS = {
 
 @dataclasses.dataclass
 class Trial:
-  features: np.ndarray          # (n_time_steps, n_features) float32, possibly feature-pooled
+  features: np.ndarray          # (n_time_steps, n_features) float32, feature-pooled once read from a split
   labels: np.ndarray | None     # (seq_len,) int32 phoneme ids 1..40, None for unlabelled (test) trials
   sentence: str | None
   day: int                      # position of the session in the configured session list
@@ -77,33 +77,6 @@ class Trial:
   @property
   def n_time_steps(self) -> int:
     return int(self.features.shape[0])
-
-
-@dataclasses.dataclass
-class Split:
-  """All trials of one split, in session-list order then file order (the competition's order)."""
-
-  name: str
-  trials: list[Trial]
-  skipped: dict[str, int]       # reason -> number of trials skipped (on_bad_trial='skip')
-
-  def __len__(self) -> int:
-    return len(self.trials)
-
-  def day_indices(self) -> dict[int, np.ndarray]:
-    """day -> indices of that day's trials in `trials` (ascending)."""
-    by_day: dict[int, list[int]] = collections.defaultdict(list)
-    for i, t in enumerate(self.trials):
-      by_day[t.day].append(i)
-    return {d: np.asarray(v, np.int64) for d, v in sorted(by_day.items())}
-
-
-def pool_features(x: np.ndarray, pool: int) -> np.ndarray:
-  """Averages each group of `pool` adjacent feature columns: (T, F) -> (T, F // pool)."""
-  if pool == 1:
-    return x
-  t, f = x.shape
-  return x.reshape(t, f // pool, pool).mean(axis=-1, dtype=np.float32)
 
 
 def _decode_str(v) -> str:
@@ -197,9 +170,10 @@ def _count_trial_groups(path: str) -> int:
 
 
 def iter_file(path: str, *, day: int, session: str, labelled: bool, n_features: int = 512,
-              feature_pool: int = 1, max_label_len: int = 10_000, on_bad_trial: str = "error",
+              max_label_len: int = 10_000, on_bad_trial: str = "error",
               skipped: collections.Counter | None = None) -> Iterator[Trial]:
-  """Yields the valid trials of one session file in file order, validating each (see module doc).
+  """Yields the valid trials of one session file in file order, validating each (see module doc); features
+  at full width (pooling is the reader's: batching.pool_features).
 
   With on_bad_trial='skip' a bad trial (or an unreadable file) is logged and counted in `skipped` under its
   DataError.reason; with 'error' the DataError is raised."""
@@ -252,7 +226,7 @@ def iter_file(path: str, *, day: int, session: str, labelled: bool, n_features: 
       except OSError as e:     # the group or its attributes are damaged (datasets are caught by the reader)
         bad(reader.unreadable(name, "", e))
         continue
-      yield Trial(pool_features(x, feature_pool), labels, sentence, day, session, block, trial, i, transcription)
+      yield Trial(x, labels, sentence, day, session, block, trial, i, transcription)
 
 
 def session_files(data_dir: str, sessions: Sequence[str], split: str, *, on_bad_trial: str = "error",
@@ -301,40 +275,3 @@ def session_files(data_dir: str, sessions: Sequence[str], split: str, *, on_bad_
   elif without:                        # the release has sessions without val/test files
     logging.info("%d session(s) have no %s file: %s", len(without), split, ", ".join(without))
   return out
-
-
-def iter_split(data_dir: str, sessions: Sequence[str], split: str, *, n_features: int = 512,
-               feature_pool: int = 1, max_label_len: int = 10_000, on_bad_trial: str = "error",
-               skipped: collections.Counter | None = None) -> Iterator[Trial]:
-  """Yields every valid trial of one split, in session-list order then file order (the competition's order)."""
-  for day, session, path in session_files(data_dir, sessions, split, on_bad_trial=on_bad_trial, skipped=skipped):
-    yield from iter_file(path, day=day, session=session, labelled=split != "test", n_features=n_features,
-                         feature_pool=feature_pool, max_label_len=max_label_len, on_bad_trial=on_bad_trial,
-                         skipped=skipped)
-
-
-def load_split(data_dir: str, sessions: Sequence[str], split: str, *, n_features: int = 512,
-               feature_pool: int = 1, max_label_len: int = 10_000, on_bad_trial: str = "error") -> Split:
-  """Loads one split of every session folder under `data_dir` (SPEC §1 layout) into memory.
-
-  Session folders must be named in `sessions` (their position is the day index). Sessions without a
-  file for this split are skipped (the release has sessions without val/test files).
-  """
-  skipped: collections.Counter = collections.Counter()
-  trials = list(iter_split(data_dir, sessions, split, n_features=n_features, feature_pool=feature_pool,
-                           max_label_len=max_label_len, on_bad_trial=on_bad_trial, skipped=skipped))
-  if skipped:
-    logging.warning("%s split: skipped %d trial(s): %s", split, sum(skipped.values()), dict(skipped))
-  return Split(split, trials, dict(skipped))
-
-
-def load_split_from_config(config, split: str) -> Split:
-  """One split of `config.data.data_dir` in memory, with every option taken from `config.data`.
-
-  `data_dir` may be an HDF5 tree or a prepared TFDS dataset (tools/prepare_data.py)."""
-  d = config.data
-  from b2t_jax.data import source  # the TFDS layer imports this module
-  if source.is_tfds_dir(d.data_dir):
-    return source.load_split_in_memory(config, split)
-  return load_split(d.data_dir, d.sessions, split, n_features=d.n_features, feature_pool=d.feature_pool,
-                    max_label_len=d.max_label_len, on_bad_trial=d.on_bad_trial)

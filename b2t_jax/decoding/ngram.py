@@ -201,10 +201,10 @@ def dataset_sentences(data_dir: str, split: str = "train") -> Iterator[str]:
   """The `sentence_label` of every trial of one split under a t15 tree (SPEC §1), session folders in sorted
   order; reads only the attributes, never the neural features. A prepared TFDS dataset (tools/prepare_data.py)
   is read record by record instead (the records hold the features, so this reads them too)."""
-  from b2t_jax.data import source  # imports TFDS: only when sentences are asked for
-  dataset_dir = source.find_dataset_dir(data_dir)
+  from b2t_jax.data import pipeline, prepare  # imports TFDS: only when sentences are asked for
+  dataset_dir = prepare.find_dataset_dir(data_dir)
   if dataset_dir is not None:
-    yield from source.split_sentences(dataset_dir, split)
+    yield from pipeline.split_sentences(dataset_dir, split)
     return
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"data_dir {data_dir!r} does not exist; pass the hdf5_data_final folder (or "

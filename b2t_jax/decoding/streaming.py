@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from b2t_jax.data.augment import gaussian_kernel
-from b2t_jax.data.t15 import pool_features
+from b2t_jax.data.batching import pool_features
 from b2t_jax.models.decoders import model_hparams
 from b2t_jax.patching import n_patches
 from b2t_jax.models.gru import gru_gates, matmul
