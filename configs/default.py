@@ -14,7 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh_shape = (-1, 1)      # (data, model) device mesh; -1 takes all remaining devices
   # Logical axis -> mesh axis (MaxText style). The NoiseModel's 7168-wide GRU kernels are split over 'model'
   # along their hidden axis; the 768-wide GRUs, day layers and heads stay replicated.
-  c.logical_axis_rules = (("noise_hidden", "model"), ("hidden", None), ("gru_in", None))
+  c.logical_axis_rules = (("noise_hidden", "model"), ("hidden", None), ("gru_in", None),
+                          # day layers, patch projection and heads: named, replicated
+                          ("days", None), ("features", None), ("features_out", None), ("patch_features", None),
+                          ("classes", None))
   c.distributed = False       # call jax.distributed.initialize() (multi-host pods, multi-process CPU)
   c.coordinator_address = ""  # host:port of process 0; "" = auto-detect (Cloud TPU, SLURM)
   c.num_processes = 0         # with coordinator_address: total processes

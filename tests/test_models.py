@@ -1,5 +1,7 @@
 """Front end, gradient reversal, decoders: layout, gather, gradients, exact parameter counts, modes, bf16."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,10 +10,12 @@ from optax.tree import norm as optax_norm
 from flax import linen as nn
 
 from b2t_jax.models import create_model, gradient_reversal
+from b2t_jax.models.decoders import ModelHParams, model_hparams
 from b2t_jax.models.frontend import DayFrontEnd, patchify
 from b2t_jax.patching import n_patches
 from b2t_jax.summary import parameter_counts
 from configs import gru_baseline, tpu_v4
+from conftest import tiny_config
 
 
 def test_patchify_matches_explicit_indexing():
@@ -37,7 +41,7 @@ def test_day_layer_gather_matches_per_trial_loop():
   fe = DayFrontEnd(n_days=5, n_features=4, patch_size=2, patch_stride=1, dropout_rate=0.0)
   x = rng.standard_normal((3, 6, 4)).astype(np.float32)
   day = np.array([4, 0, 4], np.int32)
-  params = fe.init(jax.random.PRNGKey(0), x, day, deterministic=True)["params"]
+  params = nn.unbox(fe.init(jax.random.PRNGKey(0), x, day, deterministic=True)["params"])
   np.testing.assert_array_equal(np.asarray(params["day_weights"]), np.broadcast_to(np.eye(4), (5, 4, 4)))
   params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
   got = np.asarray(fe.apply({"params": params}, x, day, deterministic=True))
@@ -141,3 +145,36 @@ def test_triple_noise_gets_reversed_gradient_from_noisy_branch(tiny):
   g_clean = [grad(params, jnp.float32(lam), clean_only) for lam in (0.5, 2.0)]
   jax.tree.map(np.testing.assert_array_equal, *g_clean)
   assert float(jnp.abs(g_clean[0]["noise_model"]["gru"]["h0"]).sum()) > 0   # the clean branch reaches the noise model
+
+
+@pytest.mark.parametrize("kind", ["gru", "triple"])
+def test_every_parameter_declares_one_logical_axis_name_per_dimension(kind):
+  """Shardings come from the logical names (config.logical_axis_rules), so no parameter may go unannotated."""
+  tiny = tiny_config()
+  tiny.model.kind, tiny.model.patch_features = kind, 3   # the projection too
+  model = create_model(tiny)
+  x = jnp.zeros((1, 32, tiny.data.n_features // tiny.data.feature_pool))
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32)))["params"]
+  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda a: isinstance(a, nn.LogicallyPartitioned))
+  ruled = {name for name, _ in tiny.logical_axis_rules}
+  assert len(leaves) > 10
+  for path, leaf in leaves:
+    where = jax.tree_util.keystr(path)
+    assert isinstance(leaf, nn.LogicallyPartitioned), where
+    assert len(leaf.names) == leaf.value.ndim, where
+    assert set(leaf.names) - {None} <= ruled, where   # every name is mapped by the rules
+  day = [leaf for path, leaf in leaves if "day_weights" in jax.tree_util.keystr(path)]
+  assert day and all(leaf.names[0] == "days" for leaf in day)
+
+
+def test_model_hparams_are_typed_frozen_and_complete():
+  tiny = tiny_config()
+  hp = model_hparams(tiny)
+  assert isinstance(hp, ModelHParams) and hp.n_days == len(tiny.data.sessions)
+  assert hp.n_input_features == tiny.data.n_features // tiny.data.feature_pool and hp.hidden == tiny.model.hidden
+  hash(hp)   # modules hold it as an attribute
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    hp.hidden = 1
+  tiny.model.not_a_knob = 1
+  with pytest.raises(ValueError, match=r"unknown fields \['not_a_knob'\]"):
+    model_hparams(tiny)

@@ -6,6 +6,7 @@ Off by default, where every shipped config but the demo keeps its SPEC parameter
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import linen as nn
 
 from b2t_jax.models import create_model
 from b2t_jax.summary import parameter_counts
@@ -24,7 +25,7 @@ def test_projection_narrows_patches_and_costs_exactly_its_dense(kind):
   f = 6
   off, on = _small(kind, 0), _small(kind, f)
   x, day = jnp.zeros((2, 30, 512)), jnp.zeros((2,), jnp.int32)
-  params = create_model(on).init(jax.random.PRNGKey(0), x, day)["params"]
+  params = nn.unbox(create_model(on).init(jax.random.PRNGKey(0), x, day)["params"])
   front = params["frontend"] if kind == "gru" else params["noise_model"]["frontend"]
   assert front["proj"]["kernel"].shape == (512, f)     # every one of the 512 columns feeds it
   out = create_model(on).apply({"params": params}, x, day, mode="full" if kind == "triple" else "inference")

@@ -21,7 +21,7 @@ def test_noise_gru_kernels_are_split_over_model_axis(tiny):
   assert layer["w_ih"].spec == P(None, None, "model") and layer["cell"]["w_hh"].spec == P(None, None, "model")
   assert ps["noise_model"]["gru"]["h0"].spec == P("model")
   assert ps["clean_model"]["gru"]["layer_0"]["cell"]["w_hh"].spec == P(None, None, None)
-  assert ps["clean_model"]["frontend"]["day_weights"].spec == P()
+  assert ps["clean_model"]["frontend"]["day_weights"].spec == P(None, None, None)   # named (days, ...), replicated
   state = exp.init_state()
   w_hh = state.params["noise_model"]["gru"]["layer_1"]["cell"]["w_hh"]
   assert w_hh.addressable_shards[0].data.shape == (112, 3, 56)        # half of the hidden axis per device

@@ -16,9 +16,10 @@ fixed-shape steps of `chunk` bins (`config.stream.chunk_bins`, a multiple of the
   right padding; zero chunks are fed until every one of the trial's `floor((T - 14) / 4) + 1` patches is out.
 
 A patch p (frames 4p .. 4p + 13) is emitted by the step that receives raw bin 4p + 17, i.e. the decoder's
-algorithmic latency is the smoothing lag plus the patch span. For model kind 'triple' the noise and clean
-front ends run side by side and the clean logits (inference mode) are emitted; the adversarial noisy decoder
-is a training-only branch.
+algorithmic latency is the smoothing lag plus the patch span. The model itself (models/decoders.py) supplies
+the day layers (`frames`), the GRU states (`initial_carry`) and the step over patch slots (`step`); this module
+only knows the streaming geometry. For model kind 'triple' the noise and clean front ends run side by side
+and the clean logits (inference mode) are emitted.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import linen as nn
 
 from b2t_jax.data.augment import gaussian_kernel
 from b2t_jax.data.batching import pool_features
-from b2t_jax.models.decoders import model_hparams
+from b2t_jax.models.decoders import create_model, model_hparams
 from b2t_jax.patching import n_patches
-from b2t_jax.models.gru import gru_gates, matmul
 
 # p_end while the trial is still running: no patch index reaches it.
 _OPEN_END = np.iinfo(np.int32).max
@@ -52,7 +53,6 @@ class StreamGeometry:
   stride: int          # patch stride in frames
   keep: int            # day-transformed frames carried between steps
   n_features: int      # features per bin entering the model
-  frame_features: int  # features per day-transformed frame (model.patch_features, else n_features)
 
   @property
   def lag(self) -> int:
@@ -81,69 +81,31 @@ def geometry(config: ml_collections.ConfigDict, chunk: int | None = None) -> Str
   keep = max(m.patch_size - m.patch_stride, 0)
   while (keep + lag) % m.patch_stride:  # align every step's frame buffer to a patch start
     keep += 1
-  f = model_hparams(config).n_input_features
   return StreamGeometry(chunk=chunk, taps=taps, size=m.patch_size, stride=m.patch_stride, keep=keep,
-                        n_features=f, frame_features=m.patch_features or f)
+                        n_features=model_hparams(config).n_input_features)
 
 
 # ------------------------------------------------------------------------------------------- pure functions
 
 
-def _front_ends(params: dict, kind: str) -> dict[str, dict]:
-  if kind == "gru":
-    return {"main": params["frontend"]}
-  return {"noise": params["noise_model"]["frontend"], "clean": params["clean_model"]["frontend"]}
+def _frames(model: nn.Module, params: Any, bins: jax.Array, day: jax.Array) -> dict[str, jax.Array]:
+  """(n, F) smoothed bins -> {front end: (n, F')} inference frames (the model's day layers, projection)."""
+  frames = model.apply({"params": params}, bins[None], day[None], method="frames")
+  return {name: y[0] for name, y in frames.items()}
 
 
-def _stacks(params: dict, kind: str) -> dict[str, dict]:
-  if kind == "gru":
-    return {"main": params["gru"]}
-  return {"noise": params["noise_model"]["gru"], "clean": params["clean_model"]["gru"]}
-
-
-def _n_layers(stack: dict) -> int:
-  return sum(1 for k in stack if k.startswith("layer_"))
-
-
-def stream_params(params: dict, kind: str, day: int) -> dict:
-  """The inference subset of `params` with each front end's day layer already gathered for `day`."""
-  fronts = {}
-  for name, fe in _front_ends(params, kind).items():
-    fronts[name] = {"w": fe["day_weights"][day], "b": fe["day_biases"][day]}
-    if "proj" in fe:
-      fronts[name]["proj"] = fe["proj"]
-  head = params["out"] if kind == "gru" else params["clean_model"]["out"]
-  return {"front": fronts, "stacks": _stacks(params, kind), "head": head}
-
-
-def init_state(sp: dict, geo: StreamGeometry) -> dict:
-  """Zero smoothing and frame buffers; every layer of every stack starts at its stack's h0."""
+def init_state(model: nn.Module, params: Any, geo: StreamGeometry) -> dict:
+  """Zero smoothing and frame buffers (one per front end of `model`); GRU states from the model's h0."""
+  shapes = jax.eval_shape(lambda p: _frames(model, p, jnp.zeros((geo.chunk, geo.n_features)),
+                                            jnp.zeros((), jnp.int32)), params)
   return {"raw": jnp.zeros((len(geo.taps) - 1, geo.n_features), jnp.float32),
-          "frames": {name: jnp.zeros((geo.keep, geo.frame_features), jnp.float32) for name in sp["front"]},
-          "h": {name: jnp.broadcast_to(st["h0"].astype(jnp.float32), (_n_layers(st),) + st["h0"].shape)
-                for name, st in sp["stacks"].items()}}
+          "frames": {name: jnp.zeros((geo.keep, s.shape[-1]), jnp.float32) for name, s in shapes.items()},
+          "h": model.apply({"params": params}, 1, method="initial_carry")}
 
 
-def _run_stack(stack: dict, x: jax.Array, h: jax.Array, valid: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """x (slots, in) through every layer; a masked slot leaves the layer's state as it was."""
-  hs = []
-  for i in range(h.shape[0]):
-    layer = stack[f"layer_{i}"]
-    xp = matmul("pi,igh->pgh", x, layer["w_ih"], dtype) + layer["b_ih"]
-    hi, ys = h[i], []
-    for s in range(x.shape[0]):
-      hp = matmul("bi,igh->bgh", hi[None], layer["cell"]["w_hh"], dtype) + layer["cell"]["b_hh"]
-      new = gru_gates(xp[s][None], hp, hi[None])[0]
-      hi = jnp.where(valid[s], new, hi)
-      ys.append(new)
-    x = jnp.stack(ys).astype(dtype)
-    hs.append(hi)
-  return x, jnp.stack(hs)
-
-
-def stream_step(sp: dict, state: dict, chunk: jax.Array, first: jax.Array, end: jax.Array, *,
-                geo: StreamGeometry, kind: str, dtype=jnp.float32) -> tuple[dict, jax.Array, jax.Array]:
-  """One step: `chunk` (geo.chunk, F) raw bins -> (new state, logits (slots, C), valid (slots,)).
+def stream_step(model: nn.Module, params: Any, state: dict, chunk: jax.Array, first: jax.Array, end: jax.Array,
+                day: jax.Array, *, geo: StreamGeometry) -> tuple[dict, jax.Array, jax.Array]:
+  """One step: `chunk` (geo.chunk, F) raw bins of day `day` -> (new state, logits (slots, C), valid (slots,)).
 
   Slot s is patch `first + s`; it is valid (updates the state, its logits are real) when 0 <= it < `end`.
   """
@@ -154,24 +116,15 @@ def stream_step(sp: dict, state: dict, chunk: jax.Array, first: jax.Array, end: 
   patch_ids = first + jnp.arange(geo.slots)
   valid = (patch_ids >= 0) & (patch_ids < end)
   patches, frames = {}, {}
-  for name, fe in sp["front"].items():
-    y = jax.nn.soft_sign(matmul("tf,fg->tg", smoothed, fe["w"], dtype) + fe["b"]).astype(dtype)
-    if "proj" in fe:  # config.model.patch_features: the front end's Dense before patching
-      y = (matmul("tf,fg->tg", y, fe["proj"]["kernel"], dtype) + fe["proj"]["bias"]).astype(dtype)
-    buf = jnp.concatenate([state["frames"][name].astype(dtype), y], axis=0)
-    patches[name] = jnp.stack([buf[o:o + geo.size].reshape(-1) for o in range(0, geo.slots * geo.stride,
-                                                                               geo.stride)])
+  for name, y in _frames(model, params, smoothed, day).items():
+    buf = jnp.concatenate([state["frames"][name].astype(y.dtype), y], axis=0)
+    # The layout of frontend.patchify: patch p is frames [stride * p, stride * p + size), flattened.
+    patches[name] = jnp.stack([buf[o:o + geo.size].reshape(-1)
+                               for o in range(0, geo.slots * geo.stride, geo.stride)])[None]
     frames[name] = buf[buf.shape[0] - geo.keep:]
-  h = dict(state["h"])
-  if kind == "gru":
-    out, h["main"] = _run_stack(sp["stacks"]["main"], patches["main"], h["main"], valid, dtype)
-  else:
-    noise, h["noise"] = _run_stack(sp["stacks"]["noise"], patches["noise"], h["noise"], valid, dtype)
-    denoised = patches["clean"] - noise.astype(patches["clean"].dtype)
-    out, h["clean"] = _run_stack(sp["stacks"]["clean"], denoised, h["clean"], valid, dtype)
-  logits = matmul("ph,hc->pc", out, sp["head"]["kernel"], dtype) + sp["head"]["bias"]
+  h, logits = model.apply({"params": params}, patches, valid, state["h"], method="step")
   new_state = {"raw": ext[ext.shape[0] - state["raw"].shape[0]:], "frames": frames, "h": h}
-  return new_state, logits.astype(jnp.float32), valid
+  return new_state, logits[0].astype(jnp.float32), valid
 
 
 # ------------------------------------------------------------------------------------------- host wrapper
@@ -199,22 +152,25 @@ class StreamingDecoder:
     self.pool = config.data.feature_pool
     self.raw_features = config.data.n_features
     self.size, self.stride = config.model.patch_size, config.model.patch_stride
+    self.model = create_model(config)
+    self.n_classes = config.model.n_classes
+    self.day = np.int32(day)
     # One trial is a batch of one: run on a single device even when `params` come sharded over a mesh.
-    self.params = jax.device_put(stream_params(params, self.kind, day), jax.devices()[0])
-    self._step = jax.jit(functools.partial(stream_step, geo=self.geo, kind=self.kind,
-                                           dtype=jnp.dtype(config.model.dtype)), donate_argnums=1)
+    self.params = jax.device_put(params, jax.devices()[0])
+    self._step = jax.jit(functools.partial(stream_step, self.model, geo=self.geo), donate_argnums=1)
     self.reset()
 
   def reset(self) -> None:
     """Starts a new trial (same day)."""
-    self.state = init_state(self.params, self.geo)
+    self.state = init_state(self.model, self.params, self.geo)
     self.steps = 0             # steps run in this trial
     self.bins = 0              # raw bins received in this trial
     self._pending = np.zeros((0, self.geo.n_features), np.float32)
 
   def _run(self, chunk: np.ndarray, end: int) -> np.ndarray:
     first = self.geo.first_patch + self.steps * self.geo.slots
-    self.state, logits, valid = self._step(self.params, self.state, chunk, np.int32(first), np.int32(end))
+    self.state, logits, valid = self._step(self.params, self.state, chunk, np.int32(first), np.int32(end),
+                                            self.day)
     self.steps += 1
     logits, valid = jax.device_get((logits, valid))
     return logits[valid]
@@ -248,4 +204,4 @@ class StreamingDecoder:
     return np.concatenate(out) if out else np.zeros((0, self._n_classes()), np.float32)
 
   def _n_classes(self) -> int:
-    return int(self.params["head"]["bias"].shape[0])
+    return self.n_classes

@@ -1,8 +1,14 @@
-"""The two decoders: the NEJM `GRUDecoder` (SPEC §3.3) and the `TripleGRUDecoder` (SPEC §3.4)."""
+"""The two decoders: the NEJM `GRUDecoder` (SPEC §3.3) and the `TripleGRUDecoder` (SPEC §3.4).
+
+Each decoder defines its topology once (`_decode` of every sub-model) and runs it two ways: over whole trials
+(`__call__`, training and evaluation) and a few patch slots at a time from carried GRU states (the streaming
+pair `initial_carry` / `step`, with `frames` for the day layers: `decoding/streaming.py` cuts the patches).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +17,56 @@ from flax import linen as nn
 
 from b2t_jax.models.frontend import DayFrontEnd
 from b2t_jax.models.gru import GRUStack
+
+# Runs a GRUStack on its input: (stack, x) -> (outputs, new carry or None).
+StackRun = Callable[[GRUStack, jax.Array], tuple[jax.Array, jax.Array | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelHParams:
+  """The model's hyper-parameters: `config.model` (configs/default.py documents each) plus two sizes derived
+  from `config.data`. Frozen and hashable: modules hold it as an attribute."""
+
+  kind: str
+  dtype: str
+  n_classes: int
+  patch_size: int
+  patch_stride: int
+  patch_features: int
+  input_dropout: float
+  rnn_dropout: float
+  hidden: int
+  n_layers: int
+  noise_layers: int
+  clean_layers: int
+  noisy_layers: int
+  grl_lambda: float
+  gru_unroll: int
+  gru_backward: str
+  gru_remat: bool
+  gru_wavefront: bool
+  n_days: int            # len(config.data.sessions)
+  n_input_features: int  # config.data.n_features // config.data.feature_pool
+
+
+_DERIVED = ("n_days", "n_input_features")
+
+
+def model_hparams(config: ml_collections.ConfigDict) -> ModelHParams:
+  """`config.model` plus the sizes it derives from the data config (days, features per bin)."""
+  given = config.model.to_dict()
+  known = {f.name for f in dataclasses.fields(ModelHParams)} - set(_DERIVED)
+  if set(given) != known:
+    raise ValueError(f"config.model has unknown fields {sorted(set(given) - known)} and lacks "
+                     f"{sorted(known - set(given))} (models/decoders.py:ModelHParams lists them)")
+  if config.data.n_features % config.data.feature_pool:
+    raise ValueError(f"config.data.feature_pool={config.data.feature_pool} must divide "
+                     f"config.data.n_features={config.data.n_features}")
+  if given["patch_features"] < 0:
+    raise ValueError(f"config.model.patch_features={given['patch_features']}: use 0 (off, SPEC) or the width of "
+                     "the learned projection before patching")
+  return ModelHParams(**given, n_days=len(config.data.sessions),
+                      n_input_features=config.data.n_features // config.data.feature_pool)
 
 
 @jax.custom_vjp
@@ -32,112 +88,170 @@ def _grl_bwd(lam, g):
 gradient_reversal.defvjp(_grl_fwd, _grl_bwd)
 
 
-class _FrontEndMixin:
-  def front_end(self, name: str) -> DayFrontEnd:
-    m = self.cfg
+def _whole(deterministic: bool) -> StackRun:
+  """Runs a stack over whole sequences from its h0."""
+  return lambda stack, x: (stack(x, deterministic=deterministic), None)
+
+
+def _stepping(valid: jax.Array, carry: jax.Array) -> StackRun:
+  """Advances a stack over a few slots from `carry` (inference)."""
+  return lambda stack, x: stack.step(x, valid, carry)
+
+
+class _Parts:
+  """The building blocks every sub-model takes from `self.hp`."""
+
+  def front_end(self) -> DayFrontEnd:
+    m = self.hp
     return DayFrontEnd(n_days=m.n_days, n_features=m.n_input_features, patch_size=m.patch_size,
                        patch_stride=m.patch_stride, dropout_rate=m.input_dropout,
-                       patch_features=m.patch_features, dtype=self.dtype, name=name)
+                       patch_features=m.patch_features, dtype=self.dtype)
 
-  def stack(self, n_layers: int, hidden: int, name: str, hidden_axis: str = "hidden") -> GRUStack:
-    return GRUStack(n_layers=n_layers, hidden=hidden, dropout_rate=self.cfg.rnn_dropout, dtype=self.dtype,
-                    unroll=self.cfg.gru_unroll, hidden_axis=hidden_axis,
-                    backward=self.cfg.gru_backward, remat=self.cfg.gru_remat,
-                    wavefront=self.cfg.gru_wavefront, name=name)
+  def stack(self, n_layers: int, hidden: int, hidden_axis: str = "hidden") -> GRUStack:
+    m = self.hp
+    return GRUStack(n_layers=n_layers, hidden=hidden, dropout_rate=m.rnn_dropout, dtype=self.dtype,
+                    unroll=m.gru_unroll, hidden_axis=hidden_axis, backward=m.gru_backward, remat=m.gru_remat,
+                    wavefront=m.gru_wavefront)
 
-  def head(self, name: str) -> nn.Dense:
-    return nn.Dense(self.cfg.n_classes, dtype=self.dtype, name=name)
+  def head(self) -> nn.Dense:
+    return nn.Dense(self.hp.n_classes, dtype=self.dtype,
+                    kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, ("hidden", "classes")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)))
 
 
-class GRUDecoder(nn.Module, _FrontEndMixin):
+class GRUDecoder(nn.Module, _Parts):
   """Day layers -> patches -> n_layers x GRU(H) -> Dense(n_classes). Returns fp32 logits (B, P, C)."""
 
-  cfg: Any
+  hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.frontend = self.front_end()
+    self.gru = self.stack(self.hp.n_layers, self.hp.hidden)
+    self.out = self.head()
+
+  def _decode(self, patches: jax.Array, run: StackRun) -> tuple[jax.Array, jax.Array | None]:
+    h, carry = run(self.gru, patches)
+    return self.out(h).astype(jnp.float32), carry
+
   def __call__(self, x, day, *, train: bool = False, mode: str = "inference", grl_lambda=None):
     del mode, grl_lambda  # one output in every mode
-    h = self.front_end("frontend")(x, day, deterministic=not train)
-    h = self.stack(self.cfg.n_layers, self.cfg.hidden, "gru")(h, deterministic=not train)
-    return self.head("out")(h).astype(jnp.float32)
+    return self._decode(self.frontend(x, day, deterministic=not train), _whole(not train))[0]
+
+  def frames(self, x: jax.Array, day: jax.Array) -> dict[str, jax.Array]:
+    """Inference frames (B, T, F') of each front end, by name; patches of them are `step`'s input."""
+    return {"frontend": self.frontend.frames(x, day)}
+
+  def initial_carry(self, batch: int = 1) -> dict[str, jax.Array]:
+    """The GRU states before a trial's first patch: {stack: (n_layers, batch, H)}."""
+    return {"gru": self.gru.initial_carry(batch)}
+
+  def step(self, patches: dict[str, jax.Array], valid: jax.Array, carry: dict[str, jax.Array]):
+    """patches {front end: (B, S, patch width)} of S slots, valid (S,), carry -> (new carry, logits (B, S, C)).
+    An invalid slot leaves every state as it was; its logits are meaningless."""
+    logits, h = self._decode(patches["frontend"], _stepping(valid, carry["gru"]))
+    return {"gru": h}, logits
 
 
-class NoiseModel(nn.Module, _FrontEndMixin):
+class NoiseModel(nn.Module, _Parts):
   """Own front end -> GRU stack of width size*features (no projection) -> the noise estimate (B, P, size*F)."""
 
-  cfg: Any
+  hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    m = self.hp
+    self.frontend = self.front_end()
+    self.gru = self.stack(m.noise_layers, m.patch_size * (m.patch_features or m.n_input_features), "noise_hidden")
+
+  def _decode(self, patches: jax.Array, run: StackRun):
+    return run(self.gru, patches)
+
   def __call__(self, x, day, *, train: bool):
-    h = self.front_end("frontend")(x, day, deterministic=not train)
-    return self.stack(self.cfg.noise_layers, h.shape[-1], "gru", "noise_hidden")(h, deterministic=not train)
+    return self._decode(self.frontend(x, day, deterministic=not train), _whole(not train))[0]
 
 
-class CleanSpeechModel(nn.Module, _FrontEndMixin):
+class CleanSpeechModel(nn.Module, _Parts):
   """Own front end; subtracts the noise estimate, then GRU stack -> Dense -> clean logits."""
 
-  cfg: Any
+  hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.frontend = self.front_end()
+    self.gru = self.stack(self.hp.clean_layers, self.hp.hidden)
+    self.out = self.head()
+
+  def _decode(self, patches: jax.Array, noise: jax.Array, run: StackRun):
+    h, carry = run(self.gru, patches - noise.astype(patches.dtype))
+    return self.out(h).astype(jnp.float32), carry
+
   def __call__(self, x, day, noise, *, train: bool):
-    x_clean = self.front_end("frontend")(x, day, deterministic=not train)
-    denoised = x_clean - noise.astype(x_clean.dtype)
-    h = self.stack(self.cfg.clean_layers, self.cfg.hidden, "gru")(denoised, deterministic=not train)
-    return self.head("out")(h).astype(jnp.float32)
+    return self._decode(self.frontend(x, day, deterministic=not train), noise, _whole(not train))[0]
 
 
-class NoisySpeechModel(nn.Module, _FrontEndMixin):
+class NoisySpeechModel(nn.Module, _Parts):
   """GRU stack -> Dense on the (gradient-reversed) noise: an adversary that tries to read speech from noise."""
 
-  cfg: Any
+  hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.gru = self.stack(self.hp.noisy_layers, self.hp.hidden)
+    self.out = self.head()
+
   def __call__(self, noise, *, train: bool):
-    h = self.stack(self.cfg.noisy_layers, self.cfg.hidden, "gru")(noise, deterministic=not train)
-    return self.head("out")(h).astype(jnp.float32)
+    return self.out(self.gru(noise, deterministic=not train)).astype(jnp.float32)
 
 
 class TripleGRUDecoder(nn.Module):
   """Noise + clean + adversarial noisy decoders (SPEC §3.4).
 
-  mode='inference' -> clean logits (B, P, C); mode='full' -> (clean_logits, noisy_logits, noise).
+  mode='inference' -> clean logits (B, P, C); mode='full' -> (clean_logits, noisy_logits, noise). The noisy
+  (adversarial) branch is training-only: streaming (`step`) runs the noise and clean models.
   """
 
-  cfg: Any
+  hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.noise_model = NoiseModel(self.hp, self.dtype)
+    self.clean_model = CleanSpeechModel(self.hp, self.dtype)
+    self.noisy_model = NoisySpeechModel(self.hp, self.dtype)
+
+  def _decode(self, patches: dict[str, jax.Array], runs: dict[str, StackRun]):
+    """The inference topology: noise stack, clean = clean patches - noise, clean stack, head."""
+    noise, h_noise = self.noise_model._decode(patches["noise"], runs["noise"])
+    clean_logits, h_clean = self.clean_model._decode(patches["clean"], noise, runs["clean"])
+    return clean_logits, noise, {"noise": h_noise, "clean": h_clean}
+
   def __call__(self, x, day, *, train: bool = False, mode: str = "inference", grl_lambda=None):
     if mode not in ("inference", "full"):
       raise ValueError(f"unknown mode {mode!r}: use 'inference' or 'full'")
-    noise = NoiseModel(self.cfg, self.dtype, name="noise_model")(x, day, train=train)
-    clean_logits = CleanSpeechModel(self.cfg, self.dtype, name="clean_model")(x, day, noise, train=train)
+    patches = {"noise": self.noise_model.frontend(x, day, deterministic=not train),
+               "clean": self.clean_model.frontend(x, day, deterministic=not train)}
+    clean_logits, noise, _ = self._decode(patches, {"noise": _whole(not train), "clean": _whole(not train)})
     if mode == "inference" and not self.is_initializing():
       return clean_logits
-    lam = jnp.asarray(self.cfg.grl_lambda if grl_lambda is None else grl_lambda, jnp.float32)
-    noisy_logits = NoisySpeechModel(self.cfg, self.dtype, name="noisy_model")(
-        gradient_reversal(noise, lam), train=train)
+    lam = jnp.asarray(self.hp.grl_lambda if grl_lambda is None else grl_lambda, jnp.float32)
+    noisy_logits = self.noisy_model(gradient_reversal(noise, lam), train=train)
     if mode == "inference":  # initialising: build every sub-model, return what inference returns
       return clean_logits
     return clean_logits, noisy_logits, noise
 
+  def frames(self, x: jax.Array, day: jax.Array) -> dict[str, jax.Array]:
+    """Inference frames (B, T, F') of each front end, by name; patches of them are `step`'s input."""
+    return {"noise": self.noise_model.frontend.frames(x, day), "clean": self.clean_model.frontend.frames(x, day)}
 
-def model_hparams(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
-  """`config.model` plus the sizes it derives from the data config (days, features per bin)."""
-  hp = config.model.to_dict()
-  hp["n_days"] = len(config.data.sessions)
-  if config.data.n_features % config.data.feature_pool:
-    raise ValueError(f"config.data.feature_pool={config.data.feature_pool} must divide "
-                     f"config.data.n_features={config.data.n_features}")
-  hp["n_input_features"] = config.data.n_features // config.data.feature_pool
-  if hp["patch_features"] < 0:
-    raise ValueError(f"config.model.patch_features={hp['patch_features']}: use 0 (off, SPEC) or the width of "
-                     "the learned projection before patching")
-  return ml_collections.FrozenConfigDict(hp)
+  def initial_carry(self, batch: int = 1) -> dict[str, jax.Array]:
+    """The GRU states before a trial's first patch: {stack: (n_layers, batch, H)}."""
+    return {"noise": self.noise_model.gru.initial_carry(batch), "clean": self.clean_model.gru.initial_carry(batch)}
+
+  def step(self, patches: dict[str, jax.Array], valid: jax.Array, carry: dict[str, jax.Array]):
+    """As GRUDecoder.step; the clean logits are emitted."""
+    runs = {name: _stepping(valid, carry[name]) for name in ("noise", "clean")}
+    clean_logits, _, new_carry = self._decode(patches, runs)
+    return new_carry, clean_logits
 
 
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:

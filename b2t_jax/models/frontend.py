@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from b2t_jax.models.gru import matmul
+from b2t_jax.models.cell import matmul
 from b2t_jax.patching import n_patches
 
 
@@ -46,17 +46,36 @@ class DayFrontEnd(nn.Module):
   patch_features: int = 0
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: jax.Array, day: jax.Array, *, deterministic: bool) -> jax.Array:
+  def setup(self):
+    # Axis 0 is the day: the optimizer's day-layer schedule and the PyTorch import index it.
+    self.day_weights = self.param(
+        "day_weights", nn.with_logical_partitioning(_identity_stack, ("days", "features", "features_out")),
+        (self.n_days, self.n_features, self.n_features))
+    self.day_biases = self.param("day_biases", nn.with_logical_partitioning(
+        nn.initializers.zeros, ("days", "features_out")), (self.n_days, self.n_features))
+    # A one-element list names the module `Dropout_0` (its PRNG stream folds in the name), as it always was.
+    self.Dropout = [nn.Dropout(self.dropout_rate)]
+    self.proj = None
+    if self.patch_features:
+      self.proj = nn.Dense(
+          self.patch_features, dtype=self.dtype,
+          kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, ("features_out", "patch_features")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("patch_features",)))
+
+  def frames(self, x: jax.Array, day: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    """(B, T, n_features) bins and (B,) day indices -> the frames that patches are cut from (B, T, F') in
+    `dtype`, F' = patch_features or n_features. Streaming calls it on a chunk of bins at a time."""
     if x.shape[-1] != self.n_features:
       raise ValueError(f"input has {x.shape[-1]} features per bin, the model expects {self.n_features} "
                        "(config.model.n_input_features / config.data.feature_pool)")
-    w = self.param("day_weights", _identity_stack, (self.n_days, self.n_features, self.n_features))
-    b = self.param("day_biases", nn.initializers.zeros, (self.n_days, self.n_features))
     # One batched matmul over the gathered per-trial matrices; the gather's transpose leaves absent days at 0.
-    y = matmul("btf,bfg->btg", x, jnp.take(w, day, axis=0), self.dtype)
-    y = nn.soft_sign(y + jnp.take(b, day, axis=0)[:, None, :])
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    if self.patch_features:
-      y = nn.Dense(self.patch_features, dtype=self.dtype, name="proj")(y)
-    return patchify(y.astype(self.dtype), self.patch_size, self.patch_stride)
+    y = matmul("btf,bfg->btg", x, jnp.take(self.day_weights, day, axis=0), self.dtype)
+    y = nn.soft_sign(y + jnp.take(self.day_biases, day, axis=0)[:, None, :])
+    y = self.Dropout[0](y, deterministic=deterministic)
+    if self.proj is not None:
+      y = self.proj(y)
+    return y.astype(self.dtype)
+
+  def __call__(self, x: jax.Array, day: jax.Array, *, deterministic: bool) -> jax.Array:
+    """(B, T, n_features), (B,) -> patches (B, P, patch_size * F')."""
+    return patchify(self.frames(x, day, deterministic=deterministic), self.patch_size, self.patch_stride)
