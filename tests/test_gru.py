@@ -266,3 +266,22 @@ def test_wavefront_train_step_matches_on_a_model_parallel_mesh(tiny):
     got, _ = _losses(experiment.Experiment(tiny, mesh=create_mesh((4, 2))), batches)
   assert seen and all(seen), seen
   np.testing.assert_allclose(got, ref, rtol=2e-5)
+
+
+def test_stack_step_continues_the_offline_recurrence_and_skips_invalid_slots():
+  """GRUStack.step (streaming) from initial_carry, a few slots at a time, gives the offline outputs; an invalid
+  slot leaves every layer's state untouched."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((1, 6, 4)), jnp.float32)
+  stack = GRUStack(n_layers=2, hidden=5, dropout_rate=0.3)
+  params = {"params": nn.unbox(stack.init(jax.random.PRNGKey(0), x, deterministic=True)["params"])}
+  want = stack.apply(params, x, deterministic=True)
+  carry = stack.apply(params, 1, method="initial_carry")
+  assert carry.shape == (2, 1, 5)
+  got = []
+  for s in range(0, 6, 2):
+    y, carry = stack.apply(params, x[:, s:s + 2], jnp.ones((2,), bool), carry, method="step")
+    got.append(y)
+  np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, atol=1e-6, rtol=0)
+  _, kept = stack.apply(params, x[:, :2], jnp.array([False, False]), carry, method="step")
+  np.testing.assert_array_equal(kept, carry)

@@ -119,20 +119,33 @@ class _Parts:
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)))
 
 
-class GRUDecoder(nn.Module, _Parts):
-  """Day layers -> patches -> n_layers x GRU(H) -> Dense(n_classes). Returns fp32 logits (B, P, C)."""
+class _SpeechDecoder(nn.Module, _Parts):
+  """Own front end -> patches (minus a noise estimate, when given) -> GRU stack of width `hidden` -> Dense."""
 
   hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
 
+  def _n_layers(self) -> int:
+    raise NotImplementedError
+
   def setup(self):
     self.frontend = self.front_end()
-    self.gru = self.stack(self.hp.n_layers, self.hp.hidden)
+    self.gru = self.stack(self._n_layers(), self.hp.hidden)
     self.out = self.head()
 
-  def _decode(self, patches: jax.Array, run: StackRun) -> tuple[jax.Array, jax.Array | None]:
+  def _decode(self, patches: jax.Array, run: StackRun, noise: jax.Array | None = None):
+    """(fp32 logits, new carry or None) of `patches` (B, P, patch width)."""
+    if noise is not None:
+      patches = patches - noise.astype(patches.dtype)
     h, carry = run(self.gru, patches)
     return self.out(h).astype(jnp.float32), carry
+
+
+class GRUDecoder(_SpeechDecoder):
+  """Day layers -> patches -> n_layers x GRU(H) -> Dense(n_classes). Returns fp32 logits (B, P, C)."""
+
+  def _n_layers(self) -> int:
+    return self.hp.n_layers
 
   def __call__(self, x, day, *, train: bool = False, mode: str = "inference", grl_lambda=None):
     del mode, grl_lambda  # one output in every mode
@@ -171,23 +184,14 @@ class NoiseModel(nn.Module, _Parts):
     return self._decode(self.frontend(x, day, deterministic=not train), _whole(not train))[0]
 
 
-class CleanSpeechModel(nn.Module, _Parts):
+class CleanSpeechModel(_SpeechDecoder):
   """Own front end; subtracts the noise estimate, then GRU stack -> Dense -> clean logits."""
 
-  hp: ModelHParams
-  dtype: jnp.dtype = jnp.float32
-
-  def setup(self):
-    self.frontend = self.front_end()
-    self.gru = self.stack(self.hp.clean_layers, self.hp.hidden)
-    self.out = self.head()
-
-  def _decode(self, patches: jax.Array, noise: jax.Array, run: StackRun):
-    h, carry = run(self.gru, patches - noise.astype(patches.dtype))
-    return self.out(h).astype(jnp.float32), carry
+  def _n_layers(self) -> int:
+    return self.hp.clean_layers
 
   def __call__(self, x, day, noise, *, train: bool):
-    return self._decode(self.frontend(x, day, deterministic=not train), noise, _whole(not train))[0]
+    return self._decode(self.frontend(x, day, deterministic=not train), _whole(not train), noise)[0]
 
 
 class NoisySpeechModel(nn.Module, _Parts):
@@ -222,7 +226,7 @@ class TripleGRUDecoder(nn.Module):
   def _decode(self, patches: dict[str, jax.Array], runs: dict[str, StackRun]):
     """The inference topology: noise stack, clean = clean patches - noise, clean stack, head."""
     noise, h_noise = self.noise_model._decode(patches["noise"], runs["noise"])
-    clean_logits, h_clean = self.clean_model._decode(patches["clean"], noise, runs["clean"])
+    clean_logits, h_clean = self.clean_model._decode(patches["clean"], runs["clean"], noise)
     return clean_logits, noise, {"noise": h_noise, "clean": h_clean}
 
   def __call__(self, x, day, *, train: bool = False, mode: str = "inference", grl_lambda=None):
