@@ -8,7 +8,8 @@ every bad field with its value and what is allowed.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections

@@ -21,7 +21,8 @@ import csv
 import functools
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +31,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from b2t_jax import evaluation, experiment, sharding, steps, vocab
 from b2t_jax import metrics as metrics_lib
-from b2t_jax import sharding
-from b2t_jax import steps
-from b2t_jax import evaluation, experiment, vocab
 from b2t_jax.data import pipeline, t15
 from b2t_jax.decoding import lexicon_lm, ngram
 

@@ -12,10 +12,9 @@ training, unreadable checkpoints, bad data).
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import os
 import sys
-
-import logging as py_logging
 
 import jax
 import ml_collections

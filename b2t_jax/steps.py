@@ -13,9 +13,8 @@ from flax import struct
 
 from b2t_jax import losses
 from b2t_jax.data.augment import preprocess
-from b2t_jax.patching import n_patches
 from b2t_jax.optim import learning_rate
-
+from b2t_jax.patching import n_patches
 
 # Counters of the non-finite guard: the host reports their value at the last step of a log window, not a mean.
 COUNTER_METRICS = ("nonfinite_steps", "nonfinite_consecutive")

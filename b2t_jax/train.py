@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections

@@ -7,6 +7,7 @@ import ml_collections
 
 from b2t_jax.data.t15 import T15_SESSIONS
 
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = "train"            # train | eval | infer | summary

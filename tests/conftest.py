@@ -15,7 +15,6 @@ from b2t_jax.data.synthetic import make_synthetic_dataset  # noqa: E402
 from b2t_jax.data.t15 import T15_SESSIONS  # noqa: E402
 from configs import demo  # noqa: E402
 
-
 # The test-size model and batches, shared by in-process tests, CLI tests and the notebook test.
 TINY_SIZES = {
     "data.feature_pool": 64,         # 8 features per bin -> noise GRU width 112 (speed only: see test_permutation)

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import pytest
 
 from b2t_jax.data.augment import apply, augment, draw, gaussian_kernel, preprocess, smooth

@@ -6,11 +6,11 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from conftest import load_hdf5_split, tiny_config
 
 from b2t_jax.data import pipeline, prepare, sampler
 from b2t_jax.data.synthetic import make_synthetic_dataset
-from b2t_jax.data.t15 import DataError, T15_SESSIONS
-from conftest import load_hdf5_split, tiny_config
+from b2t_jax.data.t15 import T15_SESSIONS, DataError
 
 
 def test_synthetic_files_follow_the_t15_layout(synthetic_dir):

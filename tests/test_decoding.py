@@ -6,8 +6,8 @@ import pytest
 
 from b2t_jax import metrics
 from b2t_jax.data.synthetic import LEXICON
-from b2t_jax.vocab import BLANK_ID, PHONEMES, SIL_ID
 from b2t_jax.decoding import lexicon_lm, ngram
+from b2t_jax.vocab import BLANK_ID, PHONEMES, SIL_ID
 
 _ID = {p: i for i, p in enumerate(PHONEMES)}
 

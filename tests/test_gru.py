@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from flax import linen as nn
 
 from b2t_jax.models.gru import GRULayer, GRUStack
@@ -249,9 +248,10 @@ def test_wavefront_bf16_runs_and_is_close():
 def test_wavefront_train_step_matches_on_a_model_parallel_mesh(tiny):
   """model.gru_wavefront reaches every GRU stack of the triple model; with the noise GRU's hidden axis split over
   'model' (mesh 4x2) and dropout on, the train-step loss is that of the layer-by-layer run on 8x1."""
+  from test_train import _batches, _losses
+
   from b2t_jax import experiment
   from b2t_jax.sharding import create_mesh
-  from test_train import _batches, _losses
   batches = _batches(tiny, 1)   # one step: each new batch shape would compile both models again
   ref, _ = _losses(experiment.Experiment(tiny, mesh=create_mesh((8, 1))), batches)
   tiny.model.gru_wavefront = True

@@ -8,13 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TINY_SIZES, as_flags, load_hdf5_split
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import evaluation, experiment, vocab
 from b2t_jax.data import pipeline, t15
 from b2t_jax.decoding import ngram
 from b2t_jax.patching import n_patches
-from conftest import TINY_SIZES, as_flags, load_hdf5_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,8 +98,9 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
 
 
 def test_infer_test_split_writes_the_competition_csv(trained, synthetic_dir, prepared_dir, tmp_path):
-  from b2t_jax import infer
   from conftest import tiny_config
+
+  from b2t_jax import infer
   work, _ = trained
   config = tiny_config(prepared_dir)
   config.infer.split = "test"
@@ -129,8 +130,9 @@ def test_infer_refuses_a_test_split_with_skipped_trials(tmp_path, synthetic_dir)
   import shutil
 
   import h5py
-  from b2t_jax.data import tfds_b2t
   from conftest import tiny_config
+
+  from b2t_jax.data import tfds_b2t
   root = tmp_path / "tree"
   shutil.copytree(synthetic_dir, root)
   with h5py.File(root / t15.T15_SESSIONS[1] / "data_test.hdf5", "r+") as f:

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_config
 
 from b2t_jax import experiment, losses, sharding
 from b2t_jax.data.augment import preprocess
-from conftest import tiny_config
 
 
 def numpy_ctc_nll(logits, labels, blank=0):

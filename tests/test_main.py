@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import TINY_SIZES, as_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +131,7 @@ def test_documented_launch_commands_parse(where, command, tmp_path, monkeypatch,
   --config.field there fails here (AttributeError / unknown flag), not on a user's pod."""
   assert command, f"{where}: its docstring has no 'Launch: python -m b2t_jax.main ...' command"
   from absl import flags
+
   from b2t_jax import main
   args = [_placeholder_free(a, tmp_path) for a in shlex.split(command)[3:] if not a.startswith("--config.mode=")]
   argv = ["b2t_jax.main", *args, "--config.mode=summary"]

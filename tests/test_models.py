@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optax.tree import norm as optax_norm
+from conftest import tiny_config
 from flax import linen as nn
+from optax.tree import norm as optax_norm
 
 from b2t_jax.models import create_model, gradient_reversal
 from b2t_jax.models.decoders import ModelHParams, model_hparams
@@ -15,7 +16,6 @@ from b2t_jax.models.frontend import DayFrontEnd, patchify
 from b2t_jax.patching import n_patches
 from b2t_jax.summary import parameter_counts
 from configs import gru_baseline, tpu_v4
-from conftest import tiny_config
 
 
 def test_patchify_matches_explicit_indexing():

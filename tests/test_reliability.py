@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import config_check, evaluation, experiment, train
 from b2t_jax.steps import NonFiniteError, TrainState
 from b2t_jax.workdir import CONFIG_FILE, LOCK_FILE, ConfigMismatch, WorkdirLock, WorkdirLocked
-from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,15 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import tiny_config
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
+from test_train import _batches, _losses, _updates
 
 from b2t_jax import experiment, losses
 from b2t_jax.models import create_model
 from b2t_jax.models.decoders import model_hparams
 from b2t_jax.sharding import create_mesh
-from conftest import tiny_config
-from test_train import _batches, _losses, _updates
 
 
 def test_noise_gru_kernels_are_split_over_model_axis(tiny):

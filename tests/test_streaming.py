@@ -10,19 +10,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import tiny_config
 from flax import linen as nn
 
 from b2t_jax.data.augment import preprocess
 from b2t_jax.decoding.streaming import StreamingDecoder, geometry
 from b2t_jax.models import create_model
 from b2t_jax.patching import n_patches
-from conftest import tiny_config
 
 # fp32 everywhere; the two paths differ only in matmul shapes (summation order), measured max |diff| ~1e-6.
 ATOL = 2e-5
 
 
-@functools.lru_cache(maxsize=None)  # one init per (kind, seed) for the whole module
+@functools.cache  # one init per (kind, seed) for the whole module
 def _model_and_params(kind: str, seed: int = 0, patch_features: int = 0):
   c = tiny_config()
   c.model.kind = kind

@@ -14,10 +14,10 @@ import time
 import h5py
 import numpy as np
 import pytest
+from conftest import load_hdf5_split, tiny_config
 
 from b2t_jax.data import batching, pipeline, prepare, tfds_b2t
-from b2t_jax.data.t15 import DataError, T15_SESSIONS
-from conftest import load_hdf5_split, tiny_config
+from b2t_jax.data.t15 import T15_SESSIONS, DataError
 
 
 def _open(prepared_dir, split="train", train=True, **data):

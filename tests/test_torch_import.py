@@ -17,8 +17,8 @@ from b2t_jax.data import pipeline
 from b2t_jax.data.augment import gaussian_kernel
 from b2t_jax.data.t15 import T15_SESSIONS
 from b2t_jax.decoding.streaming import StreamingDecoder
-from b2t_jax.torch_import import CheckpointImportError, import_checkpoint, state_dict_to_params
 from b2t_jax.experiment import Experiment, open_data
+from b2t_jax.torch_import import CheckpointImportError, import_checkpoint, state_dict_to_params
 from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,15 +7,15 @@ import signal
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_config
+from test_losses import frames_needed, hand_batch
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import evaluation, experiment, main, sharding, train
 from b2t_jax.data import pipeline, prepare, sampler
 from b2t_jax.optim import DAY_PARAMS, DayAdamState
 from b2t_jax.sharding import create_mesh
-from conftest import tiny_config
 from configs import tpu_v4
-from test_losses import frames_needed, hand_batch
 
 
 def _batches(config, n):

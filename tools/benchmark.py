@@ -15,7 +15,7 @@ import os
 import resource
 import time
 
-
+import benchlib  # tools/ is the script's own folder
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +23,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from b2t_jax import experiment, sharding, summary
-import benchlib  # tools/ is the script's own folder
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gru_baseline.py", "config file")
 _T = flags.DEFINE_integer("time_bins", 500, "trial length in 20 ms bins (every trial of the batch)")

@@ -16,10 +16,8 @@ import os
 import resource
 import time
 
-import numpy as np
-
-
 import benchlib  # tools/ is the script's own folder
+import numpy as np
 
 
 def _import_torch():

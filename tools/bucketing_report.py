@@ -9,7 +9,6 @@ python tools/bucketing_report.py [--config=configs/gru_baseline.py] [--batches=2
 
 import os
 
-
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags

@@ -12,7 +12,7 @@ b2t_jax/decoding/ngram.py for the estimator.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from absl import app, flags
 from tqdm import tqdm

@@ -11,7 +11,6 @@ import json
 import os
 import time
 
-
 from absl import app, flags
 from ml_collections import config_flags
 

@@ -13,7 +13,6 @@ import json
 import os
 import sys
 
-
 from absl import app, flags
 from ml_collections import config_flags
 

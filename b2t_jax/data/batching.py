@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 

@@ -12,7 +12,8 @@ import dataclasses
 import functools
 import json
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import h5py
 import numpy as np

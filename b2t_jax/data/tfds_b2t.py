@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds

@@ -17,13 +17,13 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from absl import logging
 
-from b2t_jax.vocab import BLANK_ID, PHONEMES, SIL_ID
 from b2t_jax.decoding import ngram
+from b2t_jax.vocab import BLANK_ID, PHONEMES, SIL_ID
 
 UNK_WORD = ngram.UNK
 TRIE_MAX_LABELS = 6         # flashlight-text's kTrieMaxLabel: words one trie node (one spelling) can hold
@@ -210,7 +210,7 @@ class LexiconLMDecoder:
                                      False)
 
   @classmethod
-  def from_config(cls, lexicon: Lexicon, decode_config, *, use_lm: bool) -> "LexiconLMDecoder":
+  def from_config(cls, lexicon: Lexicon, decode_config, *, use_lm: bool) -> LexiconLMDecoder:
     """A decoder with every option from `config.decode`; `use_lm=False` ignores `lm_path` and uses
     `word_score_no_lm` (lexicon only)."""
     d = decode_config

@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import math
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import h5py
 from absl import logging

@@ -8,7 +8,7 @@ pair `initial_carry` / `step`, with `frames` for the day layers: `decoding/strea
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
