@@ -26,8 +26,10 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def _check_finite(state: Any, where: str) -> None:
   if not bool(jax.device_get(_all_finite(state))):
-    raise NonFiniteError(f"refusing to save a non-finite train state (NaN/Inf in params or optimizer moments) "
-                         f"to {where}; the checkpoints already there are left as they were")
+    raise NonFiniteError(
+      f"refusing to save a non-finite train state (NaN/Inf in params or optimizer moments) "
+      f"to {where}; the checkpoints already there are left as they were"
+    )
 
 
 def _best_key(val_per: float, val_loss: float) -> tuple[float, float]:
@@ -43,6 +45,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, max_to_keep: int = 2, *, read_only: bool = False):
     """`read_only` (eval, infer): nothing under `workdir` is created or written."""
+
     def options(keep: int) -> ocp.CheckpointManagerOptions:
       if read_only:
         return ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None)
@@ -75,8 +78,9 @@ class Checkpoints:
     step = int(jax.device_get(state.step))
     _check_finite(state, f"{self.best.directory}/{step}")
     meta = {"step": step, "val_per": float(val_per), "val_loss": float(val_loss)}
-    self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                   force=True)
+    self.best.save(
+      step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+    )
     self.best_key = key
     logging.info("new best checkpoint at step %d: val PER %.4f, loss %.4f", step, *key)
     return True
@@ -94,16 +98,23 @@ class Checkpoints:
         restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint must not block the older ones
         errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
-        logging.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to an older one",
-                        mngr.directory, step, type(e).__name__, str(e)[:300])
+        logging.warning(
+          "checkpoint %s/%d is unreadable (%s: %s); falling back to an older one",
+          mngr.directory,
+          step,
+          type(e).__name__,
+          str(e)[:300],
+        )
         continue
       logging.info("restored %s checkpoint of step %d from %s", which, step, mngr.directory)
       return restored["state"]
     if errors:
       raise CheckpointError(
-          f"none of the checkpoints in {mngr.directory} restores into this config's train state (it was written "
-          "by another config or an older b2t_jax, or the files are damaged):\n  " + "\n  ".join(errors)
-          + "\nRun with the config that wrote it (WORKDIR/config.json) or use a new --workdir")
+        f"none of the checkpoints in {mngr.directory} restores into this config's train state (it was written "
+        "by another config or an older b2t_jax, or the files are damaged):\n  "
+        + "\n  ".join(errors)
+        + "\nRun with the config that wrote it (WORKDIR/config.json) or use a new --workdir"
+      )
     return None
 
   def wait(self) -> None:

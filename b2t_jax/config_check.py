@@ -18,35 +18,75 @@ import numpy as np
 from b2t_jax.data.t15 import SPLITS
 
 ENUMS = {
-    "mode": ("train", "eval", "infer", "summary"),
-    "cpu_collectives": ("gloo", "mpi"),
-    "data.on_bad_trial": ("error", "skip"),
-    "data.synthetic.length_profile": ("demo", "t15"),
-    "model.kind": ("gru", "triple"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.gru_backward": ("custom", "autodiff"),
-    "infer.split": SPLITS,
-    "infer.checkpoint": ("best", "latest"),
+  "mode": ("train", "eval", "infer", "summary"),
+  "cpu_collectives": ("gloo", "mpi"),
+  "data.on_bad_trial": ("error", "skip"),
+  "data.synthetic.length_profile": ("demo", "t15"),
+  "model.kind": ("gru", "triple"),
+  "model.dtype": ("float32", "bfloat16", "float16"),
+  "model.gru_backward": ("custom", "autodiff"),
+  "infer.split": SPLITS,
+  "infer.checkpoint": ("best", "latest"),
 }
 POSITIVE = (
-    "data.n_features", "data.feature_pool", "data.batch_size", "data.days_per_batch", "data.eval_batch_size",
-    "data.max_label_len", "data.synthetic.n_sessions", "data.synthetic.trials_per_session",
-    "model.n_classes", "model.patch_size", "model.patch_stride", "model.hidden", "model.n_layers",
-    "model.noise_layers", "model.clean_layers", "model.noisy_layers", "model.gru_unroll",
-    "optim.decay_steps", "optim.grad_accum_steps", "stream.chunk_bins",
-    "train.num_steps", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.max_checkpoints",
-    "train.max_nonfinite_steps", "train.lock_heartbeat_s", "train.lock_stale_s",
+  "data.n_features",
+  "data.feature_pool",
+  "data.batch_size",
+  "data.days_per_batch",
+  "data.eval_batch_size",
+  "data.max_label_len",
+  "data.synthetic.n_sessions",
+  "data.synthetic.trials_per_session",
+  "model.n_classes",
+  "model.patch_size",
+  "model.patch_stride",
+  "model.hidden",
+  "model.n_layers",
+  "model.noise_layers",
+  "model.clean_layers",
+  "model.noisy_layers",
+  "model.gru_unroll",
+  "optim.decay_steps",
+  "optim.grad_accum_steps",
+  "stream.chunk_bins",
+  "train.num_steps",
+  "train.eval_every",
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.max_checkpoints",
+  "train.max_nonfinite_steps",
+  "train.lock_heartbeat_s",
+  "train.lock_stale_s",
 )
 NON_NEGATIVE = (
-    "data.prefetch", "data.prefetch_workers", "aug.static_gain_std", "aug.white_noise_std",
-    "aug.constant_offset_std", "aug.random_walk_std", "aug.random_cut", "aug.smooth_kernel_std",
-    "aug.smooth_kernel_size", "aug.smooth_threshold", "loss.noisy_weight", "loss.noise_l2_weight",
-    "loss.adversarial_warmup_steps", "optim.lr_peak", "optim.lr_min", "optim.day_lr_peak", "optim.day_lr_min",
-    "optim.warmup_steps", "optim.day_warmup_steps", "optim.eps", "optim.weight_decay", "optim.grad_clip_norm",
-    "decode.beam_size", "decode.beam_size_token", "decode.beam_threshold",
+  "data.prefetch",
+  "data.prefetch_workers",
+  "aug.static_gain_std",
+  "aug.white_noise_std",
+  "aug.constant_offset_std",
+  "aug.random_walk_std",
+  "aug.random_cut",
+  "aug.smooth_kernel_std",
+  "aug.smooth_kernel_size",
+  "aug.smooth_threshold",
+  "loss.noisy_weight",
+  "loss.noise_l2_weight",
+  "loss.adversarial_warmup_steps",
+  "optim.lr_peak",
+  "optim.lr_min",
+  "optim.day_lr_peak",
+  "optim.day_lr_min",
+  "optim.warmup_steps",
+  "optim.day_warmup_steps",
+  "optim.eps",
+  "optim.weight_decay",
+  "optim.grad_clip_norm",
+  "decode.beam_size",
+  "decode.beam_size_token",
+  "decode.beam_threshold",
 )
-UNIT_INTERVAL = ("model.input_dropout", "model.rnn_dropout", "optim.b1", "optim.b2")   # [0, 1)
-MAY_BE_INFINITE = ("decode.unk_score",)   # -inf = never emit an out-of-lexicon word
+UNIT_INTERVAL = ("model.input_dropout", "model.rnn_dropout", "optim.b1", "optim.b2")  # [0, 1)
+MAY_BE_INFINITE = ("decode.unk_score",)  # -inf = never emit an out-of-lexicon word
 
 
 class ConfigError(ValueError):
@@ -93,17 +133,27 @@ def resolved_mesh(mesh_shape, n_devices: int) -> tuple[int, ...] | None:
   return tuple(shape) if int(np.prod(shape)) == n_devices else None
 
 
-def problems(config: ml_collections.ConfigDict, n_devices: int | None = None, n_processes: int | None = None
-             ) -> list[str]:
+def problems(
+  config: ml_collections.ConfigDict, n_devices: int | None = None, n_processes: int | None = None
+) -> list[str]:
   """Every reason `config` cannot run on `n_devices` devices in `n_processes` processes (default: this job)."""
   n_devices = jax.device_count() if n_devices is None else n_devices
   n_processes = jax.process_count() if n_processes is None else n_processes
-  out = [f"config.{path}={_get(config, path)!r}: expected one of {', '.join(allowed)}"
-         for path, allowed in ENUMS.items() if _has(config, path) and _get(config, path) not in allowed]
-  sizes = [f"config.{path}={value}: must be a finite number" for path, value in _numbers(config)
-           if isinstance(value, float) and not math.isfinite(value) and path not in MAY_BE_INFINITE]
-  for paths, ok, rule in ((POSITIVE, lambda v: v > 0, "must be > 0"), (NON_NEGATIVE, lambda v: v >= 0, "must be >= 0"),
-                          (UNIT_INTERVAL, lambda v: 0 <= v < 1, "must be in [0, 1)")):
+  out = [
+    f"config.{path}={_get(config, path)!r}: expected one of {', '.join(allowed)}"
+    for path, allowed in ENUMS.items()
+    if _has(config, path) and _get(config, path) not in allowed
+  ]
+  sizes = [
+    f"config.{path}={value}: must be a finite number"
+    for path, value in _numbers(config)
+    if isinstance(value, float) and not math.isfinite(value) and path not in MAY_BE_INFINITE
+  ]
+  for paths, ok, rule in (
+    (POSITIVE, lambda v: v > 0, "must be > 0"),
+    (NON_NEGATIVE, lambda v: v >= 0, "must be >= 0"),
+    (UNIT_INTERVAL, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+  ):
     for path in paths:
       value = _get(config, path) if _has(config, path) else None
       if value is not None and math.isfinite(value) and not ok(value):
@@ -111,51 +161,58 @@ def problems(config: ml_collections.ConfigDict, n_devices: int | None = None, n_
   if not 0 < config.train.preempt_exit_code < 256:
     sizes.append(f"config.train.preempt_exit_code={config.train.preempt_exit_code}: must be in 1..255")
   out += sizes
-  if sizes:   # the divisibility checks below assume sane sizes
+  if sizes:  # the divisibility checks below assume sane sizes
     return out
 
   d, m, o = config.data, config.model, config.optim
   if d.n_features % d.feature_pool:
     out.append(f"config.data.feature_pool={d.feature_pool} must divide config.data.n_features={d.n_features}")
   if d.batch_size % d.days_per_batch:
-    out.append(f"config.data.batch_size={d.batch_size} must be a multiple of "
-               f"config.data.days_per_batch={d.days_per_batch}")
-  if config.mode == "train" and d.days_per_batch > len(d.sessions):   # eval/infer never sample train batches
-    out.append(f"config.data.days_per_batch={d.days_per_batch} exceeds the {len(d.sessions)} sessions of "
-               "config.data.sessions")
+    out.append(
+      f"config.data.batch_size={d.batch_size} must be a multiple of config.data.days_per_batch={d.days_per_batch}"
+    )
+  if config.mode == "train" and d.days_per_batch > len(d.sessions):  # eval/infer never sample train batches
+    out.append(
+      f"config.data.days_per_batch={d.days_per_batch} exceeds the {len(d.sessions)} sessions of config.data.sessions"
+    )
   if o.grad_accum_steps and d.batch_size % o.grad_accum_steps:
-    out.append(f"config.optim.grad_accum_steps={o.grad_accum_steps} must divide "
-               f"config.data.batch_size={d.batch_size}")
+    out.append(f"config.optim.grad_accum_steps={o.grad_accum_steps} must divide config.data.batch_size={d.batch_size}")
   for name in ("warmup_steps", "day_warmup_steps"):
     if o[name] >= o.decay_steps:
       out.append(f"config.optim.{name}={o[name]} must be below config.optim.decay_steps={o.decay_steps}")
   if config.stream.chunk_bins % m.patch_stride:
-    out.append(f"config.stream.chunk_bins={config.stream.chunk_bins} must be a multiple of "
-               f"config.model.patch_stride={m.patch_stride}")
+    out.append(
+      f"config.stream.chunk_bins={config.stream.chunk_bins} must be a multiple of "
+      f"config.model.patch_stride={m.patch_stride}"
+    )
   buckets = tuple(d.time_buckets)
   if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
     out.append(f"config.data.time_buckets={buckets}: give increasing positive lengths in bins")
   mesh = resolved_mesh(config.mesh_shape, n_devices)
   if mesh is None:
-    out.append(f"config.mesh_shape={tuple(config.mesh_shape)}: give (data, model) sizes whose product is the "
-               f"{n_devices} devices (at most one -1, which takes the rest)")
+    out.append(
+      f"config.mesh_shape={tuple(config.mesh_shape)}: give (data, model) sizes whose product is the "
+      f"{n_devices} devices (at most one -1, which takes the rest)"
+    )
   else:
     n_data = mesh[0]
     micro = d.batch_size // o.grad_accum_steps if d.batch_size % o.grad_accum_steps == 0 else None
     if micro is not None and micro % n_data:
-      out.append(f"config.data.batch_size={d.batch_size} / config.optim.grad_accum_steps={o.grad_accum_steps} = "
-                 f"{micro} trials per micro-batch must be a multiple of the {n_data} devices of the 'data' axis")
+      out.append(
+        f"config.data.batch_size={d.batch_size} / config.optim.grad_accum_steps={o.grad_accum_steps} = "
+        f"{micro} trials per micro-batch must be a multiple of the {n_data} devices of the 'data' axis"
+      )
     if d.eval_batch_size % n_data:
-      out.append(f"config.data.eval_batch_size={d.eval_batch_size} must be a multiple of the {n_data} devices "
-                 "of the 'data' axis")
+      out.append(
+        f"config.data.eval_batch_size={d.eval_batch_size} must be a multiple of the {n_data} devices of the 'data' axis"
+      )
   for field in ("batch_size", "eval_batch_size"):
     if d[field] % n_processes:
       out.append(f"config.data.{field}={d[field]} must be a multiple of the {n_processes} processes")
   return out
 
 
-def validate(config: ml_collections.ConfigDict, n_devices: int | None = None, n_processes: int | None = None
-             ) -> None:
+def validate(config: ml_collections.ConfigDict, n_devices: int | None = None, n_processes: int | None = None) -> None:
   """Raises a `ConfigError` listing every problem of `config` (see `problems`)."""
   found = problems(config, n_devices, n_processes)
   if found:

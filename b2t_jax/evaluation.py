@@ -23,8 +23,9 @@ from b2t_jax.experiment import Experiment, open_data
 from b2t_jax.steps import TrainState
 
 
-def eval_batches(exp: Experiment, split: pipeline.DataSplit, plan: list[np.ndarray]
-                 ) -> Iterator[tuple[np.ndarray, dict[str, jax.Array]]]:
+def eval_batches(
+  exp: Experiment, split: pipeline.DataSplit, plan: list[np.ndarray]
+) -> Iterator[tuple[np.ndarray, dict[str, jax.Array]]]:
   """(global record indices, global device batch) of each eval batch of `plan`, read ahead by the prefetcher;
   each process reads only its rows."""
   config = exp.config
@@ -40,18 +41,29 @@ def evaluate(exp: Experiment, params: Any, split: pipeline.DataSplit, plan: list
   per = metrics_lib.ErrorRate()
   total_nll, n_feasible, n_infeasible = 0.0, 0, 0
   for _, gb in eval_batches(exp, split, plan):
-    out = sharding.to_host({**exp.eval_step(params, gb), "labels": gb["labels"], "label_lens": gb["label_lens"],
-                            "day": gb["day"], "weight": gb["weight"]})
+    out = sharding.to_host(
+      {
+        **exp.eval_step(params, gb),
+        "labels": gb["labels"],
+        "label_lens": gb["label_lens"],
+        "day": gb["day"],
+        "weight": gb["weight"],
+      }
+    )
     for r in np.flatnonzero(out["weight"] > 0):
       hyp = metrics_lib.greedy_decode(out["pred"][r], int(out["input_lens"][r]))
-      per.add(int(out["day"][r]), hyp, out["labels"][r, :out["label_lens"][r]].tolist())
+      per.add(int(out["day"][r]), hyp, out["labels"][r, : out["label_lens"][r]].tolist())
       if out["feasible"][r]:
         total_nll += float(out["nll"][r])
         n_feasible += 1
       else:
         n_infeasible += 1
-  return {"val_per": per.rate(), "val_loss": total_nll / max(n_feasible, 1), "val_infeasible": n_infeasible,
-          "per_day": per.per_day()}
+  return {
+    "val_per": per.rate(),
+    "val_loss": total_nll / max(n_feasible, 1),
+    "val_infeasible": n_infeasible,
+    "per_day": per.per_day(),
+  }
 
 
 def format_per_day(per_day: dict[int, float], sessions) -> str:
@@ -72,8 +84,10 @@ def restore_for_reading(exp: Experiment, workdir: str, which: str) -> TrainState
   finally:
     ckpts.close()
   if state is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/best or {workdir}/checkpoints; train first (or import "
-                            "a PyTorch checkpoint into this workdir)")
+    raise FileNotFoundError(
+      f"no checkpoint in {workdir}/best or {workdir}/checkpoints; train first (or import "
+      "a PyTorch checkpoint into this workdir)"
+    )
   return state
 
 
@@ -87,6 +101,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
   result = evaluate(exp, state.params, val_split, pipeline.eval_plan(val_split, config.data.eval_batch_size))
   result["step"] = int(jax.device_get(state.step))
   if jax.process_index() == 0:
-    workdir_lib.write_atomically(str(epath.Path(out_dir) / "metrics.json"),
-                                 json.dumps({k: v for k, v in result.items() if k != "per_day"}, indent=1))
+    workdir_lib.write_atomically(
+      str(epath.Path(out_dir) / "metrics.json"),
+      json.dumps({k: v for k, v in result.items() if k != "per_day"}, indent=1),
+    )
   return result

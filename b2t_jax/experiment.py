@@ -33,10 +33,15 @@ class Experiment:
     boxed = jax.eval_shape(self._create_boxed_state)
     self.state_shardings = st = sharding.tree_shardings(boxed, self.mesh, config.logical_axis_rules)
     self._state_shapes = nn.unbox(boxed)
-    self.train_step = jax.jit(functools.partial(train_step, model=self.model, tx=self.tx, config=config),
-                              in_shardings=(st, data), out_shardings=(st, repl), donate_argnums=0)
-    self.eval_step = jax.jit(functools.partial(eval_step, model=self.model, config=config),
-                             in_shardings=(st.params, data), out_shardings=data)
+    self.train_step = jax.jit(
+      functools.partial(train_step, model=self.model, tx=self.tx, config=config),
+      in_shardings=(st, data),
+      out_shardings=(st, repl),
+      donate_argnums=0,
+    )
+    self.eval_step = jax.jit(
+      functools.partial(eval_step, model=self.model, config=config), in_shardings=(st.params, data), out_shardings=data
+    )
     self._init = jax.jit(lambda: nn.unbox(self._create_boxed_state()), out_shardings=st)
 
   @property
@@ -45,12 +50,14 @@ class Experiment:
 
   def example_batch(self, rows: int, t: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a device batch of `rows` trials padded to `t` bins."""
-    return {"features": jax.ShapeDtypeStruct((rows, t, self.n_features), jnp.float32),
-            "n_time_steps": jax.ShapeDtypeStruct((rows,), jnp.int32),
-            "labels": jax.ShapeDtypeStruct((rows, self.config.data.max_label_len), jnp.int32),
-            "label_lens": jax.ShapeDtypeStruct((rows,), jnp.int32),
-            "day": jax.ShapeDtypeStruct((rows,), jnp.int32),
-            "weight": jax.ShapeDtypeStruct((rows,), jnp.float32)}
+    return {
+      "features": jax.ShapeDtypeStruct((rows, t, self.n_features), jnp.float32),
+      "n_time_steps": jax.ShapeDtypeStruct((rows,), jnp.int32),
+      "labels": jax.ShapeDtypeStruct((rows, self.config.data.max_label_len), jnp.int32),
+      "label_lens": jax.ShapeDtypeStruct((rows,), jnp.int32),
+      "day": jax.ShapeDtypeStruct((rows,), jnp.int32),
+      "weight": jax.ShapeDtypeStruct((rows,), jnp.float32),
+    }
 
   @property
   def param_shardings(self):
@@ -66,12 +73,14 @@ class Experiment:
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without allocating it."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self._state_shapes, self.state_shardings)
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self._state_shapes, self.state_shardings
+    )
 
 
-def open_data(config: ml_collections.ConfigDict, workdir: str, splits=("train", "val"), report_dir: str = ""
-              ) -> dict[str, pipeline.DataSplit]:
+def open_data(
+  config: ml_collections.ConfigDict, workdir: str, splits=("train", "val"), report_dir: str = ""
+) -> dict[str, pipeline.DataSplit]:
   """Resolves (and if needed prepares) the dataset, opens `splits` with their load-time checks, checks the
   time buckets and writes the skip counts to REPORT_DIR/skipped_trials.json (default: the workdir). The
   resolved dataset folder is each split's `dataset_dir`; the config is not written to."""

@@ -49,15 +49,23 @@ def split_logits(exp: experiment.Experiment, params: Any, split: pipeline.DataSp
   """Record index -> logits (n_patches_i, 41) of every kept trial of `split`; each process reads its rows."""
   cfg = exp.config
   data = sharding.batch_sharding(exp.mesh)
-  step = jax.jit(functools.partial(logits_step, model=exp.model, config=cfg),
-                 in_shardings=(exp.state_shardings.params, data), out_shardings=data)
+  step = jax.jit(
+    functools.partial(logits_step, model=exp.model, config=cfg),
+    in_shardings=(exp.state_shardings.params, data),
+    out_shardings=data,
+  )
   out: dict[int, np.ndarray] = {}
   plan = pipeline.eval_plan(split, cfg.data.eval_batch_size)
-  for idx, gb in tqdm(evaluation.eval_batches(exp, split, plan), total=len(plan), desc=f"{split.name} logits",
-                      unit="batch", disable=jax.process_index() > 0):
+  for idx, gb in tqdm(
+    evaluation.eval_batches(exp, split, plan),
+    total=len(plan),
+    desc=f"{split.name} logits",
+    unit="batch",
+    disable=jax.process_index() > 0,
+  ):
     res = sharding.to_host(step(params, gb))
     for r, i in enumerate(idx):
-      out[int(i)] = np.asarray(res["logits"][r, :int(res["input_lens"][r])])
+      out[int(i)] = np.asarray(res["logits"][r, : int(res["input_lens"][r])])
   return out
 
 
@@ -66,12 +74,13 @@ def split_trials(split: pipeline.DataSplit, chunk: int) -> Iterator[tuple[int, t
   only one chunk's features are in memory."""
   kept = np.flatnonzero(split.keep)
   for start in range(0, len(kept), chunk):
-    idx = kept[start:start + chunk]
+    idx = kept[start : start + chunk]
     yield from zip(idx.tolist(), split.read(idx))
 
 
-def build_decoders(config: ml_collections.ConfigDict, dataset_dir: str
-                   ) -> tuple[dict[str, lexicon_lm.LexiconLMDecoder], lexicon_lm.Lexicon, str]:
+def build_decoders(
+  config: ml_collections.ConfigDict, dataset_dir: str
+) -> tuple[dict[str, lexicon_lm.LexiconLMDecoder], lexicon_lm.Lexicon, str]:
   """The lexicon-only decoder and, when `config.decode.lm_path` is set, the LM decoder, over one lexicon
   (vocabularies drawn from the training sentences read them from the prepared `dataset_dir`)."""
   dc = config.decode
@@ -83,8 +92,9 @@ def build_decoders(config: ml_collections.ConfigDict, dataset_dir: str
   decoders = {NO_LM: lexicon_lm.LexiconLMDecoder.from_config(lexicon, dc, use_lm=False)}
   if dc.lm_path:
     decoders[WITH_LM] = lexicon_lm.LexiconLMDecoder.from_config(lexicon, dc, use_lm=True)
-  logging.info("decoding vocabulary: %d words from %s (%d without pronunciation)", len(lexicon.words), source,
-               len(lexicon.missing))
+  logging.info(
+    "decoding vocabulary: %d words from %s (%d without pronunciation)", len(lexicon.words), source, len(lexicon.missing)
+  )
   return decoders, lexicon, source
 
 
@@ -102,9 +112,11 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   skipped = {f"{stage}:{reason}": n for stage, counts in split.skipped.items() for reason, n in counts.items() if n}
   if ic.split == "test" and skipped:
     # Competition ids are positions among all test trials (SPEC §5): a skipped trial would shift every later id.
-    raise t15.DataError(f"{split.dataset_dir}: the test split had trials skipped ({skipped}); the competition "
-                        "CSV needs every test trial in release order. Prepare and run with "
-                        "--config.data.on_bad_trial=error to see which trial is bad")
+    raise t15.DataError(
+      f"{split.dataset_dir}: the test split had trials skipped ({skipped}); the competition "
+      "CSV needs every test trial in release order. Prepare and run with "
+      "--config.data.on_bad_trial=error to see which trial is bad"
+    )
   exp = experiment.Experiment(config)
   state = evaluation.restore_for_reading(exp, workdir, ic.checkpoint)
   step = int(jax.device_get(state.step))
@@ -116,15 +128,24 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   wer = {name: metrics_lib.ErrorRate() for name in decoders}
   records, logits = [], []
   trials = split_trials(split, config.data.eval_batch_size)
-  for i, (record, trial) in enumerate(tqdm(trials, total=len(split), desc="decoding", unit="trial",
-                                           disable=jax.process_index() > 0)):
+  for i, (record, trial) in enumerate(
+    tqdm(trials, total=len(split), desc="decoding", unit="trial", disable=jax.process_index() > 0)
+  ):
     lg = record_logits.pop(record)
     logits.append(lg)
     greedy = metrics_lib.greedy_decode(np.argmax(lg, axis=-1), lg.shape[0])
     words = {name: dec.decode(lg) for name, dec in decoders.items()}
-    rec = {"id": i, "session": trial.session, "day": trial.day, "block": trial.block, "trial": trial.trial,
-           "index_in_file": trial.index_in_file, "greedy_phonemes": phoneme_string(greedy),
-           "words_no_lm": words[NO_LM], "words_lm": words.get(WITH_LM)}
+    rec = {
+      "id": i,
+      "session": trial.session,
+      "day": trial.day,
+      "block": trial.block,
+      "trial": trial.trial,
+      "index_in_file": trial.index_in_file,
+      "greedy_phonemes": phoneme_string(greedy),
+      "words_no_lm": words[NO_LM],
+      "words_lm": words.get(WITH_LM),
+    }
     if labelled:
       rec["true_sentence"] = trial.sentence
       rec["true_phonemes"] = phoneme_string(trial.labels)
@@ -134,9 +155,16 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     records.append(rec)
 
   undecodable = sorted(set().union(*(d.undecodable for d in decoders.values())))
-  result: dict[str, Any] = {"split": ic.split, "step": step, "n_trials": len(records), "labelled": labelled,
-                            "vocabulary": vocab_source, "n_words": len(lexicon.words),
-                            "missing_words": lexicon.missing, "undecodable_words": undecodable}
+  result: dict[str, Any] = {
+    "split": ic.split,
+    "step": step,
+    "n_trials": len(records),
+    "labelled": labelled,
+    "vocabulary": vocab_source,
+    "n_words": len(lexicon.words),
+    "missing_words": lexicon.missing,
+    "undecodable_words": undecodable,
+  }
   if labelled:
     result["greedy_per"] = per.rate()
     result["wer_no_lm"] = wer[NO_LM].rate()
@@ -147,23 +175,41 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   return result
 
 
-def per_day_rows(split: pipeline.DataSplit, per: metrics_lib.ErrorRate, wer: dict[str, metrics_lib.ErrorRate],
-                 sessions) -> list[dict[str, Any]]:
+def per_day_rows(
+  split: pipeline.DataSplit, per: metrics_lib.ErrorRate, wer: dict[str, metrics_lib.ErrorRate], sessions
+) -> list[dict[str, Any]]:
   """One row per day of the split: session, day, trials, greedy PER, WER without and with the LM."""
   n_trials = {d: len(v) for d, v in split.day_indices().items()}
   per_d = per.per_day()
   wer_d = {name: e.per_day() for name, e in wer.items()}
-  return [{"session": sessions[d], "day": d, "trials": n_trials[d], "greedy_per": per_d[d],
-           "wer_no_lm": wer_d[NO_LM][d], "wer_lm": wer_d[WITH_LM][d] if WITH_LM in wer_d else None}
-          for d in sorted(per_d)]
+  return [
+    {
+      "session": sessions[d],
+      "day": d,
+      "trials": n_trials[d],
+      "greedy_per": per_d[d],
+      "wer_no_lm": wer_d[NO_LM][d],
+      "wer_lm": wer_d[WITH_LM][d] if WITH_LM in wer_d else None,
+    }
+    for d in sorted(per_d)
+  ]
 
 
-def write_outputs(out_dir: str, records: list[dict], logits: list[np.ndarray], result: dict,
-                  lexicon: lexicon_lm.Lexicon, ic: ml_collections.ConfigDict) -> dict[str, str]:
+def write_outputs(
+  out_dir: str,
+  records: list[dict],
+  logits: list[np.ndarray],
+  result: dict,
+  lexicon: lexicon_lm.Lexicon,
+  ic: ml_collections.ConfigDict,
+) -> dict[str, str]:
   """Writes the files listed in the module doc; returns name -> path."""
   os.makedirs(out_dir, exist_ok=True)
-  files = {"csv": os.path.join(out_dir, "submission.csv"), "jsonl": os.path.join(out_dir, "trials.jsonl"),
-           "metrics": os.path.join(out_dir, "metrics.json")}
+  files = {
+    "csv": os.path.join(out_dir, "submission.csv"),
+    "jsonl": os.path.join(out_dir, "trials.jsonl"),
+    "metrics": os.path.join(out_dir, "metrics.json"),
+  }
   with open(files["csv"], "w", newline="", encoding="utf-8") as f:
     w = csv.writer(f)
     w.writerow(["id", "text"])
@@ -174,8 +220,10 @@ def write_outputs(out_dir: str, records: list[dict], logits: list[np.ndarray], r
       f.write(json.dumps(r) + "\n")
   if ic.save_logits:
     files["logits"] = os.path.join(out_dir, "logits.npz")
-    np.savez(files["logits"], **{f"{r['session']}/{t15.TRIAL_FMT.format(r['index_in_file'])}": lg
-                                 for r, lg in zip(records, logits)})
+    np.savez(
+      files["logits"],
+      **{f"{r['session']}/{t15.TRIAL_FMT.format(r['index_in_file'])}": lg for r, lg in zip(records, logits)},
+    )
   if lexicon.missing:
     files["missing_words"] = os.path.join(out_dir, "missing_words.txt")
     with open(files["missing_words"], "w", encoding="utf-8") as f:
@@ -199,6 +247,7 @@ def write_outputs(out_dir: str, records: list[dict], logits: list[np.ndarray], r
 def plot_per_day(path: str, result: dict) -> None:
   """Per-day greedy PER and WERs as lines over the day index (headless)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -222,13 +271,18 @@ def plot_per_day(path: str, result: dict) -> None:
 
 def format_metrics_table(result: dict) -> str:
   """The per-day table and the aggregate line of a labelled split, as printed at the end of mode=infer."""
+
   def fmt(v):
     return "     -" if v is None else f"{v:6.4f}"
 
   lines = [f"  {'session':<16} {'day':>3} {'trials':>6}  {'PER':>6}  {'WER':>6}  {'WER+LM':>6}"]
   for r in result["per_day"]:
-    lines.append(f"  {r['session']:<16} {r['day']:>3} {r['trials']:>6}  {fmt(r['greedy_per'])}  "
-                 f"{fmt(r['wer_no_lm'])}  {fmt(r['wer_lm'])}")
-  lines.append(f"  {'all':<16} {'':>3} {result['n_trials']:>6}  {fmt(result['greedy_per'])}  "
-               f"{fmt(result['wer_no_lm'])}  {fmt(result['wer_lm'])}")
+    lines.append(
+      f"  {r['session']:<16} {r['day']:>3} {r['trials']:>6}  {fmt(r['greedy_per'])}  "
+      f"{fmt(r['wer_no_lm'])}  {fmt(r['wer_lm'])}"
+    )
+  lines.append(
+    f"  {'all':<16} {'':>3} {result['n_trials']:>6}  {fmt(result['greedy_per'])}  "
+    f"{fmt(result['wer_no_lm'])}  {fmt(result['wer_lm'])}"
+  )
   return "\n".join(lines)

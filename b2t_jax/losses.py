@@ -21,8 +21,9 @@ def feasible_mask(input_lens: jax.Array, labels: jax.Array, label_lens: jax.Arra
   return (input_lens >= 1) & (min_ctc_frames(labels, label_lens) <= input_lens)
 
 
-def ctc_per_trial(logits: jax.Array, input_lens: jax.Array, labels: jax.Array, label_lens: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
+def ctc_per_trial(
+  logits: jax.Array, input_lens: jax.Array, labels: jax.Array, label_lens: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Per-trial CTC negative log-likelihood (summed over time, `optax.ctc_loss`) and a feasibility mask.
 
   A trial is infeasible when its labels cannot fit its `input_lens` frames; optax then returns ~1e5 with
@@ -42,8 +43,17 @@ def masked_mean(values: jax.Array, weights: jax.Array, denom: jax.Array | None =
   return jnp.where(weights > 0, values, 0.0).dot(weights) / denom
 
 
-def decoder_loss(outputs, input_lens, labels, label_lens, weights, *, noisy_weight: float,
-                 noise_l2_weight: float, denom: jax.Array | None = None) -> tuple[jax.Array, dict]:
+def decoder_loss(
+  outputs,
+  input_lens,
+  labels,
+  label_lens,
+  weights,
+  *,
+  noisy_weight: float,
+  noise_l2_weight: float,
+  denom: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
   """Mean CTC over trials with weight > 0 (after masking infeasible ones); the triple objective when
   `outputs` is (clean_logits, noisy_logits, noise): CTC(clean) + w_noisy * CTC(noisy) + w_l2 * mean(noise^2).
 

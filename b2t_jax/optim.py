@@ -31,8 +31,7 @@ def _leaf_name(path) -> str:
 
 def param_groups(params) -> Any:
   """'day' for per-day input layers, 'main' for the rest (same tree structure as params)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: "day" if _leaf_name(p) in DAY_PARAMS else "main", params)
+  return jax.tree_util.tree_map_with_path(lambda p, _: "day" if _leaf_name(p) in DAY_PARAMS else "main", params)
 
 
 def decay_mask(params) -> Any:
@@ -41,13 +40,12 @@ def decay_mask(params) -> Any:
 
 
 class DayAdamState(NamedTuple):
-  count: Any   # per leaf: (n_days,) int32, Adam steps taken by each day
+  count: Any  # per leaf: (n_days,) int32, Adam steps taken by each day
   mu: Any
   nu: Any
 
 
-def day_adam(learning_rate: optax.Schedule, b1: float, b2: float, eps: float
-             ) -> optax.GradientTransformationExtraArgs:
+def day_adam(learning_rate: optax.Schedule, b1: float, b2: float, eps: float) -> optax.GradientTransformationExtraArgs:
   """Adam over leaves whose axis 0 is the day; days with `day_present[d] == False` are skipped entirely.
 
   The learning rate follows the global step (as the reference's scheduler does); bias correction uses
@@ -59,8 +57,9 @@ def day_adam(learning_rate: optax.Schedule, b1: float, b2: float, eps: float
     # One step count per day (axis 0): an unannotated (replicated) array even where the parameter is boxed with
     # logical axis names, which describe the parameter's axes, not the count's.
     count = jax.tree.map(lambda p: jnp.zeros((p.shape[0],), jnp.int32), meta.unbox(params))
-    return DayAdamState(count=count,
-                        mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params)), jnp.zeros([], jnp.int32)
+    return DayAdamState(count=count, mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params)), jnp.zeros(
+      [], jnp.int32
+    )
 
   def update_fn(updates, state, params=None, *, day_present=None, **extra):
     del params, extra
@@ -78,7 +77,7 @@ def day_adam(learning_rate: optax.Schedule, b1: float, b2: float, eps: float
 
     def step_of(g, m, v, c):
       c = jnp.maximum(c, 1).astype(jnp.float32).reshape((-1,) + (1,) * (g.ndim - 1))
-      u = -lr * (m / (1 - b1 ** c)) / (jnp.sqrt(v / (1 - b2 ** c)) + eps)
+      u = -lr * (m / (1 - b1**c)) / (jnp.sqrt(v / (1 - b2**c)) + eps)
       return where_present(g, u, 0.0).astype(g.dtype)
 
     return jax.tree.map(step_of, updates, mu, nu, count), (DayAdamState(count, mu, nu), step + 1)
@@ -105,10 +104,13 @@ def create_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransforma
   """The full optimizer; `update` takes the extra keyword `day_present` (n_days,) bool."""
   for name in ("warmup_steps", "day_warmup_steps"):
     if not 0 <= cfg[name] < cfg.decay_steps:
-      raise ValueError(f"config.optim.{name}={cfg[name]} must be below config.optim.decay_steps={cfg.decay_steps} "
-                       "(the cosine ends at decay_steps, warm-up included)")
-  main = optax.adamw(learning_rate(cfg),
-                     b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+      raise ValueError(
+        f"config.optim.{name}={cfg[name]} must be below config.optim.decay_steps={cfg.decay_steps} "
+        "(the cosine ends at decay_steps, warm-up included)"
+      )
+  main = optax.adamw(
+    learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+  )
   day = day_adam(day_learning_rate(cfg), cfg.b1, cfg.b2, cfg.eps)
   parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
   return optax.chain(*parts, optax.multi_transform({"main": main, "day": day}, param_groups))

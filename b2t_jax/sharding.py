@@ -21,16 +21,19 @@ def create_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None 
   devices = list(jax.devices() if devices is None else devices)
   shape = list(mesh_shape)
   if len(shape) != len(MESH_AXES) or shape.count(-1) > 1:
-    raise ValueError(f"config.mesh_shape={tuple(mesh_shape)}: give {len(MESH_AXES)} sizes for {MESH_AXES}, "
-                     "at most one of them -1")
+    raise ValueError(
+      f"config.mesh_shape={tuple(mesh_shape)}: give {len(MESH_AXES)} sizes for {MESH_AXES}, at most one of them -1"
+    )
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if len(devices) % known:
       raise ValueError(f"config.mesh_shape={tuple(mesh_shape)} does not divide the {len(devices)} devices")
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"config.mesh_shape={tuple(mesh_shape)} -> {tuple(shape)} needs {int(np.prod(shape))} "
-                     f"devices, {len(devices)} are available")
+    raise ValueError(
+      f"config.mesh_shape={tuple(mesh_shape)} -> {tuple(shape)} needs {int(np.prod(shape))} "
+      f"devices, {len(devices)} are available"
+    )
   return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
@@ -47,10 +50,12 @@ def logical_specs(abstract_tree: Any) -> Any:
   """The logical PartitionSpec of every leaf of a (boxed) tree: a box's axis names (`nn.with_logical_partitioning`),
   P() for unannotated leaves (step, keys, counters), and an empty box (what optax.masked leaves where a
   transform does not apply) stays an empty node, so the result has the structure of `nn.unbox(abstract_tree)`."""
+
   def spec(x):
     if isinstance(x, meta.AxisMetadata):
       return x.get_partition_spec() if jax.tree.leaves(x.unbox()) else x.unbox()
     return P()
+
   return jax.tree.map(spec, abstract_tree, is_leaf=meta.is_axis_metadata)
 
 
@@ -67,9 +72,11 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   local_rows = next(iter(batch.values())).shape[0]
   global_rows = local_rows * jax.process_count()
   if global_rows % n_data:
-    raise ValueError(f"a batch of {global_rows} trials does not divide the {n_data} devices of the 'data' mesh "
-                     "axis; make config.data.batch_size / eval_batch_size (divided by grad_accum_steps) a "
-                     f"multiple of {n_data}")
+    raise ValueError(
+      f"a batch of {global_rows} trials does not divide the {n_data} devices of the 'data' mesh "
+      "axis; make config.data.batch_size / eval_batch_size (divided by grad_accum_steps) a "
+      f"multiple of {n_data}"
+    )
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 

@@ -34,8 +34,7 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, config, example_batch
-                       ) -> TrainState:
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, config, example_batch) -> TrainState:
   """Initialises params from `config.seed` on a shape-only example batch. Params, and the optimizer moments
   initialised from them, stay boxed with their logical axis names (`sharding.tree_shardings` reads them;
   `nn.unbox` gives the arrays the steps take)."""
@@ -59,8 +58,14 @@ def _micro_batches(tree, n: int):
   return jax.tree.map(lambda a: a.reshape((a.shape[0] // n, n) + a.shape[1:]).swapaxes(0, 1), tree)
 
 
-def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState,
+  batch: dict,
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict]:
   """One optimizer step: augment -> model ('full' mode) -> loss -> grads (accumulated) -> AdamW. `tx` is
   `optim.guarded_optimizer` (its state carries the non-finite counters reported in the metrics)."""
   key = jax.random.fold_in(state.rng, state.step)
@@ -74,15 +79,29 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
   n_micro = config.optim.grad_accum_steps
 
   def loss_fn(params, mb, rng):
-    outputs = model.apply({"params": params}, mb["x"], mb["day"], train=True, mode="full", grl_lambda=lam,
-                          rngs={"dropout": rng})
-    return losses.decoder_loss(outputs, mb["input_lens"], mb["labels"], mb["label_lens"], mb["weight"],
-                               noisy_weight=config.loss.noisy_weight,
-                               noise_l2_weight=config.loss.noise_l2_weight / n_micro, denom=denom)
+    outputs = model.apply(
+      {"params": params}, mb["x"], mb["day"], train=True, mode="full", grl_lambda=lam, rngs={"dropout": rng}
+    )
+    return losses.decoder_loss(
+      outputs,
+      mb["input_lens"],
+      mb["labels"],
+      mb["label_lens"],
+      mb["weight"],
+      noisy_weight=config.loss.noisy_weight,
+      noise_l2_weight=config.loss.noise_l2_weight / n_micro,
+      denom=denom,
+    )
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  data = {"x": x, "day": batch["day"], "input_lens": input_lens, "labels": batch["labels"],
-          "label_lens": batch["label_lens"], "weight": batch["weight"]}
+  data = {
+    "x": x,
+    "day": batch["day"],
+    "input_lens": input_lens,
+    "labels": batch["labels"],
+    "label_lens": batch["label_lens"],
+    "weight": batch["weight"],
+  }
   if n_micro == 1:
     (loss, aux), grads = grad_fn(state.params, data, drop_key)
   else:
@@ -104,16 +123,23 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
   params = optax.apply_updates(state.params, updates)
   # optim.guarded_optimizer: a non-finite step applied zero updates; its counters travel in the metrics, which
   # the host reads at log cadence anyway (no extra sync).
-  metrics = {"loss": loss, **aux, "nonfinite_steps": opt_state.total_notfinite,
-             "nonfinite_consecutive": opt_state.notfinite_count,
-             "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
-             "param_norm": optax.tree.norm(params), "grl_lambda": lam,
-             "lr": learning_rate(config.optim)(state.step)}
+  metrics = {
+    "loss": loss,
+    **aux,
+    "nonfinite_steps": opt_state.total_notfinite,
+    "nonfinite_consecutive": opt_state.notfinite_count,
+    "grad_norm": optax.tree.norm(grads),
+    "update_norm": optax.tree.norm(updates),
+    "param_norm": optax.tree.norm(params),
+    "grl_lambda": lam,
+    "lr": learning_rate(config.optim)(state.step),
+  }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def inference_logits(params: Any, batch: dict, *, model: nn.Module, config: ml_collections.ConfigDict
-                     ) -> tuple[jax.Array, jax.Array]:
+def inference_logits(
+  params: Any, batch: dict, *, model: nn.Module, config: ml_collections.ConfigDict
+) -> tuple[jax.Array, jax.Array]:
   """Eval-time preprocessing (smoothing only) and the inference-mode forward pass on a padded batch:
   (logits (B, P, C), valid patches per trial (B,), negative for trials shorter than a patch)."""
   x, lengths = preprocess(None, batch["features"], batch["n_time_steps"], config.aug)
@@ -125,5 +151,9 @@ def eval_step(params: Any, batch: dict, *, model: nn.Module, config: ml_collecti
   """Inference-mode forward pass on a padded eval batch: per-trial CTC loss and per-frame argmax."""
   logits, input_lens = inference_logits(params, batch, model=model, config=config)
   nll, feasible = losses.ctc_per_trial(logits, input_lens, batch["labels"], batch["label_lens"])
-  return {"nll": jnp.where(feasible, nll, 0.0), "feasible": feasible, "input_lens": jnp.maximum(input_lens, 0),
-          "pred": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
+  return {
+    "nll": jnp.where(feasible, nll, 0.0),
+    "feasible": feasible,
+    "input_lens": jnp.maximum(input_lens, 0),
+    "pred": jnp.argmax(logits, axis=-1).astype(jnp.int32),
+  }

@@ -21,8 +21,7 @@ def abstract_params(config: ml_collections.ConfigDict):
 
 def parameter_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
   """{sub-model: count, ..., 'total': count} of the configured model."""
-  counts = {k: sum(int(np.prod(l.shape)) for l in jax.tree.leaves(v))
-            for k, v in abstract_params(config).items()}
+  counts = {k: sum(int(np.prod(l.shape)) for l in jax.tree.leaves(v)) for k, v in abstract_params(config).items()}
   counts["total"] = sum(counts.values())
   return counts
 

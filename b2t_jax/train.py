@@ -42,11 +42,11 @@ class _Preemption:
       try:
         multihost_utils.reached_preemption_sync_point(start)
         self._synced = True
-      except RuntimeError as e:   # jax_enable_preemption_service=False
+      except RuntimeError as e:  # jax_enable_preemption_service=False
         logging.warning("JAX's preemption service is off (%s): SIGTERM stops only the process that gets it", e)
 
   def __enter__(self):
-    if self._synced:   # a Python handler would take SIGTERM away from the sync manager
+    if self._synced:  # a Python handler would take SIGTERM away from the sync manager
       return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -160,25 +160,39 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           history = []
           if run >= tc.max_nonfinite_steps:
             raise NonFiniteError(
-                f"{run} consecutive non-finite training steps (NaN/Inf gradients) up to step {done} "
-                f"(config.train.max_nonfinite_steps={tc.max_nonfinite_steps}); their updates were skipped and "
-                "no non-finite state was saved. Lower optim.lr_peak, check the augmentation (aug.*) and the data, "
-                "then rerun: training resumes from the last checkpoint")
+              f"{run} consecutive non-finite training steps (NaN/Inf gradients) up to step {done} "
+              f"(config.train.max_nonfinite_steps={tc.max_nonfinite_steps}); their updates were skipped and "
+              "no non-finite state was saved. Lower optim.lr_peak, check the augmentation (aug.*) and the data, "
+              "then rerun: training resumes from the last checkpoint"
+            )
           now = time.time()
           rate = (done - step_log) / max(now - t_log, 1e-9)
           t_log, step_log = now, done
           scalars["steps_per_sec"] = rate
           writer.write_scalars(done, scalars)
           eta = (tc.num_steps - done) / max(rate, 1e-9)
-          logging.info("step %d/%d  loss %.3f  %.2f steps/s  ETA %dm%02ds  nonfinite_steps %d  (%d time shapes "
-                       "compiled)", done, tc.num_steps, scalars["loss"], rate, eta // 60, eta % 60,
-                       scalars["nonfinite_steps"], len(shapes_seen))
+          logging.info(
+            "step %d/%d  loss %.3f  %.2f steps/s  ETA %dm%02ds  nonfinite_steps %d  (%d time shapes compiled)",
+            done,
+            tc.num_steps,
+            scalars["loss"],
+            rate,
+            eta // 60,
+            eta % 60,
+            scalars["nonfinite_steps"],
+            len(shapes_seen),
+          )
         if step % tc.eval_every == 0 or done == tc.num_steps:
           last_eval = evaluate(exp, state.params, val_split, eval_plan)
           writer.write_scalars(done, {k: v for k, v in last_eval.items() if k != "per_day"})
-          logging.info("step %d  val PER %.4f  val loss %.3f  (%d infeasible)\n%s", done, last_eval["val_per"],
-                       last_eval["val_loss"], last_eval["val_infeasible"],
-                       format_per_day(last_eval["per_day"], d.sessions))
+          logging.info(
+            "step %d  val PER %.4f  val loss %.3f  (%d infeasible)\n%s",
+            done,
+            last_eval["val_per"],
+            last_eval["val_loss"],
+            last_eval["val_infeasible"],
+            format_per_day(last_eval["per_day"], d.sessions),
+          )
           ckpts.maybe_save_best(state, last_eval["val_per"], last_eval["val_loss"])
           t_log = time.time()  # evaluation time is not training time
         if done % tc.checkpoint_every == 0 or done == tc.num_steps or preempted:
@@ -194,5 +208,3 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if preempted:
     return {"train": last_train, "step": step, "preempted": True}
   return {**last_eval, "train": last_train, "step": step, "preempted": False}
-
-

@@ -30,14 +30,36 @@ LOCK_FILE = "lock"
 # it after a divergence is the usual fix), cadences and the eval/infer/decode settings. Every other field
 # (model, sessions, features, batch recipe, seeds, augmentation, loss, optimizer structure) is fixed.
 SAFE_TO_CHANGE = (
-    "mode", "distributed", "coordinator_address", "num_processes", "process_id", "cpu_collectives",
-    "mesh_shape", "logical_axis_rules",
-    "data.data_dir", "data.cache_dir", "data.prefetch", "data.prefetch_workers", "data.eval_batch_size",
-    "data.on_bad_trial",
-    "model.gru_unroll", "model.gru_backward", "model.gru_remat", "model.gru_wavefront",
-    "optim.lr_peak", "optim.lr_min", "optim.warmup_steps", "optim.decay_steps", "optim.day_lr_peak",
-    "optim.day_lr_min", "optim.day_warmup_steps",
-    "train.", "eval.", "infer.", "decode.", "stream.",
+  "mode",
+  "distributed",
+  "coordinator_address",
+  "num_processes",
+  "process_id",
+  "cpu_collectives",
+  "mesh_shape",
+  "logical_axis_rules",
+  "data.data_dir",
+  "data.cache_dir",
+  "data.prefetch",
+  "data.prefetch_workers",
+  "data.eval_batch_size",
+  "data.on_bad_trial",
+  "model.gru_unroll",
+  "model.gru_backward",
+  "model.gru_remat",
+  "model.gru_wavefront",
+  "optim.lr_peak",
+  "optim.lr_min",
+  "optim.warmup_steps",
+  "optim.decay_steps",
+  "optim.day_lr_peak",
+  "optim.day_lr_min",
+  "optim.day_warmup_steps",
+  "train.",
+  "eval.",
+  "infer.",
+  "decode.",
+  "stream.",
 )
 _ABSENT = "<absent>"
 
@@ -86,9 +108,11 @@ def is_safe_to_change(field: str) -> bool:
 
 def config_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
   """'field: recorded -> current' for every field that differs and may not change on resume."""
-  return [f"{k}: {recorded.get(k, _ABSENT)!r} (workdir) -> {current.get(k, _ABSENT)!r} (now)"
-          for k in sorted(set(recorded) | set(current))
-          if not is_safe_to_change(k) and recorded.get(k, _ABSENT) != current.get(k, _ABSENT)]
+  return [
+    f"{k}: {recorded.get(k, _ABSENT)!r} (workdir) -> {current.get(k, _ABSENT)!r} (now)"
+    for k in sorted(set(recorded) | set(current))
+    if not is_safe_to_change(k) and recorded.get(k, _ABSENT) != current.get(k, _ABSENT)
+  ]
 
 
 def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -100,9 +124,11 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   diff = config_differences(json.loads(path.read_text()), flat_config(config))
   if diff:
     raise ConfigMismatch(
-        f"{workdir} was created by another config ({path}); these fields cannot change on resume:\n  "
-        + "\n  ".join(diff) + "\nResume with the recorded values, or train in a new --workdir (the fields that "
-        "may change are listed in the README, 'Failure modes')")
+      f"{workdir} was created by another config ({path}); these fields cannot change on resume:\n  "
+      + "\n  ".join(diff)
+      + "\nResume with the recorded values, or train in a new --workdir (the fields that "
+      "may change are listed in the README, 'Failure modes')"
+    )
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -119,7 +145,7 @@ def _alive(pid: int) -> bool:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:   # exists, owned by someone else
+  except PermissionError:  # exists, owned by someone else
     return True
   return True
 
@@ -131,8 +157,7 @@ class WorkdirLock:
     self.path = str(epath.Path(workdir) / LOCK_FILE)
     self.workdir = workdir
     self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
-    self.info = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-                 "started": time.time()}
+    self.info = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "started": time.time()}
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
 
@@ -141,7 +166,7 @@ class WorkdirLock:
 
   def _create(self) -> bool:
     """Creates the lock file with our content unless it exists; True when we hold it."""
-    if not _is_local(self.path):   # no exclusive create on object stores: write, then check we won
+    if not _is_local(self.path):  # no exclusive create on object stores: write, then check we won
       p = epath.Path(self.path)
       if p.exists():
         return False
@@ -151,7 +176,7 @@ class WorkdirLock:
     with open(tmp, "w", encoding="utf-8") as f:
       f.write(self._text())
     try:
-      os.link(tmp, self.path)   # atomic, fails if the lock exists: the file appears with its content
+      os.link(tmp, self.path)  # atomic, fails if the lock exists: the file appears with its content
       return True
     except FileExistsError:
       return False
@@ -179,17 +204,19 @@ class WorkdirLock:
       if self._create():
         break
       held = self._read()
-      if held is None:   # removed between our attempt and the read: try again
+      if held is None:  # removed between our attempt and the read: try again
         continue
       reason = self._stale_reason(held)
       if reason is None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(held.get("started", 0))))
         raise WorkdirLocked(
-            f"workdir {self.workdir} is locked by host {held.get('host')} pid {held.get('pid')} (training since "
-            f"{since}, heartbeat {time.time() - float(held.get('heartbeat', 0)):.0f} s ago): another run is using "
-            f"it. Wait for that run or stop it, or use another --workdir; if it is dead, delete {self.path}")
-      logging.warning("taking over the stale lock %s of host %s pid %s: %s", self.path, held.get("host"),
-                      held.get("pid"), reason)
+          f"workdir {self.workdir} is locked by host {held.get('host')} pid {held.get('pid')} (training since "
+          f"{since}, heartbeat {time.time() - float(held.get('heartbeat', 0)):.0f} s ago): another run is using "
+          f"it. Wait for that run or stop it, or use another --workdir; if it is dead, delete {self.path}"
+        )
+      logging.warning(
+        "taking over the stale lock %s of host %s pid %s: %s", self.path, held.get("host"), held.get("pid"), reason
+      )
       epath.Path(self.path).unlink(missing_ok=True)
     else:
       raise WorkdirLocked(f"could not take the lock {self.path}: other runs keep creating it")

@@ -10,136 +10,143 @@ from b2t_jax.data.t15 import T15_SESSIONS
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"            # train | eval | infer | summary
-  c.seed = 10                 # model init / dropout / augmentation PRNG seed
-  c.mesh_shape = (-1, 1)      # (data, model) device mesh; -1 takes all remaining devices
+  c.mode = "train"  # train | eval | infer | summary
+  c.seed = 10  # model init / dropout / augmentation PRNG seed
+  c.mesh_shape = (-1, 1)  # (data, model) device mesh; -1 takes all remaining devices
   # Logical axis -> mesh axis (MaxText style). The NoiseModel's 7168-wide GRU kernels are split over 'model'
   # along their hidden axis; the 768-wide GRUs, day layers and heads stay replicated.
-  c.logical_axis_rules = (("noise_hidden", "model"), ("hidden", None), ("gru_in", None),
-                          # day layers, patch projection and heads: named, replicated
-                          ("days", None), ("features", None), ("features_out", None), ("patch_features", None),
-                          ("classes", None))
-  c.distributed = False       # call jax.distributed.initialize() (multi-host pods, multi-process CPU)
+  c.logical_axis_rules = (
+    ("noise_hidden", "model"),
+    ("hidden", None),
+    ("gru_in", None),
+    # day layers, patch projection and heads: named, replicated
+    ("days", None),
+    ("features", None),
+    ("features_out", None),
+    ("patch_features", None),
+    ("classes", None),
+  )
+  c.distributed = False  # call jax.distributed.initialize() (multi-host pods, multi-process CPU)
   c.coordinator_address = ""  # host:port of process 0; "" = auto-detect (Cloud TPU, SLURM)
-  c.num_processes = 0         # with coordinator_address: total processes
-  c.process_id = -1           # with coordinator_address: this process's index
+  c.num_processes = 0  # with coordinator_address: total processes
+  c.process_id = -1  # with coordinator_address: this process's index
   c.cpu_collectives = "gloo"  # cross-process collectives of the CPU backend (ignored on TPU/GPU)
 
   c.data = d = ml_collections.ConfigDict()
-  d.data_dir = ""             # prepared TFDS dir (tools/prepare_data.py, local or gs://) or an hdf5_data_final root
-                              # (prepared on first use into cache_dir); "" = synthetic data in WORKDIR
-  d.cache_dir = ""            # where HDF5 trees get prepared, keyed by their contents; "" = ~/.cache/b2t_jax/tfds
-  d.prefetch = 4              # host batches prepared ahead in the background (0 = on the training thread)
-  d.prefetch_workers = 2      # threads decoding and padding host batches in parallel
-  d.sessions = T15_SESSIONS   # session list: position = day index
-  d.n_features = 512          # features per 20 ms bin in the files
-  d.feature_pool = 1          # opt-in: average groups of this many adjacent columns (1 = off). Assumes neighbouring
-                              # columns share a signal, which no real array gives: a speed knob, not a recipe
-  d.batch_size = 64           # global trials per optimizer step
-  d.days_per_batch = 4        # distinct days per training batch, trials sampled with replacement within a day
-  d.seed = 1                  # batch-sampler seed (batch k depends only on (seed, k))
-  d.eval_batch_size = 64      # trials per validation batch (padded with masked rows)
+  d.data_dir = ""  # prepared TFDS dir (tools/prepare_data.py, local or gs://) or an hdf5_data_final root
+  # (prepared on first use into cache_dir); "" = synthetic data in WORKDIR
+  d.cache_dir = ""  # where HDF5 trees get prepared, keyed by their contents; "" = ~/.cache/b2t_jax/tfds
+  d.prefetch = 4  # host batches prepared ahead in the background (0 = on the training thread)
+  d.prefetch_workers = 2  # threads decoding and padding host batches in parallel
+  d.sessions = T15_SESSIONS  # session list: position = day index
+  d.n_features = 512  # features per 20 ms bin in the files
+  d.feature_pool = 1  # opt-in: average groups of this many adjacent columns (1 = off). Assumes neighbouring
+  # columns share a signal, which no real array gives: a speed knob, not a recipe
+  d.batch_size = 64  # global trials per optimizer step
+  d.days_per_batch = 4  # distinct days per training batch, trials sampled with replacement within a day
+  d.seed = 1  # batch-sampler seed (batch k depends only on (seed, k))
+  d.eval_batch_size = 64  # trials per validation batch (padded with masked rows)
   d.time_buckets = (256, 512, 768, 1024, 1536, 2048, 3072)  # padded lengths in bins (one compile each)
-  d.max_label_len = 128       # phoneme label padding; longer labels are an error naming the trial
-  d.on_bad_trial = "error"    # error | skip (counted per reason, WORKDIR/skipped_trials.json): malformed trials
+  d.max_label_len = 128  # phoneme label padding; longer labels are an error naming the trial
+  d.on_bad_trial = "error"  # error | skip (counted per reason, WORKDIR/skipped_trials.json): malformed trials
   d.synthetic = s = ml_collections.ConfigDict()  # used only when data_dir == ""
-  s.seed = 0                  # generator seed
-  s.n_sessions = 8            # first N sessions of the list get a folder
-  s.trials_per_session = 60   # train trials per session (val and test get a quarter each)
-  s.noise_std = 1.0           # per-bin Gaussian noise on every channel
-  s.length_profile = "demo"   # trial lengths: demo (1.5-4 s, fast) | t15 (~2-30 s, like the release)
+  s.seed = 0  # generator seed
+  s.n_sessions = 8  # first N sessions of the list get a folder
+  s.trials_per_session = 60  # train trials per session (val and test get a quarter each)
+  s.noise_std = 1.0  # per-bin Gaussian noise on every channel
+  s.length_profile = "demo"  # trial lengths: demo (1.5-4 s, fast) | t15 (~2-30 s, like the release)
 
   c.aug = a = ml_collections.ConfigDict()
-  a.static_gain_std = 0.0     # std of a per-trial channel-mixing perturbation (0 = off)
-  a.white_noise_std = 1.0     # per-bin, per-channel Gaussian noise
+  a.static_gain_std = 0.0  # std of a per-trial channel-mixing perturbation (0 = off)
+  a.white_noise_std = 1.0  # per-bin, per-channel Gaussian noise
   a.constant_offset_std = 0.2  # per-trial, per-channel offset
-  a.random_walk_std = 0.0     # per-bin random-walk step std (0 = off)
-  a.random_cut = 3            # drop the first c ~ U{0..random_cut-1} bins (one c per batch)
-  a.smooth_kernel_std = 2.0   # Gaussian smoothing sigma in bins (train and eval)
+  a.random_walk_std = 0.0  # per-bin random-walk step std (0 = off)
+  a.random_cut = 3  # drop the first c ~ U{0..random_cut-1} bins (one c per batch)
+  a.smooth_kernel_std = 2.0  # Gaussian smoothing sigma in bins (train and eval)
   a.smooth_kernel_size = 100  # support of the sampled Gaussian before thresholding
-  a.smooth_threshold = 0.01   # taps at or below this are dropped, the rest renormalised
+  a.smooth_threshold = 0.01  # taps at or below this are dropped, the rest renormalised
 
   c.model = m = ml_collections.ConfigDict()
-  m.kind = "gru"              # gru (NEJM baseline) | triple (noise/clean/noisy)
-  m.dtype = "float32"         # compute dtype of matmul inputs; params, GRU carry and CTC stay fp32
-  m.n_classes = 41            # blank + 39 phonemes + word boundary
-  m.patch_size = 14           # bins per patch
-  m.patch_stride = 4          # bins between patch starts
-  m.patch_features = 0        # 0 = patch the day layer's n_features outputs (SPEC); F = learned Dense(-> F) first
-  m.input_dropout = 0.2       # dropout after the day layer (training only)
-  m.rnn_dropout = 0.4         # dropout between GRU layers
-  m.hidden = 768              # GRU width (baseline; clean and noisy decoders of the triple)
-  m.n_layers = 5              # GRU layers of the baseline
-  m.noise_layers = 2          # triple: NoiseModel GRU layers (width = patch_size * features)
-  m.clean_layers = 3          # triple: CleanSpeechModel GRU layers
-  m.noisy_layers = 2          # triple: NoisySpeechModel GRU layers
-  m.grl_lambda = 0.5          # triple: gradient-reversal strength after warm-up
-  m.gru_unroll = 1            # time steps unrolled per scan iteration
-  m.gru_backward = "custom"   # custom (weight gradients as one matmul after the reverse scan) | autodiff
-  m.gru_remat = False         # recompute each GRU layer's forward in the backward (measured: no saving with custom)
-  m.gru_wavefront = False     # all GRU layers in one scan of P+L-1 steps (latency-bound accelerators; slower on CPU)
+  m.kind = "gru"  # gru (NEJM baseline) | triple (noise/clean/noisy)
+  m.dtype = "float32"  # compute dtype of matmul inputs; params, GRU carry and CTC stay fp32
+  m.n_classes = 41  # blank + 39 phonemes + word boundary
+  m.patch_size = 14  # bins per patch
+  m.patch_stride = 4  # bins between patch starts
+  m.patch_features = 0  # 0 = patch the day layer's n_features outputs (SPEC); F = learned Dense(-> F) first
+  m.input_dropout = 0.2  # dropout after the day layer (training only)
+  m.rnn_dropout = 0.4  # dropout between GRU layers
+  m.hidden = 768  # GRU width (baseline; clean and noisy decoders of the triple)
+  m.n_layers = 5  # GRU layers of the baseline
+  m.noise_layers = 2  # triple: NoiseModel GRU layers (width = patch_size * features)
+  m.clean_layers = 3  # triple: CleanSpeechModel GRU layers
+  m.noisy_layers = 2  # triple: NoisySpeechModel GRU layers
+  m.grl_lambda = 0.5  # triple: gradient-reversal strength after warm-up
+  m.gru_unroll = 1  # time steps unrolled per scan iteration
+  m.gru_backward = "custom"  # custom (weight gradients as one matmul after the reverse scan) | autodiff
+  m.gru_remat = False  # recompute each GRU layer's forward in the backward (measured: no saving with custom)
+  m.gru_wavefront = False  # all GRU layers in one scan of P+L-1 steps (latency-bound accelerators; slower on CPU)
 
   c.loss = l = ml_collections.ConfigDict()
-  l.noisy_weight = 0.2        # triple: weight of the adversarial CTC term
-  l.noise_l2_weight = 0.0     # triple: weight of mean(noise^2)
+  l.noisy_weight = 0.2  # triple: weight of the adversarial CTC term
+  l.noise_l2_weight = 0.0  # triple: weight of mean(noise^2)
   l.adversarial_warmup_steps = 0  # triple: GRL lambda ramps linearly from 0 over this many steps
 
   c.optim = o = ml_collections.ConfigDict()
-  o.lr_peak = 0.005           # peak learning rate
-  o.lr_min = 1e-4             # learning rate at the end of the cosine
-  o.warmup_steps = 1000       # linear warm-up from 0
-  o.decay_steps = 120_000     # step at which the cosine reaches lr_min (includes warm-up)
-  o.day_lr_peak = 0.005       # day layers: peak learning rate
-  o.day_lr_min = 1e-4         # day layers: final learning rate
-  o.day_warmup_steps = 1000   # day layers: warm-up steps
-  o.b1 = 0.9                  # Adam beta1
-  o.b2 = 0.999                # Adam beta2
-  o.eps = 0.1                 # Adam epsilon (large on purpose, as in the reference)
-  o.weight_decay = 0.001      # AdamW decay on GRU/Dense kernels and h0 only
-  o.grad_clip_norm = 10.0     # global-norm clipping (0 = off)
-  o.grad_accum_steps = 1      # micro-batches per optimizer step (inside the jitted step)
+  o.lr_peak = 0.005  # peak learning rate
+  o.lr_min = 1e-4  # learning rate at the end of the cosine
+  o.warmup_steps = 1000  # linear warm-up from 0
+  o.decay_steps = 120_000  # step at which the cosine reaches lr_min (includes warm-up)
+  o.day_lr_peak = 0.005  # day layers: peak learning rate
+  o.day_lr_min = 1e-4  # day layers: final learning rate
+  o.day_warmup_steps = 1000  # day layers: warm-up steps
+  o.b1 = 0.9  # Adam beta1
+  o.b2 = 0.999  # Adam beta2
+  o.eps = 0.1  # Adam epsilon (large on purpose, as in the reference)
+  o.weight_decay = 0.001  # AdamW decay on GRU/Dense kernels and h0 only
+  o.grad_clip_norm = 10.0  # global-norm clipping (0 = off)
+  o.grad_accum_steps = 1  # micro-batches per optimizer step (inside the jitted step)
 
   c.stream = st = ml_collections.ConfigDict()  # b2t_jax.decoding.streaming
-  st.chunk_bins = 4           # 20 ms bins per streaming step (80 ms); a multiple of model.patch_stride
+  st.chunk_bins = 4  # 20 ms bins per streaming step (80 ms); a multiple of model.patch_stride
 
   c.train = t = ml_collections.ConfigDict()
-  t.num_steps = 120_000       # optimizer steps
-  t.eval_every = 2000         # validate after step 0 and every N steps, and after the last
-  t.log_every = 100           # write train metrics every N steps
-  t.checkpoint_every = 2000   # save the resumable 'latest' checkpoint every N steps
-  t.max_checkpoints = 2       # 'latest' checkpoints kept
+  t.num_steps = 120_000  # optimizer steps
+  t.eval_every = 2000  # validate after step 0 and every N steps, and after the last
+  t.log_every = 100  # write train metrics every N steps
+  t.checkpoint_every = 2000  # save the resumable 'latest' checkpoint every N steps
+  t.max_checkpoints = 2  # 'latest' checkpoints kept
   t.max_nonfinite_steps = 10  # stop with an error after this many consecutive skipped non-finite steps
-  t.preempt_exit_code = 75    # exit status after saving on SIGTERM (EX_TEMPFAIL): a scheduler restarts on it
-  t.lock_heartbeat_s = 30.0   # seconds between refreshes of WORKDIR/lock
-  t.lock_stale_s = 600.0      # a lock not refreshed for this long is taken over (its run is dead)
+  t.preempt_exit_code = 75  # exit status after saving on SIGTERM (EX_TEMPFAIL): a scheduler restarts on it
+  t.lock_heartbeat_s = 30.0  # seconds between refreshes of WORKDIR/lock
+  t.lock_stale_s = 600.0  # a lock not refreshed for this long is taken over (its run is dead)
 
   c.eval = ev = ml_collections.ConfigDict()
-  ev.out_dir = ""             # mode=eval writes metrics.json and skipped_trials.json here; "" = WORKDIR/eval
+  ev.out_dir = ""  # mode=eval writes metrics.json and skipped_trials.json here; "" = WORKDIR/eval
 
   # Word decoding (b2t_jax/decoding/lexicon_lm.py): flashlight-text LexiconDecoder over a CMUdict phoneme trie.
   # Emissions are natural-log CTC posteriors, KenLM scores are log10: a hypothesis scores
   # Σ log p(frame) + lm_weight·log10 P_LM + word_score·#words + sil_score·#silence frames. The reference's
   # WFST decoder (acoustic scale 0.325 on natural-log LM costs) corresponds roughly to lm_weight ≈ ln(10)/0.325 ≈ 7.
   c.decode = dc = ml_collections.ConfigDict()
-  dc.lm_path = ""             # word n-gram LM (ARPA from tools/build_lm.py, or KenLM binary); "" = no LM
-  dc.vocabulary = "auto"      # auto (= lm if lm_path else train) | lm | train | cmudict | FILE: the decoder's words
-  dc.lexicon_path = ""        # extra/overriding pronunciations, lines 'word PH PH ...' (CMUdict style)
-  dc.beam_size = 100          # hypotheses kept per frame
-  dc.beam_size_token = 41     # classes tried per frame (41 = all)
-  dc.beam_threshold = 25.0    # drop hypotheses scoring this far below the best
-  dc.lm_weight = 2.0          # weight of the log10 LM score (ignored without lm_path)
-  dc.word_score = 0.0         # added per emitted word with the LM (>0 offsets the LM's per-word cost)
-  dc.word_score_no_lm = 0.0   # added per emitted word in lexicon-only decoding (no LM cost to offset)
-  dc.sil_score = 0.0          # added per word-boundary/silence frame
+  dc.lm_path = ""  # word n-gram LM (ARPA from tools/build_lm.py, or KenLM binary); "" = no LM
+  dc.vocabulary = "auto"  # auto (= lm if lm_path else train) | lm | train | cmudict | FILE: the decoder's words
+  dc.lexicon_path = ""  # extra/overriding pronunciations, lines 'word PH PH ...' (CMUdict style)
+  dc.beam_size = 100  # hypotheses kept per frame
+  dc.beam_size_token = 41  # classes tried per frame (41 = all)
+  dc.beam_threshold = 25.0  # drop hypotheses scoring this far below the best
+  dc.lm_weight = 2.0  # weight of the log10 LM score (ignored without lm_path)
+  dc.word_score = 0.0  # added per emitted word with the LM (>0 offsets the LM's per-word cost)
+  dc.word_score_no_lm = 0.0  # added per emitted word in lexicon-only decoding (no LM cost to offset)
+  dc.sil_score = 0.0  # added per word-boundary/silence frame
   dc.unk_score = float("-inf")  # score of an out-of-lexicon word; -inf = never emit one
-  dc.log_add = False          # merge equal hypotheses by log-add (True) or max (Viterbi)
-  dc.blank_penalty = 0.0      # subtracted from the blank's log-probability (the reference used log(90) ≈ 4.5)
+  dc.log_add = False  # merge equal hypotheses by log-add (True) or max (Viterbi)
+  dc.blank_penalty = 0.0  # subtracted from the blank's log-probability (the reference used log(90) ≈ 4.5)
 
   # mode=infer (b2t_jax/infer.py): run a split through the best (else latest) checkpoint and decode it.
   c.infer = inf = ml_collections.ConfigDict()
-  inf.split = "val"           # val (with PER/WER) | test (competition CSV) | train
-  inf.out_dir = ""            # "" = WORKDIR/infer_<split>
-  inf.checkpoint = "best"     # best | latest: which checkpoint manager to restore from (falls back to latest)
-  inf.save_logits = False     # also write logits.npz: raw (T, 41) logits keyed '<session>/trial_NNNN'
-  inf.plot = True             # write per_day.png (per-day PER and WER)
+  inf.split = "val"  # val (with PER/WER) | test (competition CSV) | train
+  inf.out_dir = ""  # "" = WORKDIR/infer_<split>
+  inf.checkpoint = "best"  # best | latest: which checkpoint manager to restore from (falls back to latest)
+  inf.save_logits = False  # also write logits.npz: raw (T, 41) logits keyed '<session>/trial_NNNN'
+  inf.plot = True  # write per_day.png (per-day PER and WER)
   return c

@@ -13,9 +13,9 @@ from configs import default
 def get_config():
   c = default.get_config()
   c.model.kind = "triple"
-  c.model.patch_features = 16         # Dense(512 -> 16) before patching: noise GRU width 14 * 16 = 224
-  c.model.hidden = 128                # clean and noisy decoder width
-  c.data.batch_size = 16              # 4 days x 4 trials: the 512 x 512 day layers cost per trial-bin
+  c.model.patch_features = 16  # Dense(512 -> 16) before patching: noise GRU width 14 * 16 = 224
+  c.model.hidden = 128  # clean and noisy decoder width
+  c.data.batch_size = 16  # 4 days x 4 trials: the 512 x 512 day layers cost per trial-bin
   c.data.days_per_batch = 4
   c.data.eval_batch_size = 32
   c.data.time_buckets = (128, 192, 256, 384, 512)

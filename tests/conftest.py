@@ -17,13 +17,13 @@ from configs import demo  # noqa: E402
 
 # The test-size model and batches, shared by in-process tests, CLI tests and the notebook test.
 TINY_SIZES = {
-    "data.feature_pool": 64,         # 8 features per bin -> noise GRU width 112 (speed only: see test_permutation)
-    "model.patch_features": 0,       # the demo's projection off: the 8 pooled features are patched directly
-    "model.hidden": 16,
-    "data.batch_size": 8,
-    "data.days_per_batch": 2,
-    "data.eval_batch_size": 8,
-    "data.time_buckets": (256, 512),
+  "data.feature_pool": 64,  # 8 features per bin -> noise GRU width 112 (speed only: see test_permutation)
+  "model.patch_features": 0,  # the demo's projection off: the 8 pooled features are patched directly
+  "model.hidden": 16,
+  "data.batch_size": 8,
+  "data.days_per_batch": 2,
+  "data.eval_batch_size": 8,
+  "data.time_buckets": (256, 512),
 }
 
 
@@ -33,7 +33,7 @@ class Hdf5Split:
 
   name: str
   trials: list[t15.Trial]
-  skipped: dict[str, int]       # reason -> number of trials skipped (on_bad_trial='skip')
+  skipped: dict[str, int]  # reason -> number of trials skipped (on_bad_trial='skip')
 
   def __len__(self) -> int:
     return len(self.trials)
@@ -46,15 +46,31 @@ class Hdf5Split:
     return {d: np.asarray(v, np.int64) for d, v in sorted(by_day.items())}
 
 
-def load_hdf5_split(data_dir: str, sessions, split: str, *, n_features: int = 512, feature_pool: int = 1,
-                    max_label_len: int = 10_000, on_bad_trial: str = "error") -> Hdf5Split:
+def load_hdf5_split(
+  data_dir: str,
+  sessions,
+  split: str,
+  *,
+  n_features: int = 512,
+  feature_pool: int = 1,
+  max_label_len: int = 10_000,
+  on_bad_trial: str = "error",
+) -> Hdf5Split:
   """One split of an HDF5 tree read whole into memory, through what the TFDS builder reads it with
   (t15.session_files, t15.iter_file) and the pooling a prepared split applies when read."""
   skipped: collections.Counter = collections.Counter()
   trials = []
   for day, session, path in t15.session_files(data_dir, sessions, split, on_bad_trial=on_bad_trial, skipped=skipped):
-    for tr in t15.iter_file(path, day=day, session=session, labelled=split != "test", n_features=n_features,
-                            max_label_len=max_label_len, on_bad_trial=on_bad_trial, skipped=skipped):
+    for tr in t15.iter_file(
+      path,
+      day=day,
+      session=session,
+      labelled=split != "test",
+      n_features=n_features,
+      max_label_len=max_label_len,
+      on_bad_trial=on_bad_trial,
+      skipped=skipped,
+    ):
       trials.append(dataclasses.replace(tr, features=batching.pool_features(tr.features, feature_pool)))
   return Hdf5Split(split, trials, dict(skipped))
 
@@ -90,6 +106,7 @@ def synthetic_dir(tmp_path_factory):
 def prepared_dir(synthetic_dir, tmp_path_factory):
   """`synthetic_dir` prepared as the TFDS (ArrayRecord) dataset training reads (the TFDS data dir)."""
   from b2t_jax.data import tfds_b2t
+
   out = str(tmp_path_factory.mktemp("tfds"))
   tfds_b2t.prepare(synthetic_dir, out)
   return out

@@ -8,7 +8,7 @@ import pytest
 from b2t_jax.data.augment import apply, augment, draw, gaussian_kernel, preprocess, smooth
 from configs import default
 
-SPEC_TAPS = [.0276, .0663, .1238, .1802, .2042, .1802, .1238, .0663, .0276]
+SPEC_TAPS = [0.0276, 0.0663, 0.1238, 0.1802, 0.2042, 0.1802, 0.1238, 0.0663, 0.0276]
 
 
 def test_kernel_is_the_published_nine_taps():
@@ -42,9 +42,9 @@ def test_random_cut_shifts_and_shortens():
     y, new = augment(jax.random.PRNGKey(seed), x, lengths, _cfg(random_cut=3))
     c = int(lengths[0] - new[0])
     cuts.add(c)
-    assert int(lengths[1] - new[1]) == c                       # one c per batch
-    np.testing.assert_array_equal(np.asarray(y[0, :10 - c, 0]), np.arange(c, 10.0))
-    assert not np.asarray(y[1, 6 - c:]).any()                  # padding stays zero
+    assert int(lengths[1] - new[1]) == c  # one c per batch
+    np.testing.assert_array_equal(np.asarray(y[0, : 10 - c, 0]), np.arange(c, 10.0))
+    assert not np.asarray(y[1, 6 - c :]).any()  # padding stays zero
   assert cuts == {0, 1, 2}
 
 
@@ -54,13 +54,13 @@ def test_noise_offset_and_walk_statistics():
   y, _ = augment(jax.random.PRNGKey(0), x, lengths, _cfg(white_noise_std=1.0))
   assert abs(float(y.std()) - 1.0) < 0.02
   y, _ = augment(jax.random.PRNGKey(0), x, lengths, _cfg(constant_offset_std=0.2))
-  np.testing.assert_allclose(np.asarray(y[:, 0]), np.asarray(y[:, -1]))   # constant over time
+  np.testing.assert_allclose(np.asarray(y[:, 0]), np.asarray(y[:, -1]))  # constant over time
   assert abs(float(y[:, 0].std()) - 0.2) < 0.03
   y, _ = augment(jax.random.PRNGKey(0), x, lengths, _cfg(random_walk_std=0.1))
   steps = np.diff(np.asarray(y), axis=1)
-  assert abs(steps.std() - 0.1) < 0.005                        # increments are the i.i.d. steps
+  assert abs(steps.std() - 0.1) < 0.005  # increments are the i.i.d. steps
   y, _ = augment(jax.random.PRNGKey(0), jnp.ones((2, 5, 4)), jnp.full((2,), 5), _cfg(static_gain_std=0.5))
-  assert float(jnp.abs(y - 1).max()) > 0.1                     # a per-trial channel mixing was applied
+  assert float(jnp.abs(y - 1).max()) > 0.1  # a per-trial channel mixing was applied
 
 
 def test_eval_path_only_smooths():
@@ -93,23 +93,30 @@ def _numpy_reference(x, lengths, draws, cfg):
   lengths = lengths.copy()
   if "cut" in draws:
     c = int(draws["cut"])
-    x = np.concatenate([x[:, c:], np.zeros((b, c, f))], axis=1)   # features[:, c:], then re-padded
+    x = np.concatenate([x[:, c:], np.zeros((b, c, f))], axis=1)  # features[:, c:], then re-padded
     lengths = np.maximum(lengths - c, 0)
   for i in range(b):
-    x[i, lengths[i]:] = 0
+    x[i, lengths[i] :] = 0
   return x, lengths
 
 
-@pytest.mark.parametrize("field, value", [("static_gain_std", 0.3), ("white_noise_std", 1.0),
-                                          ("constant_offset_std", 0.2), ("random_walk_std", 0.05),
-                                          ("random_cut", 3)])
+@pytest.mark.parametrize(
+  "field, value",
+  [
+    ("static_gain_std", 0.3),
+    ("white_noise_std", 1.0),
+    ("constant_offset_std", 0.2),
+    ("random_walk_std", 0.05),
+    ("random_cut", 3),
+  ],
+)
 def test_each_transform_matches_its_numpy_definition(field, value):
   x = np.random.default_rng(2).standard_normal((3, 12, 4)).astype(np.float32)
   lengths = np.array([12, 9, 5])
   cfg = _cfg(**{field: value})
-  for seed in range(4):   # several cuts c
+  for seed in range(4):  # several cuts c
     draws = draw(jax.random.PRNGKey(seed), x.shape, cfg)
-    assert len(draws) == 1                                       # only the enabled transform draws
+    assert len(draws) == 1  # only the enabled transform draws
     got, got_len = apply(jnp.asarray(x), jnp.asarray(lengths), draws, cfg)
     want, want_len = _numpy_reference(x, lengths, {k: np.asarray(v) for k, v in draws.items()}, cfg)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
@@ -133,7 +140,6 @@ def test_draws_are_standard_normal_and_uniform_cuts():
   for k in ("gain", "white", "offset", "walk"):
     v = np.asarray(d[k])
     assert abs(v.mean()) < 0.05 and abs(v.std() - 1) < 0.05, k
-  assert not np.allclose(np.asarray(d["white"]), np.asarray(d["walk"]))   # independent streams
+  assert not np.allclose(np.asarray(d["white"]), np.asarray(d["walk"]))  # independent streams
   cuts = [int(draw(jax.random.PRNGKey(s), (1, 5, 1), cfg)["cut"]) for s in range(300)]
   assert set(cuts) == {0, 1, 2} and all(abs(cuts.count(c) / 300 - 1 / 3) < 0.08 for c in range(3))
-

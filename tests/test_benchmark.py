@@ -33,7 +33,7 @@ def test_analytic_forward_flops_match_xla_cost_analysis(kind, patch_features):
   fwd = jax.jit(lambda p, x, d: model.apply(p, x, d, train=False, **kw))
   xla = fwd.lower(params, x, day).compile().cost_analysis()["flops"]
   analytic = b * summary.forward_flops(c, t)
-  assert analytic <= xla <= 1.05 * analytic   # XLA adds the elementwise work (gates, softsign) on top
+  assert analytic <= xla <= 1.05 * analytic  # XLA adds the elementwise work (gates, softsign) on top
 
 
 def _json_line(stdout: str) -> dict:
@@ -43,12 +43,27 @@ def _json_line(stdout: str) -> dict:
 def test_benchmark_scripts_agree_on_shapes_and_flops():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   sizes = dict(hidden=16, n_layers=2, batch=4, time_bins=40)
-  jax_cmd = [sys.executable, "tools/benchmark.py", "--config=configs/gru_baseline.py", "--steps=2", "--warmup=1",
-             "--matmul_n=256", f"--time_bins={sizes['time_bins']}", "--label_len=4",
-             f"--config.model.hidden={sizes['hidden']}", f"--config.model.n_layers={sizes['n_layers']}",
-             f"--config.data.batch_size={sizes['batch']}"]
-  torch_cmd = [sys.executable, "tools/benchmark_torch.py", "--steps=2", "--warmup=1", "--matmul_n=256",
-               "--label_len=4"] + [f"--{k}={v}" for k, v in sizes.items()]
+  jax_cmd = [
+    sys.executable,
+    "tools/benchmark.py",
+    "--config=configs/gru_baseline.py",
+    "--steps=2",
+    "--warmup=1",
+    "--matmul_n=256",
+    f"--time_bins={sizes['time_bins']}",
+    "--label_len=4",
+    f"--config.model.hidden={sizes['hidden']}",
+    f"--config.model.n_layers={sizes['n_layers']}",
+    f"--config.data.batch_size={sizes['batch']}",
+  ]
+  torch_cmd = [
+    sys.executable,
+    "tools/benchmark_torch.py",
+    "--steps=2",
+    "--warmup=1",
+    "--matmul_n=256",
+    "--label_len=4",
+  ] + [f"--{k}={v}" for k, v in sizes.items()]
   out = {}
   for name, cmd in (("jax", jax_cmd), ("torch", torch_cmd)):
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -71,6 +86,7 @@ def test_benchmark_scripts_agree_on_shapes_and_flops():
 def test_busy_machine_is_flagged(capsys):
   sys.path.insert(0, os.path.join(ROOT, "tools"))
   import benchlib
+
   assert benchlib.load_report(0.1, 1.7, busy_load=0.5)["quiet"] is True
   assert "WARNING" not in capsys.readouterr().err
   busy = benchlib.load_report(1.2, 1.9, busy_load=0.5)

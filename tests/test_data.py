@@ -68,19 +68,28 @@ def _edit(path, fn):
     fn(f)
 
 
-@pytest.mark.parametrize("corrupt, message", [
+@pytest.mark.parametrize(
+  "corrupt, message",
+  [
     (lambda f: f["trial_0002"].__delitem__("input_features"), r"trial_0002: field 'input_features': missing dataset"),
     (lambda f: f["trial_0002"].attrs.__delitem__("seq_len"), r"trial_0002: field 'seq_len': missing attribute"),
     (lambda f: f["trial_0005"].attrs.__delitem__("n_time_steps"), r"trial_0005: field 'n_time_steps'"),
-    (lambda f: (f["trial_0001"].__delitem__("input_features"),
-                f["trial_0001"].create_dataset("input_features", data=np.zeros((50, 256), np.float32))),
-     r"trial_0001: field 'input_features': shape \(50, 256\), expected \(n_time_steps, 512\)"),
-    (lambda f: f["trial_0004"]["input_features"].__setitem__((3, 7), np.nan),
-     r"trial_0004: field 'input_features': 1 non-finite values.*first at bin 3"),
+    (
+      lambda f: (
+        f["trial_0001"].__delitem__("input_features"),
+        f["trial_0001"].create_dataset("input_features", data=np.zeros((50, 256), np.float32)),
+      ),
+      r"trial_0001: field 'input_features': shape \(50, 256\), expected \(n_time_steps, 512\)",
+    ),
+    (
+      lambda f: f["trial_0004"]["input_features"].__setitem__((3, 7), np.nan),
+      r"trial_0004: field 'input_features': 1 non-finite values.*first at bin 3",
+    ),
     (lambda f: f["trial_0003"]["seq_class_ids"].__setitem__(0, 41), r"trial_0003: field 'seq_class_ids': ids must lie"),
     (lambda f: f.__delitem__("trial_0007"), r"not contiguous.*missing \['trial_0007'\]"),
     (lambda f: f["trial_0000"].attrs.__setitem__("session", "t15.2099.01.01"), r"trial_0000: field 'session'"),
-])
+  ],
+)
 def test_bad_files_raise_named_errors(one_session, corrupt, message):
   root, path = one_session
   _edit(path, corrupt)
@@ -153,8 +162,8 @@ def test_batches_pad_to_buckets(prepared_dir):
   longest = max(trials[i].n_time_steps for i in idx)
   assert b["features"].shape == (4, 256 if longest > 64 else 64, 8)
   assert list(b["weight"]) == [1, 1, 1, 0] and b["day"][2] == 1
-  np.testing.assert_array_equal(b["features"][1, :trials[5].n_time_steps], trials[5].features)
-  assert not b["features"][1, trials[5].n_time_steps:].any()
+  np.testing.assert_array_equal(b["features"][1, : trials[5].n_time_steps], trials[5].features)
+  assert not b["features"][1, trials[5].n_time_steps :].any()
   assert b["label_lens"][0] == len(trials[0].labels)
   with pytest.raises(ValueError, match="add a bucket"):
     pipeline.check_buckets(split, (32,))
@@ -162,6 +171,7 @@ def test_batches_pad_to_buckets(prepared_dir):
 
 def test_synthetic_sentences_follow_a_fixed_sparse_grammar():
   from b2t_jax.data.synthetic import SyntheticT15
+
   gen, same, other = SyntheticT15(seed=0), SyntheticT15(seed=0), SyntheticT15(seed=1)
   allowed = {(gen.words[a], gen.words[b]) for a in range(len(gen.words)) for b in gen.next_words[a]}
   assert len(allowed) == len(gen.words) * gen.successors
@@ -171,4 +181,4 @@ def test_synthetic_sentences_follow_a_fixed_sparse_grammar():
   sentences = [gen.sentence(rng, 6) for _ in range(200)]
   bigrams = [(s[i], s[i + 1]) for s in sentences for i in range(5)]
   assert set(bigrams) <= allowed and len(set(bigrams)) > len(allowed) // 3
-  assert len({s[0] for s in sentences}) > len(gen.words) // 2   # first words spread over the lexicon
+  assert len({s[0] for s in sentences}) > len(gen.words) // 2  # first words spread over the lexicon

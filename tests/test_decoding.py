@@ -139,4 +139,4 @@ def test_wer_normalisation_follows_the_reference():
   assert metrics.normalize_sentence("I said -- twice - no 'quote'") == "i said - twice no'quote'"
   wer = metrics.ErrorRate()
   wer.add(0, "hello word".split(), metrics.sentence_words("Hello, world! Again."))
-  assert wer.rate() == pytest.approx(2 / 3)       # one substitution, one deletion over three words
+  assert wer.rate() == pytest.approx(2 / 3)  # one substitution, one deletion over three words

@@ -22,8 +22,8 @@ def numpy_gru(x, h0, w_ih, w_hh, b_ih, b_hh):
     gi = x[:, t] @ w_ih.T + b_ih
     gh = h @ w_hh.T + b_hh
     r = _sigmoid(gi[:, :hdim] + gh[:, :hdim])
-    z = _sigmoid(gi[:, hdim:2 * hdim] + gh[:, hdim:2 * hdim])
-    n = np.tanh(gi[:, 2 * hdim:] + r * gh[:, 2 * hdim:])
+    z = _sigmoid(gi[:, hdim : 2 * hdim] + gh[:, hdim : 2 * hdim])
+    n = np.tanh(gi[:, 2 * hdim :] + r * gh[:, 2 * hdim :])
     h = (1 - z) * n + z * h
     out.append(h)
   return np.stack(out, axis=1)
@@ -32,8 +32,12 @@ def numpy_gru(x, h0, w_ih, w_hh, b_ih, b_hh):
 def _layer_params(p):
   """Our (in, 3, H) / (3, H) layout -> PyTorch's (3H, in) / (3H,), rows [r; z; n]."""
   w_ih, w_hh = np.asarray(p["w_ih"]), np.asarray(p["cell"]["w_hh"])
-  return (w_ih.reshape(w_ih.shape[0], -1).T, w_hh.reshape(w_hh.shape[0], -1).T,
-          np.asarray(p["b_ih"]).reshape(-1), np.asarray(p["cell"]["b_hh"]).reshape(-1))
+  return (
+    w_ih.reshape(w_ih.shape[0], -1).T,
+    w_hh.reshape(w_hh.shape[0], -1).T,
+    np.asarray(p["b_ih"]).reshape(-1),
+    np.asarray(p["cell"]["b_hh"]).reshape(-1),
+  )
 
 
 def test_gru_layer_matches_numpy_spec():
@@ -62,6 +66,7 @@ def test_gru_init_follows_spec():
 
 def test_gru_stack_matches_torch():
   import torch  # the [test] extra installs it; a missing torch is a failure, not a skip
+
   rng = np.random.default_rng(0)
   b, t, d_in, hdim, layers = 2, 9, 12, 8, 3
   x = rng.standard_normal((b, t, d_in)).astype(np.float32)
@@ -103,8 +108,10 @@ def _grads_both_ways(dtype, x, h0, seed=0):
   out = {}
   for backward in ("autodiff", "custom"):
     layer = GRULayer(hidden=h0.shape[-1], dtype=dtype, backward=backward)
+
     def loss(p, x, h0):
       return jnp.sum(layer.apply({"params": p}, x, h0).astype(jnp.float32) * proj)
+
     out[backward] = jax.value_and_grad(loss, argnums=(0, 1, 2))(params, x, h0)
   return out
 
@@ -117,7 +124,7 @@ def test_custom_vjp_matches_autodiff_of_the_scan():
   np.testing.assert_allclose(got["custom"][0], got["autodiff"][0], rtol=1e-6)
   flat_c, tree_c = jax.tree.flatten(got["custom"][1])
   flat_a, tree_a = jax.tree.flatten(got["autodiff"][1])
-  assert tree_c == tree_a   # same parameter tree: checkpoints and sharding rules do not depend on the choice
+  assert tree_c == tree_a  # same parameter tree: checkpoints and sharding rules do not depend on the choice
   for c, a in zip(flat_c, flat_a):
     assert c.shape == a.shape and c.dtype == a.dtype
     np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)
@@ -135,9 +142,11 @@ def test_custom_vjp_matches_finite_differences():
   grad = jax.grad(loss)(params)["cell"]["w_hh"]
   eps = 1e-2
   for idx in [(0, 0, 0), (1, 2, 3), (3, 1, 2), (2, 0, 1)]:
+
     def shifted(delta):
       w = params["cell"]["w_hh"].at[idx].add(delta)
       return float(loss({**params, "cell": {**params["cell"], "w_hh": w}}))
+
     fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
     np.testing.assert_allclose(float(grad[idx]), fd, rtol=2e-2, atol=2e-4)
 
@@ -163,8 +172,9 @@ def test_stack_gradients_equal_across_unroll_remat_and_backward():
   results = {}
   for knobs in [dict(), dict(unroll=4), dict(remat=True), dict(backward="autodiff", unroll=2)]:
     stack = GRUStack(n_layers=3, hidden=5, dropout_rate=0.3, **knobs)
-    loss = lambda p: jnp.sum(stack.apply({"params": p}, x, deterministic=False,
-                                         rngs={"dropout": jax.random.PRNGKey(5)}) * proj)
+    loss = lambda p: jnp.sum(
+      stack.apply({"params": p}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(5)}) * proj
+    )
     results[str(knobs)] = jax.jit(jax.value_and_grad(loss))(params)
   ref_value, ref_grads = results.pop("{}")
   for name, (value, grads) in results.items():
@@ -178,9 +188,11 @@ def _stack_value_and_grads(n_layers, dropout, x, proj, params=None, **knobs):
   stack = GRUStack(n_layers=n_layers, hidden=proj.shape[-1], dropout_rate=0.3, **knobs)
   if params is None:
     params = nn.unbox(stack.init(jax.random.PRNGKey(0), x, deterministic=True)["params"])
+
   def loss(p, x):
     y = stack.apply({"params": p}, x, deterministic=not dropout, rngs={"dropout": jax.random.PRNGKey(5)})
     return jnp.sum(y.astype(jnp.float32) * proj)
+
   return params, jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
 
 
@@ -195,7 +207,8 @@ def test_wavefront_matches_layer_by_layer_values_and_gradients():
       name = f"layers={n_layers} dropout={dropout}"
       params, (ref_value, ref_grads) = _stack_value_and_grads(n_layers, dropout, x, proj)
       wave_init = GRUStack(n_layers=n_layers, hidden=5, dropout_rate=0.3, wavefront=True).init(
-          jax.random.PRNGKey(0), x, deterministic=True)["params"]
+        jax.random.PRNGKey(0), x, deterministic=True
+      )["params"]
       # Same parameter tree, names and init: checkpoints and imports do not depend on the flag.
       assert jax.tree.structure(nn.unbox(wave_init)) == jax.tree.structure(params), name
       for w, p in zip(jax.tree.leaves(nn.unbox(wave_init)), jax.tree.leaves(params)):
@@ -221,11 +234,13 @@ def test_wavefront_dropout_is_the_layer_by_layer_dropout():
   stack = GRUStack(n_layers=3, hidden=6, dropout_rate=0.5)
   wave = GRUStack(n_layers=3, hidden=6, dropout_rate=0.5, wavefront=True)
   params = stack.init(jax.random.PRNGKey(1), x, deterministic=True)
-  apply = {name: jax.jit(lambda key, m=m: m.apply(params, x, deterministic=False, rngs={"dropout": key}))
-           for name, m in (("stack", stack), ("wave", wave))}
+  apply = {
+    name: jax.jit(lambda key, m=m: m.apply(params, x, deterministic=False, rngs={"dropout": key}))
+    for name, m in (("stack", stack), ("wave", wave))
+  }
   run = lambda name, seed: np.asarray(apply[name](jax.random.PRNGKey(seed)))
   np.testing.assert_allclose(run("wave", 2), run("stack", 2), rtol=1e-6, atol=1e-7)
-  assert np.abs(run("wave", 3) - run("stack", 2)).max() > 1e-3   # the masks matter at this rate
+  assert np.abs(run("wave", 3) - run("stack", 2)).max() > 1e-3  # the masks matter at this rate
 
 
 def test_wavefront_bf16_runs_and_is_close():
@@ -236,8 +251,9 @@ def test_wavefront_bf16_runs_and_is_close():
   wave = GRUStack(n_layers=3, hidden=8, dropout_rate=0.3, wavefront=True, dtype=jnp.bfloat16)
   assert wave.apply({"params": params}, x, deterministic=True).dtype == jnp.bfloat16
   for backward in ("custom", "autodiff"):
-    _, (value, grads) = _stack_value_and_grads(3, True, x, proj, params, wavefront=True, dtype=jnp.bfloat16,
-                                               backward=backward)
+    _, (value, grads) = _stack_value_and_grads(
+      3, True, x, proj, params, wavefront=True, dtype=jnp.bfloat16, backward=backward
+    )
     np.testing.assert_allclose(value, ref_value, rtol=5e-2, atol=5e-2, err_msg=backward)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
       assert g.dtype == jnp.float32
@@ -252,10 +268,11 @@ def test_wavefront_train_step_matches_on_a_model_parallel_mesh(tiny):
 
   from b2t_jax import experiment
   from b2t_jax.sharding import create_mesh
-  batches = _batches(tiny, 1)   # one step: each new batch shape would compile both models again
+
+  batches = _batches(tiny, 1)  # one step: each new batch shape would compile both models again
   ref, _ = _losses(experiment.Experiment(tiny, mesh=create_mesh((8, 1))), batches)
   tiny.model.gru_wavefront = True
-  seen = []   # the `wavefront` field of every GRUStack the model calls while the step is traced
+  seen = []  # the `wavefront` field of every GRUStack the model calls while the step is traced
 
   def spy(next_fun, args, kwargs, context):
     if isinstance(context.module, GRUStack) and context.method_name == "__call__":
@@ -280,7 +297,7 @@ def test_stack_step_continues_the_offline_recurrence_and_skips_invalid_slots():
   assert carry.shape == (2, 1, 5)
   got = []
   for s in range(0, 6, 2):
-    y, carry = stack.apply(params, x[:, s:s + 2], jnp.ones((2,), bool), carry, method="step")
+    y, carry = stack.apply(params, x[:, s : s + 2], jnp.ones((2,), bool), carry, method="step")
     got.append(y)
   np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, atol=1e-6, rtol=0)
   _, kept = stack.apply(params, x[:, :2], jnp.array([False, False]), carry, method="step")

@@ -25,6 +25,7 @@ def trained(tmp_path_factory, synthetic_dir, prepared_dir):
   Checkpoints with the val PER its eval_step measured; compiling a train step would triple the test time),
   and a bigram LM built from the training sentences."""
   from conftest import tiny_config
+
   work = str(tmp_path_factory.mktemp("infer_work"))
   config = tiny_config(prepared_dir)
   exp = experiment.Experiment(config)
@@ -50,11 +51,25 @@ def _rows(path):
 def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
   work, lm = trained
   p = subprocess.run(
-      [sys.executable, "-m", "b2t_jax.main", "--config=configs/demo.py", f"--workdir={work}",
-       f"--config.data.data_dir={prepared_dir}", *as_flags(TINY_SIZES), "--config.mode=infer",
-       f"--config.decode.lm_path={lm}", "--config.infer.save_logits=True", "--config.decode.beam_size=20"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    [
+      sys.executable,
+      "-m",
+      "b2t_jax.main",
+      "--config=configs/demo.py",
+      f"--workdir={work}",
+      f"--config.data.data_dir={prepared_dir}",
+      *as_flags(TINY_SIZES),
+      "--config.mode=infer",
+      f"--config.decode.lm_path={lm}",
+      "--config.infer.save_logits=True",
+      "--config.decode.beam_size=20",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   last = p.stdout.strip().splitlines()[-1]
   assert last.startswith("greedy_per=") and " wer_no_lm=" in last and " wer_lm=" in last, p.stdout[-1000:]
@@ -69,8 +84,12 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
     recs = [json.loads(line) for line in f]
   assert len(recs) == len(val)
   for rec, trial, row in zip(recs, val.trials, rows[1:]):
-    assert (rec["session"], rec["day"], rec["block"], rec["trial"]) == (trial.session, trial.day, trial.block,
-                                                                        trial.trial)
+    assert (rec["session"], rec["day"], rec["block"], rec["trial"]) == (
+      trial.session,
+      trial.day,
+      trial.block,
+      trial.trial,
+    )
     assert rec["true_sentence"] == trial.sentence
     assert rec["true_phonemes"].split() == [vocab.PHONEMES[i].strip() for i in trial.labels]
     assert set(rec["greedy_phonemes"].split()) <= {p.strip() for p in vocab.PHONEMES[1:]}
@@ -101,6 +120,7 @@ def test_infer_test_split_writes_the_competition_csv(trained, synthetic_dir, pre
   from conftest import tiny_config
 
   from b2t_jax import infer
+
   work, _ = trained
   config = tiny_config(prepared_dir)
   config.infer.split = "test"
@@ -116,8 +136,12 @@ def test_infer_test_split_writes_the_competition_csv(trained, synthetic_dir, pre
   assert [r[1] for r in rows[1:]] == [r["words_no_lm"] for r in recs]
   assert all(r["words_lm"] is None and "true_sentence" not in r for r in recs)
   assert [r["session"] for r in recs] == [t.session for t in test.trials]
-  assert sorted(os.listdir(tmp_path / "out")) == ["metrics.json", "skipped_trials.json", "submission.csv",
-                                                  "trials.jsonl"]   # the skip report too: the workdir is only read
+  assert sorted(os.listdir(tmp_path / "out")) == [
+    "metrics.json",
+    "skipped_trials.json",
+    "submission.csv",
+    "trials.jsonl",
+  ]  # the skip report too: the workdir is only read
 
 
 def test_training_sentences_read_the_same_from_hdf5_and_the_prepared_dataset(synthetic_dir, prepared_dir):
@@ -133,12 +157,14 @@ def test_infer_refuses_a_test_split_with_skipped_trials(tmp_path, synthetic_dir)
   from conftest import tiny_config
 
   from b2t_jax.data import tfds_b2t
+
   root = tmp_path / "tree"
   shutil.copytree(synthetic_dir, root)
   with h5py.File(root / t15.T15_SESSIONS[1] / "data_test.hdf5", "r+") as f:
     f["trial_0001"]["input_features"][2, 3] = np.nan
   tfds_b2t.prepare(str(root), str(tmp_path / "tfds"), on_bad_trial="skip")
   from b2t_jax import infer
+
   config = tiny_config(str(tmp_path / "tfds"))
   config.data.on_bad_trial = "skip"
   config.infer.split = "test"

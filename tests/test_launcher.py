@@ -15,7 +15,7 @@ RECORDER = """#!/usr/bin/env bash
 n=0; while ! mkdir "$RECORD/$n.lock" 2>/dev/null; do n=$((n + 1)); done
 printf '%s\\0' "$(basename "$0")" "$@" > "$RECORD/$n"
 """
-DATA_DIR = "/mnt/it's t15/hdf5 data_final"          # a space and a quote
+DATA_DIR = "/mnt/it's t15/hdf5 data_final"  # a space and a quote
 EVIL_REF = "main; touch pwned1 $(touch pwned2) `touch pwned3`"
 
 
@@ -25,7 +25,7 @@ def stand_ins(tmp_path):
   bin_dir, record, home = tmp_path / "bin", tmp_path / "record", tmp_path / "home"
   for d in (bin_dir, record, home):
     d.mkdir()
-  clone = 'if [ "$1" = clone ]; then mkdir "${@: -1}"; fi\n'       # git clone leaves its folder behind
+  clone = 'if [ "$1" = clone ]; then mkdir "${@: -1}"; fi\n'  # git clone leaves its folder behind
   for tool, body in (("gcloud", RECORDER), ("git", RECORDER + clone), ("python3", RECORDER)):
     (bin_dir / tool).write_text(body)
     (bin_dir / tool).chmod(0o755)
@@ -42,8 +42,18 @@ def _records(record) -> list[list[str]]:
 
 
 def _launch(env, *args, dry_run=True):
-  argv = ["bash", SCRIPT, "--name=b2t", "--zone=us-central2-b", "--accelerator=v4-32", "--workdir=gs://bucket/run",
-          f"--data_dir={DATA_DIR}", "--repo=https://example.org/b2t.git", *(["--dry-run"] if dry_run else []), *args]
+  argv = [
+    "bash",
+    SCRIPT,
+    "--name=b2t",
+    "--zone=us-central2-b",
+    "--accelerator=v4-32",
+    "--workdir=gs://bucket/run",
+    f"--data_dir={DATA_DIR}",
+    "--repo=https://example.org/b2t.git",
+    *(["--dry-run"] if dry_run else []),
+    *args,
+  ]
   p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
   assert p.returncode == 0, p.stderr
   return p.stdout.splitlines()
@@ -58,7 +68,7 @@ def _payloads(env, record, lines) -> list[list[str]]:
 
 
 def _command(argv: list[str]) -> str:
-  (cmd,) = [a[len("--command="):] for a in argv if a.startswith("--command=")]
+  (cmd,) = [a[len("--command=") :] for a in argv if a.startswith("--command=")]
   return cmd
 
 
@@ -76,12 +86,21 @@ def test_training_payload_passes_a_mesh_shape_and_paths_with_spaces_verbatim(sta
   (home / "b2t_jax").mkdir()
   _run_remote(env, home, _command(train))
   (python,) = _records(record)
-  assert python == ["python3", "-m", "b2t_jax.main", "--config=configs/my config.py", "--workdir=gs://bucket/run",
-                    f"--config.data.data_dir={DATA_DIR}", "--config.distributed=True", "--config.mesh_shape=(4,2)",
-                    "--config.train.tag=a b"]
+  assert python == [
+    "python3",
+    "-m",
+    "b2t_jax.main",
+    "--config=configs/my config.py",
+    "--workdir=gs://bucket/run",
+    f"--config.data.data_dir={DATA_DIR}",
+    "--config.distributed=True",
+    "--config.mesh_shape=(4,2)",
+    "--config.train.tag=a b",
+  ]
   # Without --dry-run the script runs exactly the commands it prints (the stand-in gcloud says the VM exists).
-  ran = _launch(env, "--config=configs/my config.py", "--", "--config.mesh_shape=(4,2)", "--config.train.tag=a b",
-                dry_run=False)
+  ran = _launch(
+    env, "--config=configs/my config.py", "--", "--config.mesh_shape=(4,2)", "--config.train.tag=a b", dry_run=False
+  )
   describe, *ssh = _records(record)
   assert describe[4] == "describe" and ssh == [install, train] and len(ran) == 3
 
@@ -100,12 +119,26 @@ def test_install_payload_takes_ref_and_repo_as_data_not_shell(stand_ins, existin
   else:
     assert git == [["git", "clone", "-q", "-b", EVIL_REF, "https://example.org/b2t.git", "b2t_jax"]]
   assert calls[-1] == ["python3", "-m", "pip", "install", "-q", "-e", ".", "jax[tpu]==0.10.2"]
-  assert not list(home.rglob("pwned*")) and not list(home.parent.glob("pwned*"))   # where the payload ran
+  assert not list(home.rglob("pwned*")) and not list(home.parent.glob("pwned*"))  # where the payload ran
 
 
 def test_ref_or_repo_that_git_would_read_as_an_option_is_refused(stand_ins):
   env, _, _ = stand_ins
-  p = subprocess.run(["bash", SCRIPT, "--name=b2t", "--zone=z", "--workdir=w", "--data_dir=d", "--repo=r",
-                      "--ref=--upload-pack=touch pwned", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                     text=True)
+  p = subprocess.run(
+    [
+      "bash",
+      SCRIPT,
+      "--name=b2t",
+      "--zone=z",
+      "--workdir=w",
+      "--data_dir=d",
+      "--repo=r",
+      "--ref=--upload-pack=touch pwned",
+      "--dry-run",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
   assert p.returncode == 2 and "--ref=--upload-pack=touch pwned: must not start with '-'" in p.stderr

@@ -46,11 +46,12 @@ def _case(rng, b=4, p=12, c=6, l=5):
 
 def test_ctc_matches_numpy_forward_algorithm():
   logits, labels, input_lens, label_lens = _case(np.random.default_rng(0))
-  nll, feasible = losses.ctc_per_trial(jnp.asarray(logits), jnp.asarray(input_lens), jnp.asarray(labels),
-                                       jnp.asarray(label_lens))
+  nll, feasible = losses.ctc_per_trial(
+    jnp.asarray(logits), jnp.asarray(input_lens), jnp.asarray(labels), jnp.asarray(label_lens)
+  )
   assert np.asarray(feasible).all()
   for i in range(4):
-    want = numpy_ctc_nll(logits[i, :input_lens[i]].astype(np.float64), labels[i, :label_lens[i]].tolist())
+    want = numpy_ctc_nll(logits[i, : input_lens[i]].astype(np.float64), labels[i, : label_lens[i]].tolist())
     np.testing.assert_allclose(float(nll[i]), want, rtol=1e-5, atol=1e-4)
 
 
@@ -64,23 +65,32 @@ def test_min_ctc_frames_counts_repeats():
 def test_infeasible_trials_are_masked_counted_and_get_no_gradient():
   rng = np.random.default_rng(1)
   logits, labels, input_lens, label_lens = _case(rng)
-  input_lens[2] = 3      # 4 labels cannot fit in 3 frames
+  input_lens[2] = 3  # 4 labels cannot fit in 3 frames
   weights = np.array([1, 1, 1, 0], np.float32)  # row 3 is batch padding
 
   def loss(lg):
-    return losses.decoder_loss(lg, jnp.asarray(input_lens), jnp.asarray(labels), jnp.asarray(label_lens),
-                               jnp.asarray(weights), noisy_weight=0.2, noise_l2_weight=0.0)
+    return losses.decoder_loss(
+      lg,
+      jnp.asarray(input_lens),
+      jnp.asarray(labels),
+      jnp.asarray(label_lens),
+      jnp.asarray(weights),
+      noisy_weight=0.2,
+      noise_l2_weight=0.0,
+    )
 
   (value, aux), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(logits))
   assert int(aux["n_infeasible"]) == 1 and float(aux["n_trials"]) == 2.0
-  want = np.mean([numpy_ctc_nll(logits[i, :input_lens[i]].astype(np.float64), labels[i, :label_lens[i]].tolist())
-                  for i in (0, 1)])
+  want = np.mean(
+    [numpy_ctc_nll(logits[i, : input_lens[i]].astype(np.float64), labels[i, : label_lens[i]].tolist()) for i in (0, 1)]
+  )
   np.testing.assert_allclose(float(value), want, rtol=1e-5)
   grad = np.asarray(grad)
   assert np.all(grad[2] == 0) and np.all(grad[3] == 0) and np.abs(grad[0]).sum() > 0
-  raw, _ = losses.ctc_per_trial(jnp.asarray(logits), jnp.asarray(input_lens), jnp.asarray(labels),
-                                jnp.asarray(label_lens))
-  assert float(raw[2]) > 1e3   # what optax returns for it, and why it must be masked
+  raw, _ = losses.ctc_per_trial(
+    jnp.asarray(logits), jnp.asarray(input_lens), jnp.asarray(labels), jnp.asarray(label_lens)
+  )
+  assert float(raw[2]) > 1e3  # what optax returns for it, and why it must be masked
 
 
 def test_triple_objective_combines_terms():
@@ -91,10 +101,12 @@ def test_triple_objective_combines_terms():
   args = (jnp.asarray(input_lens), jnp.asarray(labels), jnp.asarray(label_lens), jnp.ones(4))
   clean_only, _ = losses.decoder_loss(jnp.asarray(logits), *args, noisy_weight=0.2, noise_l2_weight=0.0)
   noisy_only, _ = losses.decoder_loss(jnp.asarray(noisy), *args, noisy_weight=0.2, noise_l2_weight=0.0)
-  total, aux = losses.decoder_loss((jnp.asarray(logits), jnp.asarray(noisy), jnp.asarray(noise)), *args,
-                                   noisy_weight=0.2, noise_l2_weight=0.5)
-  np.testing.assert_allclose(float(total), float(clean_only) + 0.2 * float(noisy_only) + 0.5 * np.mean(noise ** 2),
-                             rtol=1e-6)
+  total, aux = losses.decoder_loss(
+    (jnp.asarray(logits), jnp.asarray(noisy), jnp.asarray(noise)), *args, noisy_weight=0.2, noise_l2_weight=0.5
+  )
+  np.testing.assert_allclose(
+    float(total), float(clean_only) + 0.2 * float(noisy_only) + 0.5 * np.mean(noise**2), rtol=1e-6
+  )
   np.testing.assert_allclose(float(aux["ctc_noisy"]), float(noisy_only), rtol=1e-6)
 
 
@@ -113,11 +125,17 @@ def hand_batch(config, n_features, day=(0, 1, 2, 0, 1, 2, 0, 0)):
   labels = np.zeros((8, config.data.max_label_len), np.int32)
   for i, n in enumerate(label_lens):
     labels[i, :n] = rng.integers(1, config.model.n_classes, n)
-  labels[0, 1] = labels[0, 0]   # a repeat: needs a blank between
+  labels[0, 1] = labels[0, 0]  # a repeat: needs a blank between
   features = rng.standard_normal((8, 64, n_features)).astype(np.float32)
   features *= np.arange(64)[None, :, None] < n_time_steps[:, None, None]
-  return {"features": features, "n_time_steps": n_time_steps, "labels": labels, "label_lens": label_lens,
-          "day": np.array(day, np.int32), "weight": np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)}
+  return {
+    "features": features,
+    "n_time_steps": n_time_steps,
+    "labels": labels,
+    "label_lens": label_lens,
+    "day": np.array(day, np.int32),
+    "weight": np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32),
+  }
 
 
 def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
@@ -126,10 +144,10 @@ def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
   feasible real trials; λ at step s = grl_lambda * min(s / adversarial_warmup_steps, 1), and the gradient
   (its norm) is the one of that λ."""
   c = tiny_config()
-  c.aug.white_noise_std = c.aug.constant_offset_std = 0.0   # deterministic inputs: smoothing only
+  c.aug.white_noise_std = c.aug.constant_offset_std = 0.0  # deterministic inputs: smoothing only
   c.aug.random_cut = 0
   c.model.input_dropout = c.model.rnn_dropout = 0.0
-  c.optim.warmup_steps = c.optim.day_warmup_steps = 0       # the parameters move from step 0 on
+  c.optim.warmup_steps = c.optim.day_warmup_steps = 0  # the parameters move from step 0 on
   noisy_w, l2_w, warm, grl = 0.3, 0.7, 4, 0.5
   c.loss.noisy_weight, c.loss.noise_l2_weight, c.loss.adversarial_warmup_steps = noisy_w, l2_w, warm
   c.model.grl_lambda = grl
@@ -137,17 +155,24 @@ def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
   batch = hand_batch(c, exp.n_features)
   x, _ = preprocess(None, jnp.asarray(batch["features"]), jnp.asarray(batch["n_time_steps"]), c.aug)
   patches = (batch["n_time_steps"] - c.model.patch_size) // c.model.patch_stride + 1
-  refs = [batch["labels"][i, :batch["label_lens"][i]] for i in range(8)]
+  refs = [batch["labels"][i, : batch["label_lens"][i]] for i in range(8)]
   fits = [i for i in range(8) if batch["weight"][i] > 0 and 1 <= patches[i] and frames_needed(refs[i]) <= patches[i]]
   assert fits == [0, 1, 2, 3, 4]
 
   @jax.jit
-  def reference(params, lam):   # the model's outputs and the gradient of the objective at this λ
+  def reference(params, lam):  # the model's outputs and the gradient of the objective at this λ
     def loss(p):
       outputs = exp.model.apply({"params": p}, x, jnp.asarray(batch["day"]), mode="full", grl_lambda=lam)
-      return losses.decoder_loss(outputs, jnp.asarray(patches), jnp.asarray(batch["labels"]),
-                                 jnp.asarray(batch["label_lens"]), jnp.asarray(batch["weight"]),
-                                 noisy_weight=noisy_w, noise_l2_weight=l2_w)[0], outputs
+      return losses.decoder_loss(
+        outputs,
+        jnp.asarray(patches),
+        jnp.asarray(batch["labels"]),
+        jnp.asarray(batch["label_lens"]),
+        jnp.asarray(batch["weight"]),
+        noisy_weight=noisy_w,
+        noise_l2_weight=l2_w,
+      )[0], outputs
+
     return jax.grad(loss, has_aux=True)(params)
 
   state = exp.init_state()
@@ -157,8 +182,10 @@ def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
     grads, (clean, noisy, noise) = jax.device_get(reference(state.params, jnp.float32(lam)))
     state, m = exp.train_step(state, sharded)
     m = jax.device_get(m)
-    ctc = [np.mean([numpy_ctc_nll(np.asarray(o[i, :patches[i]], np.float64), refs[i]) for i in fits])
-           for o in (clean, noisy)]
+    ctc = [
+      np.mean([numpy_ctc_nll(np.asarray(o[i, : patches[i]], np.float64), refs[i]) for i in fits])
+      for o in (clean, noisy)
+    ]
     l2 = np.mean(np.square(np.asarray(noise, np.float64)))
     assert float(m["grl_lambda"]) == pytest.approx(lam, abs=1e-7)
     np.testing.assert_allclose([m["ctc"], m["ctc_noisy"], m["noise_l2"]], [ctc[0], ctc[1], l2], rtol=1e-4)

@@ -15,8 +15,12 @@ import pytest
 from conftest import TINY_SIZES, as_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [*as_flags(TINY_SIZES), "--config.train.num_steps=3", "--config.train.eval_every=2",
-        "--config.train.log_every=1"]
+TINY = [
+  *as_flags(TINY_SIZES),
+  "--config.train.num_steps=3",
+  "--config.train.eval_every=2",
+  "--config.train.log_every=1",
+]
 
 
 def _env(devices: int):
@@ -24,8 +28,9 @@ def _env(devices: int):
 
 
 def _run(*args, cwd=ROOT):
-  p = subprocess.run([sys.executable, "-m", "b2t_jax.main", *args], cwd=cwd, env=_env(8), capture_output=True,
-                     text=True, timeout=600)
+  p = subprocess.run(
+    [sys.executable, "-m", "b2t_jax.main", *args], cwd=cwd, env=_env(8), capture_output=True, text=True, timeout=600
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   return p.stdout.strip().splitlines()
 
@@ -38,8 +43,12 @@ def _final(line: str) -> dict[str, float]:
 def test_summary_prints_parameter_counts_as_last_line(tmp_path):
   # run from another directory: the config must still find its base
   last = _run(f"--config={ROOT}/configs/tpu_v4.py", "--config.mode=summary", cwd=tmp_path)[-1]
-  assert json.loads(last) == {"noise_model": 628475392, "clean_model": 37228073, "noisy_model": 21865001,
-                              "total": 687568466}
+  assert json.loads(last) == {
+    "noise_model": 628475392,
+    "clean_model": 37228073,
+    "noisy_model": 21865001,
+    "total": 687568466,
+  }
 
 
 def test_train_then_eval_from_the_command_line(tmp_path, prepared_dir):
@@ -52,8 +61,13 @@ def test_train_then_eval_from_the_command_line(tmp_path, prepared_dir):
 
 
 def test_synthetic_data_tool(tmp_path):
-  p = subprocess.run([sys.executable, "tools/make_synthetic_data.py", f"--out={tmp_path}", "--sessions=2",
-                      "--trials_per_session=4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  p = subprocess.run(
+    [sys.executable, "tools/make_synthetic_data.py", f"--out={tmp_path}", "--sessions=2", "--trials_per_session=4"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert p.returncode == 0, p.stderr[-2000:]
   assert sorted(os.listdir(tmp_path)) == ["t15.2023.08.11", "t15.2023.08.13"]
   assert sorted(os.listdir(tmp_path / "t15.2023.08.13")) == ["data_test.hdf5", "data_train.hdf5", "data_val.hdf5"]
@@ -66,10 +80,25 @@ def _free_port() -> int:
 
 
 def _two_processes(common, port, popen):
-  return [subprocess.Popen(
-      [sys.executable, "-m", "b2t_jax.main", *common, "--config.distributed=True",
-       f"--config.coordinator_address=localhost:{port}", "--config.num_processes=2", f"--config.process_id={i}"],
-      cwd=ROOT, env=_env(4), text=True, **popen(i)) for i in range(2)]
+  return [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "b2t_jax.main",
+        *common,
+        "--config.distributed=True",
+        f"--config.coordinator_address=localhost:{port}",
+        "--config.num_processes=2",
+        f"--config.process_id={i}",
+      ],
+      cwd=ROOT,
+      env=_env(4),
+      text=True,
+      **popen(i),
+    )
+    for i in range(2)
+  ]
 
 
 @pytest.mark.slow
@@ -77,14 +106,17 @@ def test_two_processes_train_like_one(tmp_path, prepared_dir):
   """Two local processes x 4 CPU devices (a stand-in for a 2-host pod) follow one 8-device process."""
   common = ["--config=configs/demo.py", f"--config.data.data_dir={prepared_dir}", *TINY]
   single = _final(_run(*common, f"--workdir={tmp_path / 'one'}")[-1])
-  procs = _two_processes([*common, f"--workdir={tmp_path / 'two'}"], _free_port(),
-                         popen=lambda i: {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE})
+  procs = _two_processes(
+    [*common, f"--workdir={tmp_path / 'two'}"],
+    _free_port(),
+    popen=lambda i: {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE},
+  )
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert "process 1 of 2, 4 local / 8 global devices" in outs[1][1]
   finals = [[l for l in out.splitlines() if l.startswith("final ")] for out, _ in outs]
-  assert len(finals[0]) == 1 and not finals[1]         # only process 0 reports
+  assert len(finals[0]) == 1 and not finals[1]  # only process 0 reports
   two = _final(finals[0][0])
   assert two["step"] == single["step"] == 3
   assert two["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
@@ -100,7 +132,7 @@ def _documented_commands(text: str) -> list[str]:
 
 def _placeholder_free(arg: str, tmp_path) -> str:
   """`--flag=DIR`, `--flag=gs://...` and `--flag=.../x` name no real place: a temp path stands in."""
-  arg = arg.strip("[]")   # [--optional=flag]
+  arg = arg.strip("[]")  # [--optional=flag]
   flag, eq, value = arg.partition("=")
   if eq and (value == "DIR" or value.startswith("gs://") or "..." in value):
     return f"{flag}={tmp_path / flag.lstrip('-').replace('.', '_')}"
@@ -114,7 +146,7 @@ def _launch_lines():
     if name.endswith(".py") and name != "__init__.py":
       with open(os.path.join(ROOT, "configs", name)) as f:
         doc = ast.get_docstring(ast.parse(f.read())) or ""
-      launch = doc[doc.find("Launch"):] if "Launch" in doc else ""
+      launch = doc[doc.find("Launch") :] if "Launch" in doc else ""
       out += [(f"configs/{name}", cmd) for cmd in _documented_commands(launch)] or [(f"configs/{name}", "")]
   with open(os.path.join(ROOT, "README.md")) as f:
     blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
@@ -133,9 +165,10 @@ def test_documented_launch_commands_parse(where, command, tmp_path, monkeypatch,
   from absl import flags
 
   from b2t_jax import main
+
   args = [_placeholder_free(a, tmp_path) for a in shlex.split(command)[3:] if not a.startswith("--config.mode=")]
   argv = ["b2t_jax.main", *args, "--config.mode=summary"]
-  monkeypatch.chdir(ROOT)             # the commands run from the checkout's root
+  monkeypatch.chdir(ROOT)  # the commands run from the checkout's root
   monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
   fv = flags.FLAGS
   for name in [n for n in fv if n.startswith("config.")]:  # override flags of an earlier parse
@@ -156,14 +189,20 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, prepar
   """A preempted host of a pod: only process 1 gets SIGTERM; both save the same step and exit for a restart."""
   work, logs = tmp_path / "work", tmp_path / "logs"
   logs.mkdir()
-  common = ["--config=configs/demo.py", f"--config.data.data_dir={prepared_dir}", *as_flags(TINY_SIZES),
-            "--config.train.num_steps=1000", "--config.train.log_every=1", "--config.train.eval_every=5000",
-            f"--workdir={work}"]
+  common = [
+    "--config=configs/demo.py",
+    f"--config.data.data_dir={prepared_dir}",
+    *as_flags(TINY_SIZES),
+    "--config.train.num_steps=1000",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=5000",
+    f"--workdir={work}",
+  ]
   files = [(open(logs / f"{i}.out", "w"), open(logs / f"{i}.err", "w")) for i in range(2)]
   procs = _two_processes(common, _free_port(), popen=lambda i: {"stdout": files[i][0], "stderr": files[i][1]})
   try:
     deadline = time.time() + 600
-    while "step 3/1000" not in (logs / "1.err").read_text():   # compiled and training
+    while "step 3/1000" not in (logs / "1.err").read_text():  # compiled and training
       assert time.time() < deadline and all(p.poll() is None for p in procs), (logs / "1.err").read_text()[-3000:]
       time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)

@@ -73,17 +73,26 @@ def test_gradient_reversal_matches_finite_differences_with_traced_lambda():
     gx, glam = grads(x0, jnp.float32(lam))
     assert float(f(x0, lam)) == pytest.approx(float(jnp.sum(jnp.sin(x0) * jnp.arange(1.0, 4.0))))
     eps = 1e-3
-    fd = np.array([(float(f(x0.at[i].add(eps), lam)) - float(f(x0.at[i].add(-eps), lam))) / (2 * eps)
-                   for i in range(3)])
+    fd = np.array(
+      [(float(f(x0.at[i].add(eps), lam)) - float(f(x0.at[i].add(-eps), lam))) / (2 * eps) for i in range(3)]
+    )
     np.testing.assert_allclose(np.asarray(gx), -lam * fd, rtol=1e-3, atol=1e-4)
     assert float(glam) == 0.0
 
 
 def test_parameter_counts_are_exact_at_full_size():
   assert parameter_counts(gru_baseline.get_config()) == {
-      "frontend": 11_819_520, "gru": 32_464_128, "out": 31_529, "total": 44_315_177}
+    "frontend": 11_819_520,
+    "gru": 32_464_128,
+    "out": 31_529,
+    "total": 44_315_177,
+  }
   assert parameter_counts(tpu_v4.get_config()) == {
-      "noise_model": 628_475_392, "clean_model": 37_228_073, "noisy_model": 21_865_001, "total": 687_568_466}
+    "noise_model": 628_475_392,
+    "clean_model": 37_228_073,
+    "noisy_model": 21_865_001,
+    "total": 687_568_466,
+  }
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -97,8 +106,9 @@ def test_triple_modes_shapes_and_dtypes(tiny, dtype):
   p = n_patches(40, 14, 4)
   logits = model.apply({"params": params}, x, day, mode="inference")
   assert logits.shape == (2, p, 41) and logits.dtype == jnp.float32
-  clean, noisy, noise = model.apply({"params": params}, x, day, mode="full", train=True, grl_lambda=0.3,
-                                    rngs={"dropout": jax.random.PRNGKey(1)})
+  clean, noisy, noise = model.apply(
+    {"params": params}, x, day, mode="full", train=True, grl_lambda=0.3, rngs={"dropout": jax.random.PRNGKey(1)}
+  )
   assert clean.shape == noisy.shape == (2, p, 41) and clean.dtype == noisy.dtype == jnp.float32
   assert noise.shape == (2, p, 14 * 8) and noise.dtype == jnp.dtype(dtype)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(params))
@@ -144,14 +154,14 @@ def test_triple_noise_gets_reversed_gradient_from_noisy_branch(tiny):
   jax.tree.map(np.testing.assert_array_equal, *g_noisy)
   g_clean = [grad(params, jnp.float32(lam), clean_only) for lam in (0.5, 2.0)]
   jax.tree.map(np.testing.assert_array_equal, *g_clean)
-  assert float(jnp.abs(g_clean[0]["noise_model"]["gru"]["h0"]).sum()) > 0   # the clean branch reaches the noise model
+  assert float(jnp.abs(g_clean[0]["noise_model"]["gru"]["h0"]).sum()) > 0  # the clean branch reaches the noise model
 
 
 @pytest.mark.parametrize("kind", ["gru", "triple"])
 def test_every_parameter_declares_one_logical_axis_name_per_dimension(kind):
   """Shardings come from the logical names (config.logical_axis_rules), so no parameter may go unannotated."""
   tiny = tiny_config()
-  tiny.model.kind, tiny.model.patch_features = kind, 3   # the projection too
+  tiny.model.kind, tiny.model.patch_features = kind, 3  # the projection too
   model = create_model(tiny)
   x = jnp.zeros((1, 32, tiny.data.n_features // tiny.data.feature_pool))
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32)))["params"]
@@ -162,7 +172,7 @@ def test_every_parameter_declares_one_logical_axis_name_per_dimension(kind):
     where = jax.tree_util.keystr(path)
     assert isinstance(leaf, nn.LogicallyPartitioned), where
     assert len(leaf.names) == leaf.value.ndim, where
-    assert set(leaf.names) - {None} <= ruled, where   # every name is mapped by the rules
+    assert set(leaf.names) - {None} <= ruled, where  # every name is mapped by the rules
   day = [leaf for path, leaf in leaves if "day_weights" in jax.tree_util.keystr(path)]
   assert day and all(leaf.names[0] == "days" for leaf in day)
 
@@ -172,7 +182,7 @@ def test_model_hparams_are_typed_frozen_and_complete():
   hp = model_hparams(tiny)
   assert isinstance(hp, ModelHParams) and hp.n_days == len(tiny.data.sessions)
   assert hp.n_input_features == tiny.data.n_features // tiny.data.feature_pool and hp.hidden == tiny.model.hidden
-  hash(hp)   # modules hold it as an attribute
+  hash(hp)  # modules hold it as an attribute
   with pytest.raises(dataclasses.FrozenInstanceError):
     hp.hidden = 1
   tiny.model.not_a_knob = 1

@@ -23,9 +23,11 @@ def _cfg(**kw):
 def _params():
   rng = np.random.default_rng(0)
   r = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-  return {"frontend": {"day_weights": r(3, 2, 2), "day_biases": r(3, 2)},
-          "gru": {"h0": r(4), "layer_0": {"w_ih": r(2, 12), "b_ih": r(12), "cell": {"w_hh": r(4, 12), "b_hh": r(12)}}},
-          "out": {"kernel": r(4, 5), "bias": r(5)}}
+  return {
+    "frontend": {"day_weights": r(3, 2, 2), "day_biases": r(3, 2)},
+    "gru": {"h0": r(4), "layer_0": {"w_ih": r(2, 12), "b_ih": r(12), "cell": {"w_hh": r(4, 12), "b_hh": r(12)}}},
+    "out": {"kernel": r(4, 5), "bias": r(5)},
+  }
 
 
 class TorchAdamW:
@@ -42,7 +44,7 @@ class TorchAdamW:
     self.p *= 1 - self.lr * self.wd
     self.m = self.b1 * self.m + (1 - self.b1) * g
     self.v = self.b2 * self.v + (1 - self.b2) * g * g
-    mhat, vhat = self.m / (1 - self.b1 ** self.t), self.v / (1 - self.b2 ** self.t)
+    mhat, vhat = self.m / (1 - self.b1**self.t), self.v / (1 - self.b2**self.t)
     self.p -= self.lr * mhat / (np.sqrt(vhat) + self.eps)
 
 
@@ -75,8 +77,8 @@ def test_matches_torch_adamw_with_absent_days():
     grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
     # absent days have zero gradient, as the gather's transpose produces
     grads = jax.tree_util.tree_map_with_path(
-        lambda k, g: g * present.reshape((-1,) + (1,) * (g.ndim - 1)) if "day_" in jax.tree_util.keystr(k) else g,
-        grads)
+      lambda k, g: g * present.reshape((-1,) + (1,) * (g.ndim - 1)) if "day_" in jax.tree_util.keystr(k) else g, grads
+    )
     updates, state = tx.update(grads, state, params, day_present=jnp.asarray(present))
     params = optax.apply_updates(params, updates)
     for n, (_, g) in zip(names, jax.tree_util.tree_flatten_with_path(grads)[0]):
@@ -119,7 +121,7 @@ def test_global_norm_clipping_covers_both_groups():
   params = _params()
   grads = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), params)
   _, state = tx.update(grads, tx.init(params), params, day_present=jnp.ones(3, bool))
-  scale = 1.0 / float(optax.tree.norm(grads))     # one norm over day layers and the rest together
+  scale = 1.0 / float(optax.tree.norm(grads))  # one norm over day layers and the rest together
   inner = state[1].inner_states
   main_mu = inner["main"].inner_state[0].mu
   day_mu = inner["day"].inner_state[0].mu

@@ -27,7 +27,7 @@ def test_projection_narrows_patches_and_costs_exactly_its_dense(kind):
   x, day = jnp.zeros((2, 30, 512)), jnp.zeros((2,), jnp.int32)
   params = nn.unbox(create_model(on).init(jax.random.PRNGKey(0), x, day)["params"])
   front = params["frontend"] if kind == "gru" else params["noise_model"]["frontend"]
-  assert front["proj"]["kernel"].shape == (512, f)     # every one of the 512 columns feeds it
+  assert front["proj"]["kernel"].shape == (512, f)  # every one of the 512 columns feeds it
   out = create_model(on).apply({"params": params}, x, day, mode="full" if kind == "triple" else "inference")
   if kind == "triple":
     clean, noisy, noise = out
@@ -37,12 +37,12 @@ def test_projection_narrows_patches_and_costs_exactly_its_dense(kind):
   # The GRUs that read patches shrink from 14 * 512 to 14 * f inputs; the front end gains the Dense.
   n_off, n_on = parameter_counts(off)["total"], parameter_counts(on)["total"]
   fronts = 1 if kind == "gru" else 2
-  gru_in = 3 * 8 * 14 * (512 - f)                          # first GRU layer's input kernel, clean (or baseline)
+  gru_in = 3 * 8 * 14 * (512 - f)  # first GRU layer's input kernel, clean (or baseline)
   if kind == "triple":
-    gru_in += 3 * 8 * 14 * (512 - f)                       # the noisy decoder reads the noise, as wide as a patch
-    w_off, w_on = 14 * 512, 14 * f                         # noise GRU: 2 layers, width = patch width
+    gru_in += 3 * 8 * 14 * (512 - f)  # the noisy decoder reads the noise, as wide as a patch
+    w_off, w_on = 14 * 512, 14 * f  # noise GRU: 2 layers, width = patch width
     gru_in += 2 * (3 * w_off * w_off * 2 + 3 * w_off * 2 + w_off) - 2 * (3 * w_on * w_on * 2 + 3 * w_on * 2 + w_on)
-    gru_in -= w_off - w_on                                 # h0 counted once per stack, not per layer
+    gru_in -= w_off - w_on  # h0 counted once per stack, not per layer
   assert n_off - n_on == gru_in - fronts * (512 * f + f)
 
 

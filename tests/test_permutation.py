@@ -25,15 +25,15 @@ from configs import demo
 N_SESSIONS = 4
 STEPS = 250
 # Tolerances. Chance (emitting nothing) is PER 1.0; a model stuck at blanks and frequent tokens stays > 0.9.
-LEARNED_PER = 0.75          # each run must get at least this far below chance
-SAME_PER = 0.1              # |PER(plain) - PER(shuffled)|: training noise of two equivalent runs
+LEARNED_PER = 0.75  # each run must get at least this far below chance
+SAME_PER = 0.1  # |PER(plain) - PER(shuffled)|: training noise of two equivalent runs
 
 
 def _config():
   c = demo.get_config()
   c.data.sessions = T15_SESSIONS[:N_SESSIONS]
-  assert c.data.feature_pool == 1 and c.model.patch_features > 0   # every one of the 512 columns is read
-  c.model.kind, c.model.hidden, c.model.n_layers = "gru", 128, 2   # the demo width: cheap beside the day layer
+  assert c.data.feature_pool == 1 and c.model.patch_features > 0  # every one of the 512 columns is read
+  c.model.kind, c.model.hidden, c.model.n_layers = "gru", 128, 2  # the demo width: cheap beside the day layer
   c.data.batch_size, c.data.days_per_batch = 16, 2
   c.optim.warmup_steps = c.optim.day_warmup_steps = 20
   c.optim.decay_steps = STEPS
@@ -56,7 +56,7 @@ def _val_per(root: str, workdir: str) -> float:
     out = sharding.to_host(exp.eval_step(state.params, sharding.shard_batch(b, exp.mesh)))
     for r in range(len(idx)):
       hyp = metrics.greedy_decode(out["pred"][r], int(out["input_lens"][r]))
-      per.add(int(b["day"][r]), hyp, b["labels"][r, :b["label_lens"][r]].tolist())
+      per.add(int(b["day"][r]), hyp, b["labels"][r, : b["label_lens"][r]].tolist())
   return per.rate()
 
 
@@ -71,9 +71,11 @@ def test_model_learns_shuffled_columns_as_well_as_plain(tmp_path):
   shuffled = make_synthetic_dataset(str(tmp_path / "shuffled"), T15_SESSIONS, permute_columns=3, **kw)
   perm = column_permutation(3)
   assert (perm != np.arange(512)).mean() > 0.99
-  trial = (T15_SESSIONS[1], "data_val.hdf5", "trial_0002")   # same trials, columns reordered, nothing else
+  trial = (T15_SESSIONS[1], "data_val.hdf5", "trial_0002")  # same trials, columns reordered, nothing else
   np.testing.assert_array_equal(_features(shuffled, *trial), _features(plain, *trial)[:, perm])
-  per = {name: _val_per(root, str(tmp_path / f"{name}_work")) for name, root in (("plain", plain), ("shuffled", shuffled))}
+  per = {
+    name: _val_per(root, str(tmp_path / f"{name}_work")) for name, root in (("plain", plain), ("shuffled", shuffled))
+  }
   print(per)
   assert per["plain"] < LEARNED_PER and per["shuffled"] < LEARNED_PER, per
   assert abs(per["plain"] - per["shuffled"]) < SAME_PER, per

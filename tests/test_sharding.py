@@ -21,19 +21,21 @@ def test_noise_gru_kernels_are_split_over_model_axis(tiny):
   assert layer["w_ih"].spec == P(None, None, "model") and layer["cell"]["w_hh"].spec == P(None, None, "model")
   assert ps["noise_model"]["gru"]["h0"].spec == P("model")
   assert ps["clean_model"]["gru"]["layer_0"]["cell"]["w_hh"].spec == P(None, None, None)
-  assert ps["clean_model"]["frontend"]["day_weights"].spec == P(None, None, None)   # named (days, ...), replicated
+  assert ps["clean_model"]["frontend"]["day_weights"].spec == P(None, None, None)  # named (days, ...), replicated
   state = exp.init_state()
   w_hh = state.params["noise_model"]["gru"]["layer_1"]["cell"]["w_hh"]
-  assert w_hh.addressable_shards[0].data.shape == (112, 3, 56)        # half of the hidden axis per device
-  adamw = state.opt_state.inner_state[1].inner_states["main"].inner_state[0]   # inside apply_if_finite, the clip
+  assert w_hh.addressable_shards[0].data.shape == (112, 3, 56)  # half of the hidden axis per device
+  adamw = state.opt_state.inner_state[1].inner_states["main"].inner_state[0]  # inside apply_if_finite, the clip
   mu = adamw.mu["noise_model"]["gru"]["layer_1"]["cell"]["w_hh"]
-  assert mu.sharding.spec == P(None, None, "model")                     # Adam moments follow their params
+  assert mu.sharding.spec == P(None, None, "model")  # Adam moments follow their params
 
 
 def test_same_losses_on_every_mesh_shape(tiny):
   batches = _batches(tiny, 3)
-  results = {shape: _losses(experiment.Experiment(tiny, mesh=create_mesh(shape)), batches)[0]
-             for shape in [(8, 1), (4, 2), (1, 8)]}
+  results = {
+    shape: _losses(experiment.Experiment(tiny, mesh=create_mesh(shape)), batches)[0]
+    for shape in [(8, 1), (4, 2), (1, 8)]
+  }
   # fp32 round-off from different reduction orders only
   np.testing.assert_allclose(results[(4, 2)], results[(8, 1)], rtol=2e-5)
   np.testing.assert_allclose(results[(1, 8)], results[(8, 1)], rtol=2e-5)
@@ -47,12 +49,12 @@ def test_bf16_steps_match_fp32_and_keep_fp32_state(tiny):
   f32, d32, _ = _updates(experiment.Experiment(tiny), batches)
   tiny.model.dtype = "bfloat16"
   b16, d16, state = _updates(experiment.Experiment(tiny), batches)
-  np.testing.assert_allclose(b16, f32, rtol=2e-2)     # bf16 has 8 mantissa bits; CTC sums ~50 frame terms
+  np.testing.assert_allclose(b16, f32, rtol=2e-2)  # bf16 has 8 mantissa bits; CTC sums ~50 frame terms
   # Per leaf, |update_bf16 - update_fp32| / |update_fp32| (L2 norms): bf16 rounds each matmul operand by up to
   # 2^-9 = 0.2% and Adam passes such relative errors through to the update (measured: at most 0.6%); a gradient
   # term lost or mis-scaled in the bf16 path moves a leaf's update by tens of percent.
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(d32)[0], jax.tree.leaves(d16)):
-    assert np.linalg.norm(a) > 1e-3, jax.tree_util.keystr(path)     # the leaf moved
+    assert np.linalg.norm(a) > 1e-3, jax.tree_util.keystr(path)  # the leaf moved
     assert np.linalg.norm(b - a) <= 2e-2 * np.linalg.norm(a), jax.tree_util.keystr(path)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   assert all(x.dtype != jnp.bfloat16 for x in jax.tree.leaves(state.opt_state))
@@ -63,7 +65,7 @@ def _eqns(jaxpr):
   for e in jaxpr.eqns:
     yield e
     for p in e.params.values():
-      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+      for sub in p if isinstance(p, (list, tuple)) else [p]:
         inner = getattr(sub, "jaxpr", sub)
         if hasattr(inner, "eqns"):
           yield from _eqns(inner)
@@ -78,8 +80,12 @@ def test_bf16_forward_keeps_the_gru_carry_fp32():
   day = jnp.zeros((2,), jnp.int32)
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), x, day)["params"]))
   jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, day, mode="full", grl_lambda=0.5))(params)
-  carries = [v.aval for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "scan"
-             for v in e.invars[e.params["num_consts"]:e.params["num_consts"] + e.params["num_carry"]]]
+  carries = [
+    v.aval
+    for e in _eqns(jaxpr.jaxpr)
+    if e.primitive.name == "scan"
+    for v in e.invars[e.params["num_consts"] : e.params["num_consts"] + e.params["num_carry"]]
+  ]
   hidden = {tiny.model.hidden, tiny.model.patch_size * x.shape[-1]}
   states = [a for a in carries if a.ndim == 2 and a.shape[0] == 2 and a.shape[1] in hidden]
   n_layers = tiny.model.noise_layers + tiny.model.clean_layers + tiny.model.noisy_layers
@@ -105,13 +111,23 @@ def test_bf16_train_step_has_no_fp64_and_no_upcast_matmuls(tiny):
   assert not mixed, f"matmuls with an up-cast operand: {mixed}"
   bf16 = [d for d in dots if d[0] == "bfloat16"]
   f32 = [d for d in dots if d[0] == "float32"]
-  assert len(bf16) >= 40           # day layers, GRU projections and recurrences, heads: forward and backward
+  assert len(bf16) >= 40  # day layers, GRU projections and recurrences, heads: forward and backward
   # the fp32 ones are CTC's (policy: log-softmax/CTC in fp32): as many as in the loss alone
   b, p, c = 8, 61, tiny.model.n_classes
   outputs = (jnp.zeros((b, p, c)), jnp.zeros((b, p, c)), jnp.zeros((b, p, 112)))
-  loss_only = jax.make_jaxpr(jax.grad(lambda o: losses.decoder_loss(
-      o, jnp.full((b,), p), jnp.ones((b, 64), jnp.int32), jnp.full((b,), 5), jnp.ones(b), noisy_weight=0.2,
-      noise_l2_weight=0.0)[0]))(outputs)
+  loss_only = jax.make_jaxpr(
+    jax.grad(
+      lambda o: losses.decoder_loss(
+        o,
+        jnp.full((b,), p),
+        jnp.ones((b, 64), jnp.int32),
+        jnp.full((b,), 5),
+        jnp.ones(b),
+        noisy_weight=0.2,
+        noise_l2_weight=0.0,
+      )[0]
+    )
+  )(outputs)
   ctc_dots = _dot_dtypes(loss_only.jaxpr, [])
   assert len(f32) == len(ctc_dots) and all(d[0] == "float32" for d in ctc_dots)
 
@@ -120,6 +136,7 @@ def test_state_shardings_follow_each_parameters_logical_axes():
   """The optimizer state is initialised from boxed params, so each Adam moment carries its parameter's axis names
   and gets the parameter's sharding; unboxing gives the same tree (and group labels) as initialising unboxed."""
   from b2t_jax import optim
+
   exp = experiment.Experiment(tiny_config(""), mesh=create_mesh((4, 2)))
   boxed = jax.eval_shape(exp._create_boxed_state)
   unboxed = nn.unbox(boxed)
@@ -135,7 +152,7 @@ def test_state_shardings_follow_each_parameters_logical_axes():
       for path, s in jax.tree_util.tree_leaves_with_path(moments):
         assert s == by_path[jax.tree_util.keystr(path)], jax.tree_util.keystr(path)
         checked += 1
-  assert checked == 2 * len(by_path)     # every parameter has both moments, in its own group
+  assert checked == 2 * len(by_path)  # every parameter has both moments, in its own group
   assert any(s.spec == P(None, None, "model") for s in by_path.values())
   # the per-day step counts are small and replicated
   assert all(s.spec == P() for s in jax.tree.leaves(groups["day"].inner_state[0].count))

@@ -38,6 +38,7 @@ def _model_and_params(kind: str, seed: int = 0, patch_features: int = 0):
   def perturb(path, a):
     name = jax.tree_util.keystr(path)
     return a + 0.1 * rng.normal(size=a.shape).astype(a.dtype) if "day_" in name else a
+
   return c, model, jax.tree_util.tree_map_with_path(perturb, params)
 
 
@@ -52,13 +53,13 @@ def _offline(c, model, params, raw, day, pad_to):
   x = raw.reshape(raw.shape[0], -1, c.data.feature_pool).mean(-1)
   x = np.pad(x, ((0, pad_to - x.shape[0]), (0, 0)))[None]
   logits = _forward(model, ml_collections.FrozenConfigDict(c.aug), params, jnp.asarray(x), jnp.asarray([day]))
-  return np.asarray(logits[0, :max(int(n_patches(raw.shape[0], c.model.patch_size, c.model.patch_stride)), 0)])
+  return np.asarray(logits[0, : max(int(n_patches(raw.shape[0], c.model.patch_size, c.model.patch_stride)), 0)])
 
 
 def _stream(decoder, raw, sizes):
   rows, start = [], 0
   for n in sizes:
-    rows.append(decoder.feed(raw[start:start + n]))
+    rows.append(decoder.feed(raw[start : start + n]))
     start += n
   rows.append(decoder.feed(raw[start:]))
   rows.append(decoder.finish())
@@ -88,8 +89,9 @@ def test_streaming_larger_chunks_and_short_trial():
   c, model, params = _model_and_params("gru", seed=3)
   raw = np.random.default_rng(2).normal(size=(90, c.data.n_features)).astype(np.float32)
   decoder = StreamingDecoder(c, params, day=0, chunk_bins=12)
-  np.testing.assert_allclose(_stream(decoder, raw, [12] * 7), _offline(c, model, params, raw, 0, 128),
-                             atol=ATOL, rtol=0)
+  np.testing.assert_allclose(
+    _stream(decoder, raw, [12] * 7), _offline(c, model, params, raw, 0, 128), atol=ATOL, rtol=0
+  )
   assert decoder.feed(raw[:13]).shape == (0, c.model.n_classes)  # shorter than one patch: nothing, ever
   assert decoder.finish().shape == (0, c.model.n_classes)
 
@@ -98,7 +100,7 @@ def test_rows_arrive_as_soon_as_their_bins_do():
   c, _, params = _model_and_params("gru")
   decoder = StreamingDecoder(c, params, day=0)
   raw = np.ones((200, c.data.n_features), np.float32)
-  counts = [decoder.feed(raw[i:i + 4]).shape[0] for i in range(0, 200, 4)]
+  counts = [decoder.feed(raw[i : i + 4]).shape[0] for i in range(0, 200, 4)]
   # patch p needs raw bin 4p + 13 plus the 4-bin smoothing lag: the first row comes with bins 16..19
   assert counts[:5] == [0, 0, 0, 0, 1] and set(counts[4:]) == {1}
 
@@ -116,8 +118,20 @@ def test_bad_geometry_and_inputs_are_named():
 
 def test_benchmark_tool_runs():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  p = subprocess.run([sys.executable, "tools/benchmark_streaming.py", "--chunks=5", "--warmup=5",
-                      "--config.data.feature_pool=64", "--config.model.hidden=16", "--config.model.n_layers=1"],
-                     cwd=root, capture_output=True, text=True, timeout=300)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "tools/benchmark_streaming.py",
+      "--chunks=5",
+      "--warmup=5",
+      "--config.data.feature_pool=64",
+      "--config.model.hidden=16",
+      "--config.model.n_layers=1",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert "5 timed chunks, 6 logit rows emitted" in p.stdout and "per-chunk latency: median" in p.stdout

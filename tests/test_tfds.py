@@ -39,8 +39,8 @@ def test_round_trip_hdf5_to_tfds_to_batch_is_bit_exact(prepared_dir, synthetic_d
     with h5py.File(os.path.join(synthetic_dir, t.session, "data_train.hdf5")) as f:
       g = f[f"trial_{t.index_in_file:04d}"]
       raw = g["input_features"][()]
-      assert batch["features"][r, :len(raw)].tobytes() == raw.tobytes()           # the file's bytes
-      assert not batch["features"][r, len(raw):].any()
+      assert batch["features"][r, : len(raw)].tobytes() == raw.tobytes()  # the file's bytes
+      assert not batch["features"][r, len(raw) :].any()
       n = g.attrs["seq_len"]
       np.testing.assert_array_equal(batch["labels"][r, :n], g["seq_class_ids"][:n])
       assert batch["label_lens"][r] == n and batch["n_time_steps"][r] == len(raw)
@@ -54,7 +54,7 @@ def test_round_trip_hdf5_to_tfds_to_batch_is_bit_exact(prepared_dir, synthetic_d
 def test_batches_are_a_pure_function_of_step_across_a_restart(prepared_dir):
   split, c = _open(prepared_dir, feature_pool=64)
   straight = [b for _, b in batching.Prefetcher(lambda k: pipeline.train_host_batch(split, c, k), range(0, 6), 2)]
-  reopened, _ = _open(prepared_dir, feature_pool=64)                    # a new process after a restart
+  reopened, _ = _open(prepared_dir, feature_pool=64)  # a new process after a restart
   with batching.Prefetcher(lambda k: pipeline.train_host_batch(reopened, c, k), range(3, 6), 2) as it:
     resumed = list(it)
   assert [k for k, _ in resumed] == [3, 4, 5]
@@ -73,7 +73,7 @@ def test_two_hosts_read_disjoint_rows_whose_union_is_the_global_batch(prepared_d
     read.clear()
     whole = pipeline.train_host_batch(split, c, step, process_index=0, process_count=1)
     parts = [pipeline.train_host_batch(split, c, step, process_index=p, process_count=2) for p in range(2)]
-    assert len(read[1]) == len(read[2]) == 4          # each host decodes only its own 4 of the 8 rows
+    assert len(read[1]) == len(read[2]) == 4  # each host decodes only its own 4 of the 8 rows
     assert parts[0]["features"].shape == parts[1]["features"].shape  # one bucket for the global batch
     for key in whole:
       np.testing.assert_array_equal(np.concatenate([parts[0][key], parts[1][key]]), whole[key])
@@ -99,7 +99,7 @@ def test_prefetcher_runs_ahead_boundedly_in_order_and_reraises():
   produced = []
 
   def slow(k):
-    time.sleep(0.01 * (k % 3))          # out-of-order completion across workers
+    time.sleep(0.01 * (k % 3))  # out-of-order completion across workers
     produced.append(k)
     return k * 10
 
@@ -107,7 +107,7 @@ def test_prefetcher_runs_ahead_boundedly_in_order_and_reraises():
     gen = iter(it)
     first = next(gen)
     time.sleep(0.3)
-    assert first == (0, 0) and len(produced) <= 1 + 3               # bounded: the one in hand plus depth
+    assert first == (0, 0) and len(produced) <= 1 + 3  # bounded: the one in hand plus depth
     assert [next(gen) for _ in range(5)] == [(k, 10 * k) for k in range(1, 6)]
   assert not any(t.name.startswith("b2t-prefetch") and t.is_alive() for t in threading.enumerate())
 
@@ -130,8 +130,8 @@ def test_hdf5_data_dir_is_prepared_once_into_a_content_keyed_cache(tmp_path, syn
   real = tfds_b2t.prepare
   monkeypatch.setattr(tfds_b2t, "prepare", lambda *a, **k: calls.append(a) or real(*a, **k))
   first = prepare.resolve_dataset(c, str(tmp_path / "work"))
-  assert prepare.resolve_dataset(c, str(tmp_path / "work2")) == first and len(calls) == 1   # reused
-  with h5py.File(tree / T15_SESSIONS[1] / "data_train.hdf5", "r+") as f:   # the tree changes
+  assert prepare.resolve_dataset(c, str(tmp_path / "work2")) == first and len(calls) == 1  # reused
+  with h5py.File(tree / T15_SESSIONS[1] / "data_train.hdf5", "r+") as f:  # the tree changes
     f["trial_0000"].attrs["block_num"] = 7
   second = prepare.resolve_dataset(c, str(tmp_path / "work"))
   assert second != first and len(calls) == 2
@@ -139,6 +139,7 @@ def test_hdf5_data_dir_is_prepared_once_into_a_content_keyed_cache(tmp_path, syn
 
 
 # ---- bad input: each raises a DataError naming file/trial/field, or is skipped and counted ----
+
 
 def _tree(tmp_path, synthetic_dir):
   root = tmp_path / "tree"
@@ -155,6 +156,7 @@ def _replace(name, key, value):
   def fn(f):
     del f[name][key]
     f[name].create_dataset(key, data=value)
+
   return fn
 
 
@@ -172,37 +174,90 @@ def _corrupt_chunk(path, name):
 
 S1 = T15_SESSIONS[1]
 BAD_INPUTS = [
-    # (what, corrupt(root), error regex, reason, skipped count)
-    ("truncated file", lambda r: open(r / S1 / "data_train.hdf5", "r+b").truncate(2000),
-     r"data_train.hdf5: cannot be opened as HDF5.*truncated", "unreadable_file", 1),
-    ("missing key", lambda r: _set(r / S1 / "data_train.hdf5", lambda f: f["trial_0002"].__delitem__("seq_class_ids")),
-     r"data_train.hdf5: trial_0002: field 'seq_class_ids': missing dataset", "missing_field", 1),
-    ("label id 41", lambda r: _set(r / S1 / "data_train.hdf5", lambda f: f["trial_0003"]["seq_class_ids"].__setitem__(0, 41)),
-     r"trial_0003: field 'seq_class_ids': ids must lie in 1..40", "label_out_of_range", 1),
-    ("label id 0", lambda r: _set(r / S1 / "data_val.hdf5", lambda f: f["trial_0001"]["seq_class_ids"].__setitem__(0, 0)),
-     r"data_val.hdf5: trial_0001: field 'seq_class_ids'", "label_out_of_range", 1),
-    ("NaN and Inf", lambda r: _set(r / S1 / "data_train.hdf5", lambda f: (
+  # (what, corrupt(root), error regex, reason, skipped count)
+  (
+    "truncated file",
+    lambda r: open(r / S1 / "data_train.hdf5", "r+b").truncate(2000),
+    r"data_train.hdf5: cannot be opened as HDF5.*truncated",
+    "unreadable_file",
+    1,
+  ),
+  (
+    "missing key",
+    lambda r: _set(r / S1 / "data_train.hdf5", lambda f: f["trial_0002"].__delitem__("seq_class_ids")),
+    r"data_train.hdf5: trial_0002: field 'seq_class_ids': missing dataset",
+    "missing_field",
+    1,
+  ),
+  (
+    "label id 41",
+    lambda r: _set(r / S1 / "data_train.hdf5", lambda f: f["trial_0003"]["seq_class_ids"].__setitem__(0, 41)),
+    r"trial_0003: field 'seq_class_ids': ids must lie in 1..40",
+    "label_out_of_range",
+    1,
+  ),
+  (
+    "label id 0",
+    lambda r: _set(r / S1 / "data_val.hdf5", lambda f: f["trial_0001"]["seq_class_ids"].__setitem__(0, 0)),
+    r"data_val.hdf5: trial_0001: field 'seq_class_ids'",
+    "label_out_of_range",
+    1,
+  ),
+  (
+    "NaN and Inf",
+    lambda r: _set(
+      r / S1 / "data_train.hdf5",
+      lambda f: (
         f["trial_0004"]["input_features"].__setitem__((3, 7), np.nan),
-        f["trial_0005"]["input_features"].__setitem__((0, 0), np.inf))),
-     r"trial_0004: field 'input_features': 1 non-finite", "non_finite", 2),
-    ("zero-length trial", lambda r: _set(r / S1 / "data_train.hdf5", lambda f: (
+        f["trial_0005"]["input_features"].__setitem__((0, 0), np.inf),
+      ),
+    ),
+    r"trial_0004: field 'input_features': 1 non-finite",
+    "non_finite",
+    2,
+  ),
+  (
+    "zero-length trial",
+    lambda r: _set(
+      r / S1 / "data_train.hdf5",
+      lambda f: (
         _replace("trial_0006", "input_features", np.zeros((0, 512), np.float32))(f),
-        f["trial_0006"].attrs.__setitem__("n_time_steps", 0))),
-     r"trial_0006: field 'input_features': zero-length trial", "zero_length", 1),
-    ("session not in the list", lambda r: shutil.copytree(r / S1, r / "t15.2031.01.01"),
-     r"\['t15.2031.01.01'\] are not in config.data.sessions", "session_not_in_config", 16),
-    ("corrupt compressed chunk", lambda r: _corrupt_chunk(r / S1 / "data_train.hdf5", "trial_0002"),
-     r"data_train.hdf5: trial_0002: field 'input_features': cannot be read \(.*\); the file is damaged",
-     "unreadable_trial", 1),
-    ("session folder without its train file", lambda r: os.remove(r / S1 / "data_train.hdf5"),
-     rf"session folder\(s\) \['{S1}'\] have no data_train.hdf5", "missing_train_file", 1),
+        f["trial_0006"].attrs.__setitem__("n_time_steps", 0),
+      ),
+    ),
+    r"trial_0006: field 'input_features': zero-length trial",
+    "zero_length",
+    1,
+  ),
+  (
+    "session not in the list",
+    lambda r: shutil.copytree(r / S1, r / "t15.2031.01.01"),
+    r"\['t15.2031.01.01'\] are not in config.data.sessions",
+    "session_not_in_config",
+    16,
+  ),
+  (
+    "corrupt compressed chunk",
+    lambda r: _corrupt_chunk(r / S1 / "data_train.hdf5", "trial_0002"),
+    r"data_train.hdf5: trial_0002: field 'input_features': cannot be read \(.*\); the file is damaged",
+    "unreadable_trial",
+    1,
+  ),
+  (
+    "session folder without its train file",
+    lambda r: os.remove(r / S1 / "data_train.hdf5"),
+    rf"session folder\(s\) \['{S1}'\] have no data_train.hdf5",
+    "missing_train_file",
+    1,
+  ),
 ]
 LOST_TRIALS = {"unreadable_file": 16, "session_not_in_config": 0, "missing_train_file": 16}  # else `count`
 
 
 @pytest.mark.parametrize("what, corrupt, message, reason, count", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_stops_with_a_named_error_or_is_skipped_and_counted(tmp_path, synthetic_dir, what, corrupt,
-                                                                      message, reason, count):
+def test_bad_input_stops_with_a_named_error_or_is_skipped_and_counted(
+  tmp_path, synthetic_dir, what, corrupt, message, reason, count
+):
   root = _tree(tmp_path, synthetic_dir)
   corrupt(root)
   with pytest.raises(DataError, match=message) as e:
@@ -225,11 +280,11 @@ def test_skips_file_is_replaced_whole_or_left_as_it_was(prepared_dir, tmp_path):
   train, _ = _open(prepared_dir, "train")
   val, _ = _open(prepared_dir, "val", train=False)
   path = tmp_path / pipeline.SKIPS_FILE
-  pipeline.write_skips(str(tmp_path), [val])                               # a previous run's file
+  pipeline.write_skips(str(tmp_path), [val])  # a previous run's file
   before = path.read_text()
   # The disk fills up mid-write: RLIMIT_FSIZE makes any write past the limit fail (EFBIG) after a partial write.
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-  on_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                # report EFBIG instead of killing us
+  on_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # report EFBIG instead of killing us
   resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
   try:
     with pytest.raises(OSError):
@@ -237,8 +292,8 @@ def test_skips_file_is_replaced_whole_or_left_as_it_was(prepared_dir, tmp_path):
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, on_xfsz)
-  assert path.read_text() == before and os.listdir(tmp_path) == [pipeline.SKIPS_FILE]   # whole, no temp left
-  path.write_text(before[:len(before) // 2])                             # torn by an older version: start afresh
+  assert path.read_text() == before and os.listdir(tmp_path) == [pipeline.SKIPS_FILE]  # whole, no temp left
+  path.write_text(before[: len(before) // 2])  # torn by an older version: start afresh
   pipeline.write_skips(str(tmp_path), [train, val])
   assert sorted(json.loads(path.read_text())) == ["train", "val"]
 
@@ -248,8 +303,11 @@ def test_trials_too_short_for_their_labels_after_patching(prepared_dir, tmp_path
   c = tiny_config(prepared_dir)
   c.model.patch_stride = 5
   ds = prepare.find_dataset_dir(prepared_dir)
-  with pytest.raises(DataError, match=r"t15\.2023\.08\.\d\d trial_\d{4} \(train record \d+\): \d+ bins give \d+ "
-                                      r"CTC frames after patching \(size 14, stride 5\), but its \d+ labels need \d+ .*on_bad_trial='skip'"):
+  with pytest.raises(
+    DataError,
+    match=r"t15\.2023\.08\.\d\d trial_\d{4} \(train record \d+\): \d+ bins give \d+ "
+    r"CTC frames after patching \(size 14, stride 5\), but its \d+ labels need \d+ .*on_bad_trial='skip'",
+  ):
     pipeline.open_split(ds, c, "train", train=True)
   c.data.on_bad_trial = "skip"
   split = pipeline.open_split(ds, c, "train", train=True)
@@ -286,7 +344,7 @@ def test_prepared_dataset_is_reused_only_when_built_from_the_same_files_and_opti
   out = tfds_b2t.prepare(str(tree), data)
   shard = next(p for p in os.listdir(out) if "array_record" in p)
   built = os.stat(os.path.join(out, shard)).st_mtime_ns
-  assert tfds_b2t.prepare(str(tree), data) == out                                    # unchanged: reused
+  assert tfds_b2t.prepare(str(tree), data) == out  # unchanged: reused
   assert os.stat(os.path.join(out, shard)).st_mtime_ns == built
   with pytest.raises(DataError, match=r"config.data.on_bad_trial: prepared with 'error', now 'skip'.*--overwrite"):
     tfds_b2t.prepare(str(tree), data, on_bad_trial="skip")
@@ -294,29 +352,44 @@ def test_prepared_dataset_is_reused_only_when_built_from_the_same_files_and_opti
     tfds_b2t.prepare(str(tree), data, sessions=T15_SESSIONS[:3])
   _set(tree / S1 / "data_train.hdf5", lambda f: f["trial_0000"].attrs.__setitem__("block_num", 7))
   os.remove(tree / T15_SESSIONS[2] / "data_val.hdf5")
-  with pytest.raises(DataError, match=rf"HDF5 file\(s\) gone: {T15_SESSIONS[2]}/data_val.hdf5; HDF5 file\(s\) "
-                                      rf"changed \(size or modification time\): {S1}/data_train.hdf5\. Rerun"):
+  with pytest.raises(
+    DataError,
+    match=rf"HDF5 file\(s\) gone: {T15_SESSIONS[2]}/data_val.hdf5; HDF5 file\(s\) "
+    rf"changed \(size or modification time\): {S1}/data_train.hdf5\. Rerun",
+  ):
     tfds_b2t.prepare(str(tree), data)
-  assert os.stat(os.path.join(out, shard)).st_mtime_ns == built                     # refused: left as it was
-  assert tfds_b2t.prepare(str(tree), data, on_bad_trial="skip", overwrite=True) == out   # rebuilt from the tree
+  assert os.stat(os.path.join(out, shard)).st_mtime_ns == built  # refused: left as it was
+  assert tfds_b2t.prepare(str(tree), data, on_bad_trial="skip", overwrite=True) == out  # rebuilt from the tree
   c = tiny_config(data)
   c.data.on_bad_trial = "skip"
-  first_of_s1 = pipeline.open_split(out, c, "train", train=True).read([16])[0]      # after session 0's 16 trials
+  first_of_s1 = pipeline.open_split(out, c, "train", train=True).read([16])[0]  # after session 0's 16 trials
   assert (first_of_s1.session, first_of_s1.index_in_file, first_of_s1.block) == (S1, 0, 7)
-  assert len(pipeline.open_split(out, c, "val", train=False)) == 4                     # 8 before the file went
-  assert tfds_b2t.prepare(str(tree), data, on_bad_trial="skip") == out               # and reused after
+  assert len(pipeline.open_split(out, c, "val", train=False)) == 4  # 8 before the file went
+  assert tfds_b2t.prepare(str(tree), data, on_bad_trial="skip") == out  # and reused after
 
 
 def test_prepare_data_tool(tmp_path, synthetic_dir):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  p = subprocess.run([sys.executable, "tools/prepare_data.py", f"--hdf5_dir={synthetic_dir}",
-                      f"--data_dir={tmp_path}", "--config.data.on_bad_trial=skip"], cwd=root, capture_output=True,
-                     text=True, timeout=300)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "tools/prepare_data.py",
+      f"--hdf5_dir={synthetic_dir}",
+      f"--data_dir={tmp_path}",
+      "--config.data.on_bad_trial=skip",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert p.returncode == 0, p.stderr[-2000:]
   assert "prepared {'train': 48, 'val': 8, 'test': 8}" in p.stdout
-  assert "Generating train examples" in p.stderr                       # the progress bar
+  assert "Generating train examples" in p.stderr  # the progress bar
   c = tiny_config(str(tmp_path))
-  assert json.load(open(os.path.join(prepare.find_dataset_dir(str(tmp_path)), "metadata.json")))["on_bad_trial"] == "skip"
+  assert (
+    json.load(open(os.path.join(prepare.find_dataset_dir(str(tmp_path)), "metadata.json")))["on_bad_trial"] == "skip"
+  )
   assert len(pipeline.open_split(prepare.find_dataset_dir(str(tmp_path)), c, "val", train=False)) == 8
   # Other build options on the same --data_dir: a one-line refusal naming the difference, then --overwrite.
   again = [sys.executable, "tools/prepare_data.py", f"--hdf5_dir={synthetic_dir}", f"--data_dir={tmp_path}"]

@@ -10,9 +10,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_launch_script_dry_run_prints_the_gcloud_commands():
-  p = subprocess.run(["bash", "tools/launch_tpu_pod.sh", "--name=b2t", "--zone=us-central2-b", "--accelerator=v4-32",
-                      "--workdir=gs://bucket/run", "--data_dir=/mnt/t15", "--repo=https://example.org/b2t.git",
-                      "--dry-run", "--", "--config.train.num_steps=10"], cwd=ROOT, capture_output=True, text=True)
+  p = subprocess.run(
+    [
+      "bash",
+      "tools/launch_tpu_pod.sh",
+      "--name=b2t",
+      "--zone=us-central2-b",
+      "--accelerator=v4-32",
+      "--workdir=gs://bucket/run",
+      "--data_dir=/mnt/t15",
+      "--repo=https://example.org/b2t.git",
+      "--dry-run",
+      "--",
+      "--config.train.num_steps=10",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert p.returncode == 0, p.stderr
   lines = p.stdout.splitlines()
   assert lines[0].startswith("gcloud compute tpus tpu-vm create b2t --zone=us-central2-b --accelerator-type=v4-32")
@@ -22,8 +37,9 @@ def test_launch_script_dry_run_prints_the_gcloud_commands():
 
 
 def test_launch_script_requires_its_arguments():
-  p = subprocess.run(["bash", "tools/launch_tpu_pod.sh", "--zone=z", "--dry-run"], cwd=ROOT, capture_output=True,
-                     text=True)
+  p = subprocess.run(
+    ["bash", "tools/launch_tpu_pod.sh", "--zone=z", "--dry-run"], cwd=ROOT, capture_output=True, text=True
+  )
   assert p.returncode == 2 and "--name is required" in p.stderr
 
 
@@ -33,9 +49,13 @@ def test_colab_notebook_runs_on_cpu(tmp_path, prepared_dir):
   runnable = [c for c in code if not c.startswith("# colab-only")]
   assert len(runnable) == len(code) - 1
   ns: dict = {}
-  exec(runnable[0], ns)                                   # the settings cell, then shrink it for the test
-  ns.update(DATA_DIR=prepared_dir, WORKDIR=str(tmp_path), NUM_STEPS=2,
-            OVERRIDES={**TINY_SIZES, "optim.warmup_steps": 1, "optim.day_warmup_steps": 1})
+  exec(runnable[0], ns)  # the settings cell, then shrink it for the test
+  ns.update(
+    DATA_DIR=prepared_dir,
+    WORKDIR=str(tmp_path),
+    NUM_STEPS=2,
+    OVERRIDES={**TINY_SIZES, "optim.warmup_steps": 1, "optim.day_warmup_steps": 1},
+  )
   for cell in runnable[1:]:
     exec(cell, ns)
   assert ns["result"]["step"] == 2 and 0.0 <= ns["best"]["val_per"]

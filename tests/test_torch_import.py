@@ -95,16 +95,40 @@ def _torch_model(seed=0):
 
 
 def _args_yaml(features=FEATURES, **model_extra):
-  return {"model": {"n_input_features": features, "n_units": HIDDEN, "rnn_dropout": 0.4, "n_layers": LAYERS,
-                    "patch_size": SIZE, "patch_stride": STRIDE,
-                    "input_network": {"n_input_layers": 1, "input_layer_sizes": [features],
-                                      "input_layer_dropout": 0.2}, **model_extra},
-          "lr_max": 0.005, "lr_min": 0.0001, "lr_decay_steps": 120000, "lr_warmup_steps": 1000, "epsilon": 0.1,
-          "seed": 10, "init_checkpoint_path": "None", "num_training_batches": 120000,
-          "dataset": {"data_transforms": {"white_noise_std": 1.0, "smooth_data": True, "smooth_kernel_std": 2,
-                                          "smooth_kernel_size": 100, "random_cut": 3},
-                      "n_classes": CLASSES, "batch_size": 64, "days_per_batch": 4, "feature_subset": None,
-                      "sessions": list(T15_SESSIONS[:N_DAYS])}}
+  return {
+    "model": {
+      "n_input_features": features,
+      "n_units": HIDDEN,
+      "rnn_dropout": 0.4,
+      "n_layers": LAYERS,
+      "patch_size": SIZE,
+      "patch_stride": STRIDE,
+      "input_network": {"n_input_layers": 1, "input_layer_sizes": [features], "input_layer_dropout": 0.2},
+      **model_extra,
+    },
+    "lr_max": 0.005,
+    "lr_min": 0.0001,
+    "lr_decay_steps": 120000,
+    "lr_warmup_steps": 1000,
+    "epsilon": 0.1,
+    "seed": 10,
+    "init_checkpoint_path": "None",
+    "num_training_batches": 120000,
+    "dataset": {
+      "data_transforms": {
+        "white_noise_std": 1.0,
+        "smooth_data": True,
+        "smooth_kernel_std": 2,
+        "smooth_kernel_size": 100,
+        "random_cut": 3,
+      },
+      "n_classes": CLASSES,
+      "batch_size": 64,
+      "days_per_batch": 4,
+      "feature_subset": None,
+      "sessions": list(T15_SESSIONS[:N_DAYS]),
+    },
+  }
 
 
 def _save_reference(model, folder, *, prefix="_orig_mod.", args=None):
@@ -121,8 +145,16 @@ def _save_reference(model, folder, *, prefix="_orig_mod.", args=None):
   sd = {prefix + k: v for k, v in model.state_dict().items()}
   path = os.path.join(folder, "best_checkpoint")
   # val_loss is np.mean(...) in the reference: a numpy scalar, which weights_only must be allowed to read.
-  torch.save({"model_state_dict": sd, "optimizer_state_dict": opt.state_dict(),
-              "scheduler_state_dict": sched.state_dict(), "val_PER": 0.25, "val_loss": np.mean([1.0, 2.0])}, path)
+  torch.save(
+    {
+      "model_state_dict": sd,
+      "optimizer_state_dict": opt.state_dict(),
+      "scheduler_state_dict": sched.state_dict(),
+      "val_PER": 0.25,
+      "val_loss": np.mean([1.0, 2.0]),
+    },
+    path,
+  )
   with open(os.path.join(folder, "args.yaml"), "w") as f:
     yaml.safe_dump(args or _args_yaml(), f)
   return path
@@ -140,8 +172,13 @@ def imported(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("torch_import")
   model = _torch_model()
   ckpt = _save_reference(model, str(tmp / "checkpoint"))
-  p = subprocess.run([sys.executable, "tools/import_torch_checkpoint.py", f"--checkpoint={ckpt}",
-                      f"--out={tmp / 'work'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  p = subprocess.run(
+    [sys.executable, "tools/import_torch_checkpoint.py", f"--checkpoint={ckpt}", f"--out={tmp / 'work'}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert "imported a gru model (" in p.stdout and "val_PER=0.2500 val_loss=1.5000" in p.stdout
   return model, str(tmp / "work")
@@ -174,7 +211,7 @@ def test_import_matches_torch_logits_and_phonemes(imported, synthetic_dir, tmp_p
 
   # Our eval path (smoothing + padded batch + sharded eval step) against torch on torch-smoothed input.
   split = open_data(config, str(tmp_path / "work"), ("val",))["val"]
-  idx = np.flatnonzero(split.keep)[:config.data.eval_batch_size]
+  idx = np.flatnonzero(split.keep)[: config.data.eval_batch_size]
   trials = split.read(idx)
   batch = pipeline.eval_host_batch(split, config, idx)
   out = sharding.to_host(exp.eval_step(state.params, sharding.shard_batch(batch, exp.mesh)))
@@ -195,8 +232,9 @@ def test_import_matches_torch_logits_and_phonemes(imported, synthetic_dir, tmp_p
   # Streaming on the restored (mesh-sharded) params follows the torch model too.
   trial = trials[0]
   decoder = StreamingDecoder(config, state.params, trial.day)
-  streamed = np.concatenate([decoder.feed(trial.features[i:i + 4]) for i in range(0, trial.features.shape[0], 4)]
-                            + [decoder.finish()])
+  streamed = np.concatenate(
+    [decoder.feed(trial.features[i : i + 4]) for i in range(0, trial.features.shape[0], 4)] + [decoder.finish()]
+  )
   xt = torch.from_numpy(trial.features).T[:, None, :]
   smoothed = torch.nn.functional.conv1d(xt, taps.view(1, 1, -1), padding="same")[:, 0, :].T
   with torch.no_grad():
@@ -208,10 +246,24 @@ def test_infer_cli_runs_on_the_imported_workdir(imported, synthetic_dir, tmp_pat
   """The issue's flow: import, then `mode=infer` on the written config and checkpoint decodes a dataset."""
   _, workdir = imported
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  p = subprocess.run([sys.executable, "-m", "b2t_jax.main", f"--config={workdir}/config.py", f"--workdir={workdir}",
-                      "--config.mode=infer", f"--config.data.data_dir={synthetic_dir}",
-                      f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.decode.beam_size=10"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "b2t_jax.main",
+      f"--config={workdir}/config.py",
+      f"--workdir={workdir}",
+      "--config.mode=infer",
+      f"--config.data.data_dir={synthetic_dir}",
+      f"--config.data.cache_dir={tmp_path / 'cache'}",
+      "--config.decode.beam_size=10",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.strip().splitlines()[-1].startswith("greedy_per=")
   with open(os.path.join(workdir, "infer_val", "submission.csv")) as f:
@@ -223,7 +275,7 @@ def test_corrupted_checkpoint_is_named(tmp_path):
   path = _save_reference(_torch_model(), str(tmp_path / "ckpt"))
   data = open(path, "rb").read()
   with open(path, "wb") as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   with pytest.raises(CheckpointImportError, match=f"{path}: cannot read as a PyTorch checkpoint"):
     import_checkpoint(path, str(tmp_path / "work"), default.get_config())
   assert not os.path.exists(tmp_path / "work")  # nothing half-written
@@ -247,7 +299,7 @@ def test_layout_errors_name_every_key():
   params = state_dict_to_params(sd, config)  # the intact dict converts (with its DataParallel prefix)
   assert params["gru"]["layer_0"]["w_ih"].shape == (SIZE * FEATURES, 3, HIDDEN)
   del sd["module.gru.bias_hh_l1"]
-  sd["module.gru.weight_hh_l0"] = sd["module.gru.weight_hh_l0"].T[:, :HIDDEN * 2]
+  sd["module.gru.weight_hh_l0"] = sd["module.gru.weight_hh_l0"].T[:, : HIDDEN * 2]
   sd["module.extra.weight"] = np.zeros(3, np.float32)
   with pytest.raises(CheckpointImportError) as e:
     state_dict_to_params(sd, config, source="ckpt.pt")
@@ -291,5 +343,6 @@ def test_triple_import_matches_torch(tmp_path):
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
   assert np.abs(ref).max() > 0.1
   # The noisy decoder (training only) converts too: its head is the torch head, transposed.
-  np.testing.assert_array_equal(np.asarray(state.params["noisy_model"]["out"]["kernel"]),
-                                model.noisy_model.out.weight.detach().numpy().T)
+  np.testing.assert_array_equal(
+    np.asarray(state.params["noisy_model"]["out"]["kernel"]), model.noisy_model.out.weight.detach().numpy().T
+  )

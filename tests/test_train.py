@@ -57,7 +57,7 @@ def test_gradient_accumulation_matches_large_batch(tiny):
   """Three real steps (LR > 0 from step 0, the noise-L2 term on) with 2 micro-batches land on the same
   parameters as with one batch: averaged, last-micro-batch-only or mis-split gradients would not."""
   tiny.optim.warmup_steps = tiny.optim.day_warmup_steps = 0
-  tiny.model.input_dropout = tiny.model.rnn_dropout = 0.0   # micro-batches draw their own dropout masks
+  tiny.model.input_dropout = tiny.model.rnn_dropout = 0.0  # micro-batches draw their own dropout masks
   tiny.loss.noise_l2_weight = 1.0
   batches = _batches(tiny, 3)
   full, d_full, _ = _updates(experiment.Experiment(tiny), batches)
@@ -66,7 +66,7 @@ def test_gradient_accumulation_matches_large_batch(tiny):
   np.testing.assert_allclose(accum, full, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(d_full)[0], jax.tree.leaves(d_accum)):
     scale = np.abs(a).max()
-    assert scale > 1e-4, jax.tree_util.keystr(path)     # the leaf moved
+    assert scale > 1e-4, jax.tree_util.keystr(path)  # the leaf moved
     # fp32 round-off of another summation order (measured: 2e-5 of the largest update); the noise-L2 term
     # counted twice moves some leaves by 1.4%, averaged micro-batch gradients by 12%
     assert np.abs(b - a).max() <= 1e-3 * scale, jax.tree_util.keystr(path)
@@ -84,20 +84,24 @@ def test_days_absent_from_a_batch_keep_their_parameters_and_moments():
   state = exp.init_state()
   steps_present = np.zeros(n_days, int)
 
-  def day_leaves(s):   # {path: value} of every day-indexed parameter and moment, on the host
+  def day_leaves(s):  # {path: value} of every day-indexed parameter and moment, on the host
     found = {}
-    adam = [x for x in jax.tree.leaves(s.opt_state, is_leaf=lambda x: isinstance(x, DayAdamState))
-            if isinstance(x, DayAdamState)]
+    adam = [
+      x
+      for x in jax.tree.leaves(s.opt_state, is_leaf=lambda x: isinstance(x, DayAdamState))
+      if isinstance(x, DayAdamState)
+    ]
     assert len(adam) == 1
     for name, tree in (("param", s.params), ("mu", adam[0].mu), ("nu", adam[0].nu)):
       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if jax.tree_util.keystr(path).split("'")[-2] in DAY_PARAMS:
           found[name + jax.tree_util.keystr(path)] = np.asarray(leaf)
-    return found, {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(
-        adam[0].count)[0]}
+    return found, {
+      jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(adam[0].count)[0]
+    }
 
   before, _ = day_leaves(state)
-  assert len(before) == 3 * 2 * len(DAY_PARAMS)      # two front ends (noise, clean) x params, mu, nu
+  assert len(before) == 3 * 2 * len(DAY_PARAMS)  # two front ends (noise, clean) x params, mu, nu
   for days in plan:
     batch = hand_batch(c, exp.n_features, days)
     present = np.zeros(n_days, bool)
@@ -107,7 +111,7 @@ def test_days_absent_from_a_batch_keep_their_parameters_and_moments():
     after, counts = day_leaves(state)
     for key, old in before.items():
       new = after[key]
-      np.testing.assert_array_equal(new[~present], old[~present], err_msg=key)   # bit-identical
+      np.testing.assert_array_equal(new[~present], old[~present], err_msg=key)  # bit-identical
       assert np.all(np.any(new[present] != old[present], axis=tuple(range(1, new.ndim)))), key
     for key, count in counts.items():
       np.testing.assert_array_equal(count, steps_present, err_msg=key)
@@ -154,7 +158,7 @@ def test_resume_gives_bit_identical_next_steps(tiny, tmp_path):
   resumed = train.train_and_evaluate(tiny, str(tmp_path / "a"))
   straight = train.train_and_evaluate(tiny, str(tmp_path / "b"))
   assert resumed["step"] == straight["step"] == 5
-  assert resumed["train"]["loss"] == straight["train"]["loss"]       # bit-identical on CPU
+  assert resumed["train"]["loss"] == straight["train"]["loss"]  # bit-identical on CPU
   assert resumed["val_per"] == straight["val_per"] and resumed["val_loss"] == straight["val_loss"]
   assert 0.0 <= straight["val_per"] and np.isfinite(straight["val_loss"])
   assert os.path.isdir(tmp_path / "b" / "best")
@@ -162,7 +166,7 @@ def test_resume_gives_bit_identical_next_steps(tiny, tmp_path):
 
 def test_sigterm_saves_stops_and_exits_for_a_restart(tiny, tmp_path, monkeypatch, capsys):
   tiny.train.num_steps = 50
-  tiny.data.prefetch = 0   # sample on the training thread, so that "step 2" below is the step in flight
+  tiny.data.prefetch = 0  # sample on the training thread, so that "step 2" below is the step in flight
   real = sampler.train_batch_indices
 
   def preempt_at_step_2(seed, step, *a, **k):
@@ -175,11 +179,11 @@ def test_sigterm_saves_stops_and_exits_for_a_restart(tiny, tmp_path, monkeypatch
   # A non-zero status makes a Kubernetes Job / SLURM requeue restart the run instead of calling it done.
   assert main.run(tiny, str(tmp_path)) == tiny.train.preempt_exit_code == 75
   out = capsys.readouterr().out
-  assert "stopped at step 3 on SIGTERM" in out                 # finished the step in flight, then stopped
-  assert "final" not in out and "val_per" not in out           # no stale evaluation under the stop step
+  assert "stopped at step 3 on SIGTERM" in out  # finished the step in flight, then stopped
+  assert "final" not in out and "val_per" not in out  # no stale evaluation under the stop step
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
-  assert signal.getsignal(signal.SIGTERM) == before            # the handler is restored
-  assert not os.path.exists(tmp_path / "lock")                 # released for the restart
+  assert signal.getsignal(signal.SIGTERM) == before  # the handler is restored
+  assert not os.path.exists(tmp_path / "lock")  # released for the restart
 
 
 def test_batch_that_does_not_divide_devices_is_explained(tiny):
@@ -205,12 +209,12 @@ def test_unreadable_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, cap
   train.train_and_evaluate(tiny, str(tmp_path))
   ckpt_dir = tmp_path / "checkpoints"
   assert sorted(os.listdir(ckpt_dir)) == ["2", "3"]
-  for root, _, files in os.walk(ckpt_dir / "3" / "state"):   # corrupt every array file of step 3
+  for root, _, files in os.walk(ckpt_dir / "3" / "state"):  # corrupt every array file of step 3
     for f in files:
       if "manifest" in f or f.startswith("d") or "ocdbt" in root:
         with open(os.path.join(root, f), "wb") as fh:
           fh.write(b"garbage")
-  os.makedirs(ckpt_dir / "4.orbax-checkpoint-tmp")              # a save interrupted half-way
+  os.makedirs(ckpt_dir / "4.orbax-checkpoint-tmp")  # a save interrupted half-way
   exp = experiment.Experiment(tiny)
   ckpts = ckpt_lib.Checkpoints(str(tmp_path))
   with caplog.at_level("WARNING"):

@@ -36,15 +36,23 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--time_bins", type=int, default=500)
   p.add_argument("--skip_triple", action="store_true", help="only the baseline comparison")
-  p.add_argument("--triple_reduced_pool", type=int, default=4,
-                 help="reduced-width triple: average this many features per bin (noise width 14 * 512 / pool)")
+  p.add_argument(
+    "--triple_reduced_pool",
+    type=int,
+    default=4,
+    help="reduced-width triple: average this many features per bin (noise width 14 * 512 / pool)",
+  )
   p.add_argument("--triple_reduced_batch", type=int, default=8)
   p.add_argument("--triple_full_batch", type=int, default=2)
   args = p.parse_args()
 
   common = [f"--steps={args.steps}", f"--time_bins={args.time_bins}"]
-  jax_cmd = ["tools/benchmark.py", "--config=configs/gru_baseline.py", f"--config.data.batch_size={args.batch}",
-             "--tag=compare"] + common
+  jax_cmd = [
+    "tools/benchmark.py",
+    "--config=configs/gru_baseline.py",
+    f"--config.data.batch_size={args.batch}",
+    "--tag=compare",
+  ] + common
   torch_cmd = ["tools/benchmark_torch.py", f"--batch={args.batch}", "--tag=compare"] + common
   pairs = [(run(jax_cmd), run(torch_cmd)) for _ in range(args.repeats)]
   jax_ms = [j["step_ms_median"] for j, _ in pairs]
@@ -53,24 +61,53 @@ def main():
   runs = [r for pair in pairs for r in pair]
   quiet = all(r["quiet"] for r in runs)
   if not quiet:
-    print("WARNING: some runs started on a busy machine (see load_before); rerun when it is quiet",
-          file=sys.stderr)
-  print(json.dumps({
-      "summary": "gru_baseline train step, b2t_jax vs PyTorch", "batch": args.batch, "time_bins": args.time_bins,
-      "jax_step_ms": jax_ms, "torch_step_ms": torch_ms, "speedup_per_pair": ratios,
-      "speedup_median": round(statistics.median(ratios), 3),
-      "jax_mfu_median": statistics.median(j["mfu"] for j, _ in pairs),
-      "torch_mfu_median": statistics.median(t["mfu"] for _, t in pairs),
-      "load_before": [r["load_before"] for r in runs], "load_after": [r["load_after"] for r in runs],
-      "quiet": quiet}), flush=True)
+    print("WARNING: some runs started on a busy machine (see load_before); rerun when it is quiet", file=sys.stderr)
+  print(
+    json.dumps(
+      {
+        "summary": "gru_baseline train step, b2t_jax vs PyTorch",
+        "batch": args.batch,
+        "time_bins": args.time_bins,
+        "jax_step_ms": jax_ms,
+        "torch_step_ms": torch_ms,
+        "speedup_per_pair": ratios,
+        "speedup_median": round(statistics.median(ratios), 3),
+        "jax_mfu_median": statistics.median(j["mfu"] for j, _ in pairs),
+        "torch_mfu_median": statistics.median(t["mfu"] for _, t in pairs),
+        "load_before": [r["load_before"] for r in runs],
+        "load_after": [r["load_after"] for r in runs],
+        "quiet": quiet,
+      }
+    ),
+    flush=True,
+  )
 
   if not args.skip_triple:
-    run(["tools/benchmark.py", "--config=configs/tpu_v4.py", "--config.model.dtype=float32",
-         "--config.optim.grad_accum_steps=1", f"--config.data.feature_pool={args.triple_reduced_pool}",
-         f"--config.data.batch_size={args.triple_reduced_batch}", "--tag=triple_reduced"] + common)
-    run(["tools/benchmark.py", "--config=configs/tpu_v4.py", "--config.model.dtype=float32",
-         "--config.optim.grad_accum_steps=1", f"--config.data.batch_size={args.triple_full_batch}",
-         "--tag=triple_full", "--steps=2", "--warmup=1", f"--time_bins={args.time_bins}"])
+    run(
+      [
+        "tools/benchmark.py",
+        "--config=configs/tpu_v4.py",
+        "--config.model.dtype=float32",
+        "--config.optim.grad_accum_steps=1",
+        f"--config.data.feature_pool={args.triple_reduced_pool}",
+        f"--config.data.batch_size={args.triple_reduced_batch}",
+        "--tag=triple_reduced",
+      ]
+      + common
+    )
+    run(
+      [
+        "tools/benchmark.py",
+        "--config=configs/tpu_v4.py",
+        "--config.model.dtype=float32",
+        "--config.optim.grad_accum_steps=1",
+        f"--config.data.batch_size={args.triple_full_batch}",
+        "--tag=triple_full",
+        "--steps=2",
+        "--warmup=1",
+        f"--time_bins={args.time_bins}",
+      ]
+    )
 
 
 if __name__ == "__main__":

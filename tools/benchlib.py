@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-DEFAULT_BUSY_LOAD = 0.5   # 1-minute load average above which a run is flagged as taken on a busy machine
+DEFAULT_BUSY_LOAD = 0.5  # 1-minute load average above which a run is flagged as taken on a busy machine
 
 
 def load_average() -> float:
@@ -24,16 +24,26 @@ def load_report(load_before: float, load_after: float, busy_load: float) -> dict
   Only the load before counts for `quiet`: after, the benchmark's own threads are part of the average."""
   quiet = load_before <= busy_load
   if not quiet:
-    print(f"WARNING: load average {load_before} > {busy_load} before the run (cores: {os.cpu_count()}); "
-          "other work shares the machine, so these timings are not quiet figures", file=sys.stderr)
-  return {"load_before": load_before, "load_after": load_after, "busy_load": busy_load, "quiet": quiet,
-          "cpu_count": os.cpu_count()}
+    print(
+      f"WARNING: load average {load_before} > {busy_load} before the run (cores: {os.cpu_count()}); "
+      "other work shares the machine, so these timings are not quiet figures",
+      file=sys.stderr,
+    )
+  return {
+    "load_before": load_before,
+    "load_after": load_after,
+    "busy_load": busy_load,
+    "quiet": quiet,
+    "cpu_count": os.cpu_count(),
+  }
 
 
 def peak_report(before: float | None, after: float | None) -> tuple[float | None, dict]:
   """The peak to divide by (the larger probe: the attainable one) and the JSON fields of both probes."""
   probes = [p for p in (before, after) if p]
   peak = max(probes) if probes else None
-  fields = {"peak_gflops_per_s_before": round(before / 1e9, 2) if before else None,
-            "peak_gflops_per_s_after": round(after / 1e9, 2) if after else None}
+  fields = {
+    "peak_gflops_per_s_before": round(before / 1e9, 2) if before else None,
+    "peak_gflops_per_s_after": round(after / 1e9, 2) if after else None,
+  }
   return peak, fields

@@ -31,18 +31,27 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 _LABEL_LEN = flags.DEFINE_integer("label_len", 30, "phonemes per trial in the synthetic batch")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "size of the square fp32 matmul that measures the CPU peak")
 _TAG = flags.DEFINE_string("tag", "", "free-form label copied into the JSON line")
-_BUSY_LOAD = flags.DEFINE_float("busy_load", benchlib.DEFAULT_BUSY_LOAD,
-                                "warn (and set quiet=false) when the 1-minute load average exceeds this at start")
+_BUSY_LOAD = flags.DEFINE_float(
+  "busy_load",
+  benchlib.DEFAULT_BUSY_LOAD,
+  "warn (and set quiet=false) when the 1-minute load average exceeds this at start",
+)
 
 # Dense peak FLOP/s per chip by (device_kind substring, compute dtype), from the vendors' data sheets.
 PEAK_FLOPS = {
-    ("TPU v4", "bfloat16"): 275e12, ("TPU v4", "float32"): 275e12 / 2,
-    ("TPU v5 lite", "bfloat16"): 197e12, ("TPU v5e", "bfloat16"): 197e12,
-    ("TPU v5p", "bfloat16"): 459e12, ("TPU v6", "bfloat16"): 918e12,
-    # GPU float32: TF32 tensor-core peaks, since JAX runs fp32 matmuls in TF32 on these GPUs by default.
-    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 494e12,
-    ("H200", "bfloat16"): 989e12, ("H200", "float32"): 494e12,
-    ("A100", "bfloat16"): 312e12, ("A100", "float32"): 156e12,
+  ("TPU v4", "bfloat16"): 275e12,
+  ("TPU v4", "float32"): 275e12 / 2,
+  ("TPU v5 lite", "bfloat16"): 197e12,
+  ("TPU v5e", "bfloat16"): 197e12,
+  ("TPU v5p", "bfloat16"): 459e12,
+  ("TPU v6", "bfloat16"): 918e12,
+  # GPU float32: TF32 tensor-core peaks, since JAX runs fp32 matmuls in TF32 on these GPUs by default.
+  ("H100", "bfloat16"): 989e12,
+  ("H100", "float32"): 494e12,
+  ("H200", "bfloat16"): 989e12,
+  ("H200", "float32"): 494e12,
+  ("A100", "bfloat16"): 312e12,
+  ("A100", "float32"): 156e12,
 }
 
 
@@ -56,7 +65,7 @@ def measure_matmul_peak(n: int, repeats: int = 5) -> float:
     t0 = time.perf_counter()
     f(a, a).block_until_ready()
     times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / min(times)
+  return 2 * n**3 / min(times)
 
 
 def platform_peak(device, dtype: str) -> tuple[float | None, str]:
@@ -75,10 +84,14 @@ def synthetic_batch(exp: experiment.Experiment, batch: int, t: int, label_len: i
   labels = np.zeros((batch, cfg.data.max_label_len), np.int32)
   labels[:, :label_len] = rng.integers(1, cfg.model.n_classes, (batch, label_len))
   days = np.arange(batch) % min(cfg.data.days_per_batch, len(cfg.data.sessions))
-  return {"features": rng.standard_normal((batch, t, exp.n_features)).astype(np.float32),
-          "n_time_steps": np.full((batch,), t, np.int32), "labels": labels,
-          "label_lens": np.full((batch,), label_len, np.int32), "day": days.astype(np.int32),
-          "weight": np.ones((batch,), np.float32)}
+  return {
+    "features": rng.standard_normal((batch, t, exp.n_features)).astype(np.float32),
+    "n_time_steps": np.full((batch,), t, np.int32),
+    "labels": labels,
+    "label_lens": np.full((batch,), label_len, np.int32),
+    "day": days.astype(np.int32),
+    "weight": np.ones((batch,), np.float32),
+  }
 
 
 def main(argv):
@@ -123,23 +136,45 @@ def main(argv):
     peak_mem, mem_source = stats["peak_bytes_in_use"], "device peak_bytes_in_use"
   else:
     peak_mem, mem_source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
-  print(json.dumps({
-      "tool": "b2t_jax", "tag": _TAG.value,
-      "config": os.path.basename(flags.FLAGS["config"].config_filename), "model": config.model.kind,
-      "platform": device.platform, "device_kind": device.device_kind, "n_devices": jax.device_count(),
-      "dtype": config.model.dtype, "gru_backward": config.model.gru_backward, "gru_unroll": config.model.gru_unroll,
-      "gru_wavefront": config.model.gru_wavefront, "gru_remat": config.model.gru_remat,
-      "global_batch": gb, "per_device_batch": gb // exp.mesh.shape["data"], "time_bins": t,
-      "compile_s": round(compile_s, 2), "step_ms_median": round(1e3 * step_s, 2),
-      "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 2), "steps_per_s": round(1 / step_s, 3),
-      "trials_per_s": round(gb / step_s, 2), "model_flops_per_step": flops,
-      "model_gflops_per_step": round(flops / 1e9, 2),
-      "xla_gflops_per_step": round(xla_flops / 1e9, 2), "achieved_gflops_per_s": round(flops / step_s / 1e9, 2),
-      "peak_gflops_per_s": round(peak / 1e9, 2) if peak else None, "peak_source": peak_source,
-      **peak_fields,
-      "mfu": round(flops / step_s / (peak * chips), 4) if peak else None,
-      "peak_memory_gib": round(peak_mem / 2 ** 30, 3), "memory_source": mem_source,
-      "final_loss": round(loss, 4), "steps": _STEPS.value, **load}))
+  print(
+    json.dumps(
+      {
+        "tool": "b2t_jax",
+        "tag": _TAG.value,
+        "config": os.path.basename(flags.FLAGS["config"].config_filename),
+        "model": config.model.kind,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "n_devices": jax.device_count(),
+        "dtype": config.model.dtype,
+        "gru_backward": config.model.gru_backward,
+        "gru_unroll": config.model.gru_unroll,
+        "gru_wavefront": config.model.gru_wavefront,
+        "gru_remat": config.model.gru_remat,
+        "global_batch": gb,
+        "per_device_batch": gb // exp.mesh.shape["data"],
+        "time_bins": t,
+        "compile_s": round(compile_s, 2),
+        "step_ms_median": round(1e3 * step_s, 2),
+        "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 2),
+        "steps_per_s": round(1 / step_s, 3),
+        "trials_per_s": round(gb / step_s, 2),
+        "model_flops_per_step": flops,
+        "model_gflops_per_step": round(flops / 1e9, 2),
+        "xla_gflops_per_step": round(xla_flops / 1e9, 2),
+        "achieved_gflops_per_s": round(flops / step_s / 1e9, 2),
+        "peak_gflops_per_s": round(peak / 1e9, 2) if peak else None,
+        "peak_source": peak_source,
+        **peak_fields,
+        "mfu": round(flops / step_s / (peak * chips), 4) if peak else None,
+        "peak_memory_gib": round(peak_mem / 2**30, 3),
+        "memory_source": mem_source,
+        "final_loss": round(loss, 4),
+        "steps": _STEPS.value,
+        **load,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

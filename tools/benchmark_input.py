@@ -34,7 +34,7 @@ _GRU_BATCH = flags.DEFINE_integer("gru_batch", 8, "gru_baseline batch size for b
 
 def make_config(name: str):
   if name == "demo":
-    c = demo.get_config()     # its own synthetic settings: 8 sessions x 80 trials, demo lengths
+    c = demo.get_config()  # its own synthetic settings: 8 sessions x 80 trials, demo lengths
   elif name == "gru_baseline":
     c = gru_baseline.get_config()
     c.data.batch_size = _GRU_BATCH.value
@@ -43,14 +43,14 @@ def make_config(name: str):
     s.n_sessions, s.trials_per_session, s.length_profile = 4, 24, "t15"
   else:
     raise app.UsageError(f"--configs: unknown config {name!r} (demo, gru_baseline)")
-  c.data.data_dir = ""        # synthetic, generated and prepared under the workdir
+  c.data.data_dir = ""  # synthetic, generated and prepared under the workdir
   return c
 
 
 def time_input(split, config, steps: int, depth: int, workers: int) -> tuple[float, set]:
   """examples/s of building host batches through the train loop's prefetcher (depth 0: on this thread),
   and the padded lengths seen."""
-  pipeline.train_host_batch(split, config, 0)                      # open files, warm caches
+  pipeline.train_host_batch(split, config, 0)  # open files, warm caches
   shapes = set()
   read = functools.partial(pipeline.train_host_batch, split, config)
   t0 = time.perf_counter()
@@ -66,7 +66,7 @@ def time_train(split, config, steps: int) -> tuple[float, float]:
   state = exp.init_state()
   batches = [sharding.shard_batch(pipeline.train_host_batch(split, config, k), exp.mesh) for k in range(steps)]
   t0 = time.perf_counter()
-  for t in sorted({b["features"].shape[1] for b in batches}):   # one warm-up step per bucket compiles it
+  for t in sorted({b["features"].shape[1] for b in batches}):  # one warm-up step per bucket compiles it
     state, m = exp.train_step(state, next(b for b in batches if b["features"].shape[1] == t))
     jax.block_until_ready(m)
   compile_s = time.perf_counter() - t0
@@ -94,13 +94,19 @@ def main(argv):
     mean_len = float(np.mean(data.n_time_steps))
     rows.append((name, config.data.batch_size, mean_len, input_1, input_rate, train_rate, compile_s, prep_s, shapes))
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores")
-  print("input 1 thread: host batches built on the caller's thread; input prefetch: through the train loop's "
-        "prefetcher (config.data.prefetch, prefetch_workers); ratio = input prefetch / train")
-  print(f"{'config':<14}{'batch':>6}{'mean bins':>10}{'input 1 thread':>16}{'input prefetch':>16}"
-        f"{'train step':>12}{'ratio':>8}{'compile s':>11}{'prepare s':>11}  buckets")
+  print(
+    "input 1 thread: host batches built on the caller's thread; input prefetch: through the train loop's "
+    "prefetcher (config.data.prefetch, prefetch_workers); ratio = input prefetch / train"
+  )
+  print(
+    f"{'config':<14}{'batch':>6}{'mean bins':>10}{'input 1 thread':>16}{'input prefetch':>16}"
+    f"{'train step':>12}{'ratio':>8}{'compile s':>11}{'prepare s':>11}  buckets"
+  )
   for name, b, mean_len, inp1, inp, tr, comp, prep, shapes in rows:
-    print(f"{name:<14}{b:>6}{mean_len:>10.0f}{inp1:>11.1f} ex/s{inp:>11.1f} ex/s{tr:>7.2f} ex/s{inp / tr:>7.1f}x"
-          f"{comp:>11.1f}{prep:>11.1f}  {sorted(shapes)}")
+    print(
+      f"{name:<14}{b:>6}{mean_len:>10.0f}{inp1:>11.1f} ex/s{inp:>11.1f} ex/s{tr:>7.2f} ex/s{inp / tr:>7.1f}x"
+      f"{comp:>11.1f}{prep:>11.1f}  {sorted(shapes)}"
+    )
 
 
 if __name__ == "__main__":

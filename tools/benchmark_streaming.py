@@ -25,10 +25,15 @@ from b2t_jax.models import create_model
 
 BIN_MS = 20.0  # duration of one t15 bin
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py",
-                                          "config of the model to time (default: the full-size gru baseline)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "restore params from this workdir's best/latest checkpoint "
-                               "(default: random params of the config's shapes, which time the same)")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/default.py", "config of the model to time (default: the full-size gru baseline)"
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  None,
+  "restore params from this workdir's best/latest checkpoint "
+  "(default: random params of the config's shapes, which time the same)",
+)
 _CHUNKS = flags.DEFINE_integer("chunks", 500, "timed chunks")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "untimed chunks first (compilation, caches)")
 _DAY = flags.DEFINE_integer("day", 0, "day index whose day layer is used")
@@ -38,6 +43,7 @@ def _params(config):
   if _WORKDIR.value:
     from b2t_jax import checkpoint as ckpt_lib  # noqa: PLC0415 - orbax only when restoring
     from b2t_jax.experiment import Experiment  # noqa: PLC0415
+
     exp = Experiment(config)
     ckpts = ckpt_lib.Checkpoints(_WORKDIR.value)
     state = ckpts.restore(exp.abstract_state(), "best") or ckpts.restore(exp.abstract_state(), "latest")
@@ -68,13 +74,19 @@ def main(argv):
       times.append(time.perf_counter() - t0)
   ms = np.asarray(times) * 1e3
   budget = chunk * BIN_MS
-  print(f"model {config.model.kind} ({n_params:,} params, dtype {config.model.dtype}) on "
-        f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs visible")
-  print(f"chunk {chunk} bins = {budget:.0f} ms of signal, {decoder.geo.slots} patch(es) per chunk, "
-        f"{len(ms)} timed chunks, {rows} logit rows emitted")
-  print(f"per-chunk latency: median {np.median(ms):.2f} ms, p90 {np.percentile(ms, 90):.2f} ms, "
-        f"p99 {np.percentile(ms, 99):.2f} ms, max {ms.max():.2f} ms  "
-        f"(real-time budget {budget:.0f} ms: {'met' if np.percentile(ms, 99) < budget else 'NOT met'} at p99)")
+  print(
+    f"model {config.model.kind} ({n_params:,} params, dtype {config.model.dtype}) on "
+    f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs visible"
+  )
+  print(
+    f"chunk {chunk} bins = {budget:.0f} ms of signal, {decoder.geo.slots} patch(es) per chunk, "
+    f"{len(ms)} timed chunks, {rows} logit rows emitted"
+  )
+  print(
+    f"per-chunk latency: median {np.median(ms):.2f} ms, p90 {np.percentile(ms, 90):.2f} ms, "
+    f"p99 {np.percentile(ms, 99):.2f} ms, max {ms.max():.2f} ms  "
+    f"(real-time budget {budget:.0f} ms: {'met' if np.percentile(ms, 99) < budget else 'NOT met'} at p99)"
+  )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ def _import_torch():
   try:
     import torch
   except ImportError as e:
-    raise SystemExit("tools/benchmark_torch.py needs PyTorch: pip install -e '.[test]' (or `pip install torch`)"
-                     ) from e
+    raise SystemExit("tools/benchmark_torch.py needs PyTorch: pip install -e '.[test]' (or `pip install torch`)") from e
   return torch
 
 
@@ -56,13 +55,18 @@ def build(torch, args):
   model = GRUDecoder()
   day_params = [model.day_weights, model.day_biases]
   decay = [p for n, p in model.named_parameters() if n.startswith(("gru.weight", "out.weight", "h0"))]
-  no_decay = [p for n, p in model.named_parameters()
-              if not n.startswith(("gru.weight", "out.weight", "h0", "day_"))]
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0},
-                           {"params": day_params, "weight_decay": 0.0}],
-                          lr=args.lr, betas=(0.9, 0.999), eps=args.eps)
-  x = np.arange(100) - 50   # centred on a sample, as augment.gaussian_kernel: 9 taps above 0.01
+  no_decay = [p for n, p in model.named_parameters() if not n.startswith(("gru.weight", "out.weight", "h0", "day_"))]
+  opt = torch.optim.AdamW(
+    [
+      {"params": decay, "weight_decay": args.weight_decay},
+      {"params": no_decay, "weight_decay": 0.0},
+      {"params": day_params, "weight_decay": 0.0},
+    ],
+    lr=args.lr,
+    betas=(0.9, 0.999),
+    eps=args.eps,
+  )
+  x = np.arange(100) - 50  # centred on a sample, as augment.gaussian_kernel: 9 taps above 0.01
   taps = np.exp(-0.5 * (x / 2.0) ** 2)
   taps = taps / taps.sum()
   taps = taps[taps > 0.01]
@@ -95,7 +99,7 @@ def measure_matmul_peak(torch, n: int, repeats: int = 5) -> float:
     t0 = time.perf_counter()
     torch.mm(a, a)
     times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / min(times)
+  return 2 * n**3 / min(times)
 
 
 def analytic_flops(args) -> float:
@@ -133,8 +137,12 @@ def main():
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--tag", default="")
-  p.add_argument("--busy_load", type=float, default=benchlib.DEFAULT_BUSY_LOAD,
-                 help="warn (and set quiet=false) when the 1-minute load average exceeds this at start")
+  p.add_argument(
+    "--busy_load",
+    type=float,
+    default=benchlib.DEFAULT_BUSY_LOAD,
+    help="warn (and set quiet=false) when the 1-minute load average exceeds this at start",
+  )
   args = p.parse_args()
   load_before = benchlib.load_average()
 
@@ -164,18 +172,39 @@ def main():
   flops = analytic_flops(args)
   peak, peak_fields = benchlib.peak_report(peak_before, measure_matmul_peak(torch, args.matmul_n))
   load = benchlib.load_report(load_before, benchlib.load_average(), args.busy_load)
-  print(json.dumps({
-      "tool": "torch", "tag": args.tag, "config": "gru_baseline (torch)", "model": "gru", "platform": "cpu",
-      "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "float32",
-      "global_batch": b, "time_bins": t, "warmup_s": round(warmup_s, 2),
-      "step_ms_median": round(1e3 * step_s, 2), "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 2),
-      "steps_per_s": round(1 / step_s, 3), "trials_per_s": round(b / step_s, 2),
-      "model_flops_per_step": flops, "model_gflops_per_step": round(flops / 1e9, 2), "achieved_gflops_per_s": round(flops / step_s / 1e9, 2),
-      "peak_gflops_per_s": round(peak / 1e9, 2), "peak_source": f"measured fp32 {args.matmul_n}^3 torch.mm",
-      **peak_fields,
-      "mfu": round(flops / step_s / peak, 4),
-      "peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
-      "memory_source": "process max RSS", "final_loss": round(float(loss), 4), "steps": args.steps, **load}))
+  print(
+    json.dumps(
+      {
+        "tool": "torch",
+        "tag": args.tag,
+        "config": "gru_baseline (torch)",
+        "model": "gru",
+        "platform": "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "global_batch": b,
+        "time_bins": t,
+        "warmup_s": round(warmup_s, 2),
+        "step_ms_median": round(1e3 * step_s, 2),
+        "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 2),
+        "steps_per_s": round(1 / step_s, 3),
+        "trials_per_s": round(b / step_s, 2),
+        "model_flops_per_step": flops,
+        "model_gflops_per_step": round(flops / 1e9, 2),
+        "achieved_gflops_per_s": round(flops / step_s / 1e9, 2),
+        "peak_gflops_per_s": round(peak / 1e9, 2),
+        "peak_source": f"measured fp32 {args.matmul_n}^3 torch.mm",
+        **peak_fields,
+        "mfu": round(flops / step_s / peak, 4),
+        "peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "memory_source": "process max RSS",
+        "final_loss": round(float(loss), 4),
+        "steps": args.steps,
+        **load,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -20,20 +20,27 @@ from tqdm import tqdm
 from b2t_jax.decoding import ngram
 from b2t_jax.metrics import sentence_words
 
-_CORPUS = flags.DEFINE_string("corpus", "", "text file, one sentence per line; empty = the training sentences "
-                              "of --data_dir")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "t15 hdf5_data_final-style folder whose train split is the "
-                                "default corpus")
+_CORPUS = flags.DEFINE_string(
+  "corpus", "", "text file, one sentence per line; empty = the training sentences of --data_dir"
+)
+_DATA_DIR = flags.DEFINE_string(
+  "data_dir", "", "t15 hdf5_data_final-style folder whose train split is the default corpus"
+)
 _ORDER = flags.DEFINE_integer("order", 3, "n-gram order (>= 2: KenLM loads no unigram-only model)")
 _OUT = flags.DEFINE_string("out", None, "output ARPA path", required=True)
-_FALLBACK = flags.DEFINE_list("discount_fallback", [str(d) for d in ngram.FALLBACK_DISCOUNTS],
-                              "D1,D2,D3+ used for an order whose count-of-counts cannot give the discounts")
+_FALLBACK = flags.DEFINE_list(
+  "discount_fallback",
+  [str(d) for d in ngram.FALLBACK_DISCOUNTS],
+  "D1,D2,D3+ used for an order whose count-of-counts cannot give the discounts",
+)
 
 
 def _file_lines(path: str) -> Iterator[str]:
   """Lines of a text file, with a progress bar in bytes."""
-  with open(path, encoding="utf-8") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
-                                               desc=os.path.basename(path)) as bar:
+  with (
+    open(path, encoding="utf-8") as f,
+    tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=os.path.basename(path)) as bar,
+  ):
     for line in f:
       bar.update(len(line.encode("utf-8")))
       yield line
@@ -77,12 +84,13 @@ def main(argv):
   elif _DATA_DIR.value:
     lines = tqdm(ngram.dataset_sentences(_DATA_DIR.value, "train"), unit=" sentences", desc="train sentences")
   else:
-    raise app.UsageError("give --corpus=FILE (one sentence per line) or --data_dir=T15_FOLDER (its train "
-                         "sentences)")
+    raise app.UsageError("give --corpus=FILE (one sentence per line) or --data_dir=T15_FOLDER (its train sentences)")
   info = build_lm(lines, _ORDER.value, _OUT.value, tuple(float(x) for x in _FALLBACK.value))
-  print(f"wrote {_OUT.value}: order {_ORDER.value}, {info['sentences']} sentences "
-        f"({info['skipped']} empty lines skipped), n-grams per order {info['ngrams']}, discounts "
-        + ", ".join(f"{n + 1}: " + "/".join(f"{d:.3f}" for d in ds) for n, ds in enumerate(info["discounts"])))
+  print(
+    f"wrote {_OUT.value}: order {_ORDER.value}, {info['sentences']} sentences "
+    f"({info['skipped']} empty lines skipped), n-grams per order {info['ngrams']}, discounts "
+    + ", ".join(f"{n + 1}: " + "/".join(f"{d:.3f}" for d in ds) for n, ds in enumerate(info["discounts"]))
+  )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def main(argv):
     raise app.UsageError("--checkpoint=PATH and --out=WORKDIR are required")
   from b2t_jax.torch_import import CheckpointImportError, import_checkpoint  # noqa: PLC0415
   from configs import default  # noqa: PLC0415
+
   try:
     info = import_checkpoint(_CHECKPOINT.value, _OUT.value, default.get_config(), _ARGS.value)
   except CheckpointImportError as e:
@@ -35,11 +36,14 @@ def main(argv):
   for w in info["warnings"]:
     print(f"warning: {w}", file=sys.stderr)
   meta = "".join(f" {k}={info[k]:.4f}" for k in ("val_PER", "val_loss") if k in info)
-  print(f"imported a {info['kind']} model ({info['params']:,} parameters{',' if meta else ''}{meta}) "
-        f"into {info['workdir']}")
+  print(
+    f"imported a {info['kind']} model ({info['params']:,} parameters{',' if meta else ''}{meta}) into {info['workdir']}"
+  )
   print(f"config: {info['config']}")
-  print(f"next: python -m b2t_jax.main --config={info['config']} --workdir={info['workdir']} "
-        "--config.mode=eval --config.data.data_dir=DIR")
+  print(
+    f"next: python -m b2t_jax.main --config={info['config']} --workdir={info['workdir']} "
+    "--config.mode=eval --config.data.data_dir=DIR"
+  )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import numpy as np
 SESSIONS = ("t15.2023.08.11", "t15.2023.09.01", "t15.2023.10.20", "t15.2024.03.08")  # day indices 0, 6, 15, 29
 TRAIN, VAL, TEST = 60, 20, 20
 N_COLUMNS, N_LATENT, N_PHONEMES, WORD_BOUNDARY = 512, 6, 39, 40
-NOISE = 1.5                  # std of the additive Gaussian noise, per bin and column
-DRIFT_PER_SESSION = 0.15     # relative weight perturbation added per step of session distance
-SMOOTHING = 0.6              # exponential filter: z[t] = a * z[t-1] + (1 - a) * target[t]
+NOISE = 1.5  # std of the additive Gaussian noise, per bin and column
+DRIFT_PER_SESSION = 0.15  # relative weight perturbation added per step of session distance
+SMOOTHING = 0.6  # exponential filter: z[t] = a * z[t-1] + (1 - a) * target[t]
 
 
 def _pseudo_words(rng, n=60):
@@ -62,8 +62,8 @@ def _write(path, session, n, rng, words, targets, w, scale, offset, labelled):
       g.attrs.update(n_time_steps=x.shape[0], session=session, block_num=1 + i // 10, trial_num=i % 10)
       if labelled:
         seq, chars = np.zeros(500, np.int32), np.zeros(500, np.int32)
-        seq[:len(ids)] = ids
-        chars[:len(text)] = [ord(c) for c in text]
+        seq[: len(ids)] = ids
+        chars[: len(text)] = [ord(c) for c in text]
         g.create_dataset("seq_class_ids", data=seq)
         g.create_dataset("transcription", data=chars)
         g.attrs.update(seq_len=len(ids), sentence_label=text)

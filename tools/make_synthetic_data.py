@@ -18,18 +18,28 @@ _SEED = flags.DEFINE_integer("seed", 0, "generator seed")
 _SESSIONS = flags.DEFINE_integer("sessions", 8, "number of sessions (the first N of the t15 list)")
 _TRIALS = flags.DEFINE_integer("trials_per_session", 80, "train trials per session (val/test get a quarter)")
 _NOISE = flags.DEFINE_float("noise_std", 1.0, "per-bin Gaussian noise std")
-_PROFILE = flags.DEFINE_enum("length_profile", "demo", sorted(LENGTH_PROFILES),
-                             "trial lengths: demo (1.5-4 s) or t15 (like the release, ~2-30 s)")
-_PERMUTE = flags.DEFINE_integer("permute_columns", None, "shuffle the feature columns by the fixed permutation "
-                                "of this seed (same trials otherwise); unset = t15 column order")
+_PROFILE = flags.DEFINE_enum(
+  "length_profile", "demo", sorted(LENGTH_PROFILES), "trial lengths: demo (1.5-4 s) or t15 (like the release, ~2-30 s)"
+)
+_PERMUTE = flags.DEFINE_integer(
+  "permute_columns",
+  None,
+  "shuffle the feature columns by the fixed permutation of this seed (same trials otherwise); unset = t15 column order",
+)
 
 
 def main(argv):
   del argv
-  out = make_synthetic_dataset(_OUT.value, T15_SESSIONS, n_sessions=_SESSIONS.value,
-                               trials_per_session=_TRIALS.value, seed=_SEED.value, noise_std=_NOISE.value,
-                               length_profile=_PROFILE.value,
-                               permute_columns=_PERMUTE.value)
+  out = make_synthetic_dataset(
+    _OUT.value,
+    T15_SESSIONS,
+    n_sessions=_SESSIONS.value,
+    trials_per_session=_TRIALS.value,
+    seed=_SEED.value,
+    noise_std=_NOISE.value,
+    length_profile=_PROFILE.value,
+    permute_columns=_PERMUTE.value,
+  )
   print(f"wrote {_SESSIONS.value} sessions to {out}")
 
 

@@ -21,7 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tpu_v4.py", "config
 _MESHES = flags.DEFINE_list("meshes", ["8x1", "4x2"], "data x model mesh shapes")
 _T = flags.DEFINE_integer("time_bins", 768, "padded trial length in 20 ms bins")
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def main(argv):
@@ -31,17 +31,27 @@ def main(argv):
     shape = tuple(int(v) for v in mesh_str.split("x"))
     t0 = time.time()
     exp = experiment.Experiment(config, mesh=create_mesh(shape))
-    compiled = exp.train_step.lower(exp.abstract_state(), exp.example_batch(config.data.batch_size, _T.value)
-                                    ).compile()
+    compiled = exp.train_step.lower(exp.abstract_state(), exp.example_batch(config.data.batch_size, _T.value)).compile()
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    print(json.dumps({
-        "config": os.path.basename(flags.FLAGS["config"].config_filename), "mesh": shape,
-        "batch": config.data.batch_size, "grad_accum": config.optim.grad_accum_steps, "time_bins": _T.value,
-        "dtype": config.model.dtype, "arguments_gib": round(m.argument_size_in_bytes / GIB, 2),
-        "temp_gib": round(m.temp_size_in_bytes / GIB, 2), "output_gib": round(m.output_size_in_bytes / GIB, 2),
-        "aliased_gib": round(m.alias_size_in_bytes / GIB, 2), "per_device_total_gib": round(total / GIB, 2),
-        "compile_s": round(time.time() - t0, 1)}))
+    print(
+      json.dumps(
+        {
+          "config": os.path.basename(flags.FLAGS["config"].config_filename),
+          "mesh": shape,
+          "batch": config.data.batch_size,
+          "grad_accum": config.optim.grad_accum_steps,
+          "time_bins": _T.value,
+          "dtype": config.model.dtype,
+          "arguments_gib": round(m.argument_size_in_bytes / GIB, 2),
+          "temp_gib": round(m.temp_size_in_bytes / GIB, 2),
+          "output_gib": round(m.output_size_in_bytes / GIB, 2),
+          "aliased_gib": round(m.alias_size_in_bytes / GIB, 2),
+          "per_device_total_gib": round(total / GIB, 2),
+          "compile_s": round(time.time() - t0, 1),
+        }
+      )
+    )
 
 
 if __name__ == "__main__":

@@ -21,21 +21,34 @@ from b2t_jax.data import prepare, t15, tfds_b2t
 _HDF5 = flags.DEFINE_string("hdf5_dir", None, "the hdf5_data_final root (session folders)", required=True)
 _DATA = flags.DEFINE_string("data_dir", None, "TFDS data dir to write (local or gs://)", required=True)
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"),
-    "config whose data.sessions / n_features / on_bad_trial the dataset is built with")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "rebuild a dataset in --data_dir that was built from other "
-                               "HDF5 files or options (without it the tool stops, naming the difference)")
+  "config",
+  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"),
+  "config whose data.sessions / n_features / on_bad_trial the dataset is built with",
+)
+_OVERWRITE = flags.DEFINE_bool(
+  "overwrite",
+  False,
+  "rebuild a dataset in --data_dir that was built from other "
+  "HDF5 files or options (without it the tool stops, naming the difference)",
+)
 
 
 def main(argv):
   del argv
   d = _CONFIG.value.data
   try:
-    out = tfds_b2t.prepare(_HDF5.value, _DATA.value, sessions=d.sessions, n_features=d.n_features,
-                           on_bad_trial=d.on_bad_trial, overwrite=_OVERWRITE.value)
-  except t15.DataError as e:   # its message names the file/field and what to do: no traceback needed
+    out = tfds_b2t.prepare(
+      _HDF5.value,
+      _DATA.value,
+      sessions=d.sessions,
+      n_features=d.n_features,
+      on_bad_trial=d.on_bad_trial,
+      overwrite=_OVERWRITE.value,
+    )
+  except t15.DataError as e:  # its message names the file/field and what to do: no traceback needed
     sys.exit(f"prepare_data.py: {e}")
   import tensorflow_datasets as tfds
+
   info = tfds.builder_from_directory(out).info
   counts = {name: s.num_examples for name, s in info.splits.items()}
   print(f"skipped: {json.dumps(info.metadata.get('skipped', {}), sort_keys=True)}")

@@ -18,7 +18,7 @@ def gaussian_kernel(std: float, size: int, threshold: float) -> np.ndarray:
   full = np.zeros(size)
   centre = size // 2
   lo, hi = max(centre - radius, 0), min(centre + radius + 1, size)
-  full[lo:hi] = g[lo - (centre - radius):hi - (centre - radius)]
+  full[lo:hi] = g[lo - (centre - radius) : hi - (centre - radius)]
   kept = full[full > threshold]
   return (kept / kept.sum()).astype(np.float32)
 
@@ -32,7 +32,7 @@ def smooth(x: jax.Array, taps: np.ndarray) -> jax.Array:
   t = x.shape[1]
   xp = jnp.pad(x, ((0, 0), (half, half), (0, 0)))
   # Correlation with flipped taps == convolution; the kernel is symmetric so either reads the same.
-  return sum(float(w) * xp[:, k:k + t] for k, w in enumerate(taps[::-1]))
+  return sum(float(w) * xp[:, k : k + t] for k, w in enumerate(taps[::-1]))
 
 
 def time_mask(lengths: jax.Array, t: int) -> jax.Array:
@@ -64,13 +64,13 @@ def apply(x: jax.Array, lengths: jax.Array, draws: dict[str, jax.Array], cfg: ml
   """The SPEC §4 transforms, in the reference's order, given their draws (see `draw`). Returns (x, lengths);
   padding bins are zeroed so that smoothing sees the same zeros as eval."""
   t, f = x.shape[1], x.shape[2]
-  if "gain" in draws:     # x @ (I + std * N), one matrix per trial
+  if "gain" in draws:  # x @ (I + std * N), one matrix per trial
     x = jnp.einsum("btf,bfg->btg", x, jnp.eye(f) + cfg.static_gain_std * draws["gain"])
   if "white" in draws:
     x = x + cfg.white_noise_std * draws["white"]
   if "offset" in draws:
     x = x + cfg.constant_offset_std * draws["offset"]
-  if "walk" in draws:     # cumulative sum over time of i.i.d. steps
+  if "walk" in draws:  # cumulative sum over time of i.i.d. steps
     x = x + jnp.cumsum(cfg.random_walk_std * draws["walk"], axis=1)
   if "cut" in draws:
     # Drop the first c bins by shifting left (static shape) and shortening every trial by c.
@@ -94,5 +94,3 @@ def preprocess(key: jax.Array | None, x: jax.Array, lengths: jax.Array, cfg: ml_
   if cfg.smooth_kernel_std > 0:
     x = smooth(x, gaussian_kernel(cfg.smooth_kernel_std, cfg.smooth_kernel_size, cfg.smooth_threshold))
   return x, lengths
-
-

@@ -25,33 +25,36 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
   for b in sorted(buckets):
     if n <= b:
       return int(b)
-  raise ValueError(f"a batch needs {n} time bins but the largest of config.data.time_buckets is "
-                   f"{max(buckets)}; add a larger bucket")
+  raise ValueError(
+    f"a batch needs {n} time bins but the largest of config.data.time_buckets is {max(buckets)}; add a larger bucket"
+  )
 
 
-def pad_batch(chosen: Sequence[Trial], *, t: int, n_features: int, max_label_len: int,
-              n_rows: int | None = None) -> dict[str, np.ndarray]:
+def pad_batch(
+  chosen: Sequence[Trial], *, t: int, n_features: int, max_label_len: int, n_rows: int | None = None
+) -> dict[str, np.ndarray]:
   """Pads `chosen` into a batch of `n_rows` rows (default len(chosen)) of `t` bins; extra rows have weight 0.
 
   Keys: features (B, T, F) f32, n_time_steps (B,), labels (B, L), label_lens (B,), day (B,), weight (B,) f32.
   """
   n_rows = len(chosen) if n_rows is None else n_rows
   batch = {
-      "features": np.zeros((n_rows, t, n_features), np.float32),
-      "n_time_steps": np.zeros((n_rows,), np.int32),
-      "labels": np.zeros((n_rows, max_label_len), np.int32),
-      "label_lens": np.zeros((n_rows,), np.int32),
-      "day": np.zeros((n_rows,), np.int32),
-      "weight": np.zeros((n_rows,), np.float32),
+    "features": np.zeros((n_rows, t, n_features), np.float32),
+    "n_time_steps": np.zeros((n_rows,), np.int32),
+    "labels": np.zeros((n_rows, max_label_len), np.int32),
+    "label_lens": np.zeros((n_rows,), np.int32),
+    "day": np.zeros((n_rows,), np.int32),
+    "weight": np.zeros((n_rows,), np.float32),
   }
   for r, tr in enumerate(chosen):
     if tr.n_time_steps > t:
-      raise ValueError(f"{tr.session} trial_{tr.index_in_file:04d} has {tr.n_time_steps} bins, more than the "
-                       f"batch's padded length {t}")
-    batch["features"][r, :tr.n_time_steps] = tr.features
+      raise ValueError(
+        f"{tr.session} trial_{tr.index_in_file:04d} has {tr.n_time_steps} bins, more than the batch's padded length {t}"
+      )
+    batch["features"][r, : tr.n_time_steps] = tr.features
     batch["n_time_steps"][r] = tr.n_time_steps
     if tr.labels is not None:
-      batch["labels"][r, :len(tr.labels)] = tr.labels
+      batch["labels"][r, : len(tr.labels)] = tr.labels
       batch["label_lens"][r] = len(tr.labels)
     batch["day"][r] = tr.day
     batch["weight"][r] = 1.0
@@ -66,8 +69,9 @@ class Prefetcher:
 
   def __init__(self, fn: Callable, items: Iterable, depth: int, workers: int = 1):
     self._fn, self._items, self._depth = fn, items, depth
-    self._pool = (concurrent.futures.ThreadPoolExecutor(max(workers, 1), thread_name_prefix="b2t-prefetch")
-                  if depth > 0 else None)
+    self._pool = (
+      concurrent.futures.ThreadPoolExecutor(max(workers, 1), thread_name_prefix="b2t-prefetch") if depth > 0 else None
+    )
 
   def __iter__(self) -> Iterator:
     if self._pool is None:

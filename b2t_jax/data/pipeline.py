@@ -24,7 +24,7 @@ from etils import epath
 from b2t_jax.data import batching, sampler, t15
 from b2t_jax.patching import n_patches
 
-SKIPS_FILE = "skipped_trials.json"   # written to the workdir: skip counts per split, stage and reason
+SKIPS_FILE = "skipped_trials.json"  # written to the workdir: skip counts per split, stage and reason
 
 
 @dataclasses.dataclass
@@ -32,17 +32,17 @@ class DataSplit:
   """One split of a prepared dataset: the in-memory index plus a random-access source of the examples."""
 
   name: str
-  dataset_dir: str                # the prepared dataset folder it was opened from
-  source: Any                     # tfds ArrayRecordDataSource: len, __getitems__
-  day: np.ndarray                 # (N,) per record
+  dataset_dir: str  # the prepared dataset folder it was opened from
+  source: Any  # tfds ArrayRecordDataSource: len, __getitems__
+  day: np.ndarray  # (N,) per record
   n_time_steps: np.ndarray
   label_len: np.ndarray
   ctc_len: np.ndarray
   index_in_file: np.ndarray
   sessions: tuple
   feature_pool: int
-  keep: np.ndarray                # (N,) bool: passed the load-time checks
-  skipped: dict                   # {'prepare': {reason: n}, 'load': {reason: n}}
+  keep: np.ndarray  # (N,) bool: passed the load-time checks
+  skipped: dict  # {'prepare': {reason: n}, 'load': {reason: n}}
 
   def __len__(self) -> int:
     return int(self.keep.sum())
@@ -69,14 +69,24 @@ class DataSplit:
     out = []
     for i, ex in zip(indices, examples):
       if int(ex["day"]) != self.day[i] or int(ex["n_time_steps"]) != self.n_time_steps[i]:
-        raise t15.DataError(f"{self.describe(i)}: the record disagrees with the dataset index; the prepared "
-                            "dataset is inconsistent: delete it and prepare it again")
+        raise t15.DataError(
+          f"{self.describe(i)}: the record disagrees with the dataset index; the prepared "
+          "dataset is inconsistent: delete it and prepare it again"
+        )
       labelled = self.name != "test"
-      out.append(t15.Trial(
+      out.append(
+        t15.Trial(
           batching.pool_features(np.asarray(ex["features"], np.float32), self.feature_pool),
           np.asarray(ex["phonemes"], np.int32) if labelled else None,
-          _text(ex["sentence"]) if labelled else None, int(ex["day"]), _text(ex["session"]), int(ex["block"]),
-          int(ex["trial"]), int(ex["index_in_file"]), _text(ex["transcription"]) if labelled else None))
+          _text(ex["sentence"]) if labelled else None,
+          int(ex["day"]),
+          _text(ex["session"]),
+          int(ex["block"]),
+          int(ex["trial"]),
+          int(ex["index_in_file"]),
+          _text(ex["transcription"]) if labelled else None,
+        )
+      )
     return out
 
 
@@ -99,12 +109,15 @@ def _text(v) -> str:
 def _check_metadata(meta: dict, config: ml_collections.ConfigDict, dataset_dir: str) -> None:
   d = config.data
   built = list(meta.get("sessions", []))
-  if built != list(d.sessions)[:len(built)] or not built:
-    raise t15.DataError(f"{dataset_dir} was prepared with a different session list than config.data.sessions "
-                        "(the day index is the position in that list); prepare it again with this config's list")
+  if built != list(d.sessions)[: len(built)] or not built:
+    raise t15.DataError(
+      f"{dataset_dir} was prepared with a different session list than config.data.sessions "
+      "(the day index is the position in that list); prepare it again with this config's list"
+    )
   if meta.get("n_features") != d.n_features:
-    raise t15.DataError(f"{dataset_dir} holds {meta.get('n_features')} features per bin but "
-                        f"config.data.n_features={d.n_features}")
+    raise t15.DataError(
+      f"{dataset_dir} holds {meta.get('n_features')} features per bin but config.data.n_features={d.n_features}"
+    )
 
 
 def open_split(dataset_dir: str, config: ml_collections.ConfigDict, split: str, *, train: bool) -> DataSplit:
@@ -125,11 +138,24 @@ def open_split(dataset_dir: str, config: ml_collections.ConfigDict, split: str, 
   arrays = {k: np.asarray(v, np.int64) for k, v in index.items()}
   source = builder.as_data_source(split)
   if len(source) != len(arrays["day"]):
-    raise t15.DataError(f"{dataset_dir}: the {split} split has {len(source)} records but its index "
-                        f"{len(arrays['day'])}; delete the folder and prepare it again")
-  out = DataSplit(split, dataset_dir, source, arrays["day"], arrays["n_time_steps"], arrays["label_len"],
-                  arrays["ctc_len"], arrays["index_in_file"], tuple(meta["sessions"]), d.feature_pool,
-                  np.ones(len(source), bool), {"prepare": dict(meta.get("skipped", {}).get(split, {})), "load": {}})
+    raise t15.DataError(
+      f"{dataset_dir}: the {split} split has {len(source)} records but its index "
+      f"{len(arrays['day'])}; delete the folder and prepare it again"
+    )
+  out = DataSplit(
+    split,
+    dataset_dir,
+    source,
+    arrays["day"],
+    arrays["n_time_steps"],
+    arrays["label_len"],
+    arrays["ctc_len"],
+    arrays["index_in_file"],
+    tuple(meta["sessions"]),
+    d.feature_pool,
+    np.ones(len(source), bool),
+    {"prepare": dict(meta.get("skipped", {}).get(split, {})), "load": {}},
+  )
   _apply_load_checks(out, config, train=train)
   return out
 
@@ -140,13 +166,18 @@ def _apply_load_checks(s: DataSplit, config: ml_collections.ConfigDict, *, train
   # infeasible mask it out of the CTC mean and count it (losses.feasible_mask), as SPEC §4 asks.
   frames = n_patches(s.n_time_steps, m.patch_size, m.patch_stride)
   problems = {
-      "label_too_long": (s.label_len > d.max_label_len,
-                         lambda i: f"{s.label_len[i]} phonemes exceed config.data.max_label_len={d.max_label_len}; "
-                                   "raise it"),
-      "too_short_for_labels": ((frames < np.maximum(s.ctc_len, 1)) & (s.label_len <= d.max_label_len),
-                               lambda i: f"{s.n_time_steps[i]} bins give {max(int(frames[i]), 0)} CTC frames after "
-                                         f"patching (size {m.patch_size}, stride {m.patch_stride}), but its "
-                                         f"{s.label_len[i]} labels need {s.ctc_len[i]}"),
+    "label_too_long": (
+      s.label_len > d.max_label_len,
+      lambda i: f"{s.label_len[i]} phonemes exceed config.data.max_label_len={d.max_label_len}; raise it",
+    ),
+    "too_short_for_labels": (
+      (frames < np.maximum(s.ctc_len, 1)) & (s.label_len <= d.max_label_len),
+      lambda i: (
+        f"{s.n_time_steps[i]} bins give {max(int(frames[i]), 0)} CTC frames after "
+        f"patching (size {m.patch_size}, stride {m.patch_stride}), but its "
+        f"{s.label_len[i]} labels need {s.ctc_len[i]}"
+      ),
+    ),
   }
   counts = collections.Counter()
   for reason, (mask, explain) in problems.items():
@@ -155,8 +186,11 @@ def _apply_load_checks(s: DataSplit, config: ml_collections.ConfigDict, *, train
       continue
     msg = f"{s.describe(bad[0])}: {explain(bad[0])}"
     if d.on_bad_trial == "error":
-      raise t15.DataError(f"{msg} ({len(bad)} such trial(s) in the {s.name} split); set "
-                          "config.data.on_bad_trial='skip' to leave them out (counted)", reason)
+      raise t15.DataError(
+        f"{msg} ({len(bad)} such trial(s) in the {s.name} split); set "
+        "config.data.on_bad_trial='skip' to leave them out (counted)",
+        reason,
+      )
     logging.warning("skipping %d %s trial(s) (%s), e.g. %s", len(bad), s.name, reason, msg)
     s.keep[bad] = False
     counts[reason] += len(bad)
@@ -166,12 +200,17 @@ def _apply_load_checks(s: DataSplit, config: ml_collections.ConfigDict, *, train
 def write_skips(workdir: str, splits: Sequence[DataSplit]) -> str:
   """Writes WORKDIR/skipped_trials.json: {split: {'prepare': {reason: n}, 'load': {reason: n}, 'kept': n}}."""
   path = epath.Path(workdir) / SKIPS_FILE
-  report = {s.name: {**s.skipped, "kept": len(s), "reasons": {r: t15.REASONS[r] for st in s.skipped.values()
-                                                                for r in st if r in t15.REASONS}}
-            for s in splits}
+  report = {
+    s.name: {
+      **s.skipped,
+      "kept": len(s),
+      "reasons": {r: t15.REASONS[r] for st in s.skipped.values() for r in st if r in t15.REASONS},
+    }
+    for s in splits
+  }
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    previous = {}                                                        # eval mode rewrites only 'val'
+    previous = {}  # eval mode rewrites only 'val'
     try:
       previous = json.loads(path.read_text()) if path.exists() else {}
     except json.JSONDecodeError as e:
@@ -196,20 +235,31 @@ def check_buckets(s: DataSplit, buckets: Sequence[int]) -> None:
   kept = np.flatnonzero(s.keep)
   longest = kept[np.argmax(s.n_time_steps[kept])]
   if s.n_time_steps[longest] > max(buckets):
-    raise ValueError(f"{s.describe(longest)} has {s.n_time_steps[longest]} bins, more than the largest of "
-                     f"config.data.time_buckets={tuple(buckets)}; add a bucket")
+    raise ValueError(
+      f"{s.describe(longest)} has {s.n_time_steps[longest]} bins, more than the largest of "
+      f"config.data.time_buckets={tuple(buckets)}; add a bucket"
+    )
 
 
 def rows_per_process(n_rows: int, process_count: int, field: str) -> int:
   """Rows of a global batch each process reads; an error naming the config field when they do not divide."""
   if n_rows % process_count:
-    raise ValueError(f"config.data.{field}={n_rows} does not divide the {process_count} processes: every process "
-                     f"reads an equal share of each batch; make it a multiple of {process_count}")
+    raise ValueError(
+      f"config.data.{field}={n_rows} does not divide the {process_count} processes: every process "
+      f"reads an equal share of each batch; make it a multiple of {process_count}"
+    )
   return n_rows // process_count
 
 
-def _host_rows(s: DataSplit, config: ml_collections.ConfigDict, idx: np.ndarray, n_rows: int, field: str,
-               process_index: int | None, process_count: int | None) -> dict[str, np.ndarray]:
+def _host_rows(
+  s: DataSplit,
+  config: ml_collections.ConfigDict,
+  idx: np.ndarray,
+  n_rows: int,
+  field: str,
+  process_index: int | None,
+  process_count: int | None,
+) -> dict[str, np.ndarray]:
   """This process's share of the global batch of record indices `idx` (padded to `n_rows` rows in all). The
   time bucket comes from the global batch's lengths (the index), so every process pads to the same shape."""
   d = config.data
@@ -217,13 +267,20 @@ def _host_rows(s: DataSplit, config: ml_collections.ConfigDict, idx: np.ndarray,
   pc = jax.process_count() if process_count is None else process_count
   t = batching.bucket_length(int(s.n_time_steps[idx].max()), d.time_buckets)
   rows = rows_per_process(n_rows, pc, field)
-  mine = idx[pi * rows:(pi + 1) * rows]
-  return batching.pad_batch(s.read(mine), t=t, n_features=d.n_features // d.feature_pool,
-                            max_label_len=d.max_label_len, n_rows=rows)
+  mine = idx[pi * rows : (pi + 1) * rows]
+  return batching.pad_batch(
+    s.read(mine), t=t, n_features=d.n_features // d.feature_pool, max_label_len=d.max_label_len, n_rows=rows
+  )
 
 
-def train_host_batch(s: DataSplit, config: ml_collections.ConfigDict, step: int, *,
-                     process_index: int | None = None, process_count: int | None = None) -> dict[str, np.ndarray]:
+def train_host_batch(
+  s: DataSplit,
+  config: ml_collections.ConfigDict,
+  step: int,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> dict[str, np.ndarray]:
   """This process's rows of global training batch `step` (a pure function of (seed, step))."""
   d = config.data
   idx = sampler.train_batch_indices(d.seed, step, s.days, d.batch_size, d.days_per_batch)
@@ -235,7 +292,13 @@ def eval_plan(s: DataSplit, eval_batch_size: int) -> list[np.ndarray]:
   return sampler.eval_batch_indices(s.day_indices(), eval_batch_size)
 
 
-def eval_host_batch(s: DataSplit, config: ml_collections.ConfigDict, idx: np.ndarray, *,
-                    process_index: int | None = None, process_count: int | None = None) -> dict[str, np.ndarray]:
+def eval_host_batch(
+  s: DataSplit,
+  config: ml_collections.ConfigDict,
+  idx: np.ndarray,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> dict[str, np.ndarray]:
   """This process's rows of the eval batch of global indices `idx`, padded to eval_batch_size rows in all."""
   return _host_rows(s, config, idx, config.data.eval_batch_size, "eval_batch_size", process_index, process_count)

@@ -65,7 +65,7 @@ def prepare_atomically(hdf5_dir: str, out_dir: str, options: dict) -> str:
     try:
       tfds_b2t.prepare(hdf5_dir, tmp, **options)
     except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)   # leave no half-built folder in the cache
+      shutil.rmtree(tmp, ignore_errors=True)  # leave no half-built folder in the cache
       raise
     try:
       os.rename(tmp, out_dir)
@@ -81,6 +81,7 @@ def _on_every_process(fn):
     out = fn()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("b2t_prepare_data")
   if jax.process_index() != 0:
     out = fn()
@@ -97,9 +98,15 @@ def resolve_hdf5_or_tfds(config: ml_collections.ConfigDict, workdir: str) -> str
   def generate():
     if not os.path.exists(os.path.join(out, ".complete")):
       logging.info("config.data.data_dir is empty: writing synthetic t15 data to %s", out)
-      make_synthetic_dataset(out, config.data.sessions, n_sessions=s.n_sessions,
-                             trials_per_session=s.trials_per_session, seed=s.seed, noise_std=s.noise_std,
-                             length_profile=s.length_profile)
+      make_synthetic_dataset(
+        out,
+        config.data.sessions,
+        n_sessions=s.n_sessions,
+        trials_per_session=s.trials_per_session,
+        seed=s.seed,
+        noise_std=s.noise_std,
+        length_profile=s.length_profile,
+      )
       open(os.path.join(out, ".complete"), "w").close()
     return out
 
@@ -113,8 +120,10 @@ def resolve_dataset(config: ml_collections.ConfigDict, workdir: str) -> str:
   if found:
     return found
   if not os.path.isdir(path):
-    raise t15.DataError(f"config.data.data_dir={path!r} is neither a prepared TFDS dataset (tools/prepare_data.py) "
-                        "nor an existing hdf5_data_final folder")
+    raise t15.DataError(
+      f"config.data.data_dir={path!r} is neither a prepared TFDS dataset (tools/prepare_data.py) "
+      "nor an existing hdf5_data_final folder"
+    )
   options = _build_options(config)
   if not config.data.data_dir:
     out = os.path.join(workdir, "synthetic_tfds")

@@ -5,17 +5,21 @@ from __future__ import annotations
 import numpy as np
 
 
-def train_batch_indices(seed: int, step: int, day_indices: dict[int, np.ndarray], batch_size: int,
-                        days_per_batch: int) -> np.ndarray:
+def train_batch_indices(
+  seed: int, step: int, day_indices: dict[int, np.ndarray], batch_size: int, days_per_batch: int
+) -> np.ndarray:
   """The reference recipe: `days_per_batch` distinct days drawn uniformly, then `batch_size / days_per_batch`
   trials per day drawn with replacement. Returns trial indices (batch_size,), grouped by day."""
   if batch_size % days_per_batch:
-    raise ValueError(f"config.data.batch_size={batch_size} must be a multiple of "
-                     f"config.data.days_per_batch={days_per_batch}")
+    raise ValueError(
+      f"config.data.batch_size={batch_size} must be a multiple of config.data.days_per_batch={days_per_batch}"
+    )
   days = np.asarray(sorted(day_indices))
   if len(days) < days_per_batch:
-    raise ValueError(f"config.data.days_per_batch={days_per_batch} but the training split has only "
-                     f"{len(days)} day(s) with trials; lower days_per_batch")
+    raise ValueError(
+      f"config.data.days_per_batch={days_per_batch} but the training split has only "
+      f"{len(days)} day(s) with trials; lower days_per_batch"
+    )
   rng = np.random.default_rng([seed, step])
   chosen = rng.choice(days, size=days_per_batch, replace=False)
   per_day = batch_size // days_per_batch
@@ -25,4 +29,4 @@ def train_batch_indices(seed: int, step: int, day_indices: dict[int, np.ndarray]
 def eval_batch_indices(day_indices: dict[int, np.ndarray], batch_size: int) -> list[np.ndarray]:
   """Per-day eval batches, as the reference validates: each day's trials in order, in chunks of at most
   `batch_size`; together they cover every trial exactly once."""
-  return [idx[s:s + batch_size] for _, idx in sorted(day_indices.items()) for s in range(0, len(idx), batch_size)]
+  return [idx[s : s + batch_size] for _, idx in sorted(day_indices.items()) for s in range(0, len(idx), batch_size)]

@@ -36,30 +36,91 @@ from b2t_jax.vocab import PHONEMES, SIL_ID
 
 # word -> ARPAbet without stress; together they cover all 39 phonemes.
 LEXICON = {
-    "i": "AY", "you": "Y UW", "we": "W IY", "they": "DH EY", "he": "HH IY", "she": "SH IY", "the": "DH AH",
-    "a": "AH", "is": "IH Z", "to": "T UW", "and": "AE N D", "of": "AH V", "in": "IH N", "that": "DH AE T",
-    "have": "HH AE V", "for": "F AO R", "not": "N AA T", "with": "W IH DH", "do": "D UW", "say": "S EY",
-    "good": "G UH D", "know": "N OW", "want": "W AA N T", "think": "TH IH NG K", "water": "W AO T ER",
-    "please": "P L IY Z", "thank": "TH AE NG K", "yes": "Y EH S", "help": "HH EH L P", "my": "M AY",
-    "family": "F AE M AH L IY", "today": "T AH D EY", "time": "T AY M", "home": "HH OW M", "very": "V EH R IY",
-    "much": "M AH CH", "go": "G OW", "come": "K AH M", "see": "S IY", "like": "L AY K", "need": "N IY D",
-    "feel": "F IY L", "tired": "T AY ER D", "happy": "HH AE P IY", "juice": "JH UW S",
-    "pleasure": "P L EH ZH ER", "boy": "B OY", "how": "HH AW", "out": "AW T", "thing": "TH IH NG",
-    "red": "R EH D", "book": "B UH K", "car": "K AA R", "watch": "W AA CH", "put": "P UH T",
-    "school": "S K UW L", "brother": "B R AH DH ER", "bird": "B ER D", "voice": "V OY S", "zoo": "Z UW",
-    "shoe": "SH UW", "eat": "IY T", "now": "N AW", "what": "W AH T", "right": "R AY T", "talk": "T AO K",
-    "morning": "M AO R N IH NG", "outside": "AW T S AY D", "music": "M Y UW Z IH K", "doctor": "D AA K T ER",
-    "call": "K AO L", "nurse": "N ER S", "bed": "B EH D", "cold": "K OW L D", "warm": "W AO R M",
+  "i": "AY",
+  "you": "Y UW",
+  "we": "W IY",
+  "they": "DH EY",
+  "he": "HH IY",
+  "she": "SH IY",
+  "the": "DH AH",
+  "a": "AH",
+  "is": "IH Z",
+  "to": "T UW",
+  "and": "AE N D",
+  "of": "AH V",
+  "in": "IH N",
+  "that": "DH AE T",
+  "have": "HH AE V",
+  "for": "F AO R",
+  "not": "N AA T",
+  "with": "W IH DH",
+  "do": "D UW",
+  "say": "S EY",
+  "good": "G UH D",
+  "know": "N OW",
+  "want": "W AA N T",
+  "think": "TH IH NG K",
+  "water": "W AO T ER",
+  "please": "P L IY Z",
+  "thank": "TH AE NG K",
+  "yes": "Y EH S",
+  "help": "HH EH L P",
+  "my": "M AY",
+  "family": "F AE M AH L IY",
+  "today": "T AH D EY",
+  "time": "T AY M",
+  "home": "HH OW M",
+  "very": "V EH R IY",
+  "much": "M AH CH",
+  "go": "G OW",
+  "come": "K AH M",
+  "see": "S IY",
+  "like": "L AY K",
+  "need": "N IY D",
+  "feel": "F IY L",
+  "tired": "T AY ER D",
+  "happy": "HH AE P IY",
+  "juice": "JH UW S",
+  "pleasure": "P L EH ZH ER",
+  "boy": "B OY",
+  "how": "HH AW",
+  "out": "AW T",
+  "thing": "TH IH NG",
+  "red": "R EH D",
+  "book": "B UH K",
+  "car": "K AA R",
+  "watch": "W AA CH",
+  "put": "P UH T",
+  "school": "S K UW L",
+  "brother": "B R AH DH ER",
+  "bird": "B ER D",
+  "voice": "V OY S",
+  "zoo": "Z UW",
+  "shoe": "SH UW",
+  "eat": "IY T",
+  "now": "N AW",
+  "what": "W AH T",
+  "right": "R AY T",
+  "talk": "T AO K",
+  "morning": "M AO R N IH NG",
+  "outside": "AW T S AY D",
+  "music": "M Y UW Z IH K",
+  "doctor": "D AA K T ER",
+  "call": "K AO L",
+  "nurse": "N ER S",
+  "bed": "B EH D",
+  "cold": "K OW L D",
+  "warm": "W AO R M",
 }
 _PHONEME_ID = {p: i for i, p in enumerate(PHONEMES)}
 # Trial-length profiles: [low, high) ranges of words per sentence and of 20 ms bins per phoneme, per word
 # boundary and before/after speech. 'demo' keeps trials short (1.5-4 s) so the demo trains in minutes; 't15'
 # mimics the release's spread (about 2-30 s, ~2 s per attempted word) for bucketing measurements.
 LENGTH_PROFILES = {
-    "demo": {"words": (3, 8), "phoneme_bins": (3, 7), "boundary_bins": (2, 4), "edge_bins": (8, 20)},
-    "t15": {"words": (2, 13), "phoneme_bins": (10, 30), "boundary_bins": (10, 40), "edge_bins": (25, 75)},
+  "demo": {"words": (3, 8), "phoneme_bins": (3, 7), "boundary_bins": (2, 4), "edge_bins": (8, 20)},
+  "t15": {"words": (2, 13), "phoneme_bins": (10, 30), "boundary_bins": (10, 40), "edge_bins": (25, 75)},
 }
-N_SILENT_SESSIONS = (0, 28, 32, 33)   # t15 sessions without val/test files (SPEC §1)
+N_SILENT_SESSIONS = (0, 28, 32, 33)  # t15 sessions without val/test files (SPEC §1)
 ELECTRODES_PER_ARRAY = 64
 # Tuning strength of each array, in column order (ventral 6v, area 4, 55b, dorsal 6v): in t15 the ventral
 # arrays carry most of the speech signal and dorsal 6v almost none.
@@ -77,28 +138,38 @@ def sentence_to_ids(words: list[str]) -> list[int]:
 class SyntheticT15:
   """Deterministic generator: tuning and day drift are fixed by the seed; trials are drawn from it."""
 
-  n_latent = 10           # articulatory latent dimensions
-  pattern_bins = 6        # a phoneme's latent trajectory spans this many 20 ms bins
-  latent_scale = 1.2      # std of a phoneme trajectory's latent values (before the Hann taper)
-  tx_depth = 0.5          # log-rate modulation of a threshold-crossing rate per unit of drive
+  n_latent = 10  # articulatory latent dimensions
+  pattern_bins = 6  # a phoneme's latent trajectory spans this many 20 ms bins
+  latent_scale = 1.2  # std of a phoneme trajectory's latent values (before the Hann taper)
+  tx_depth = 0.5  # log-rate modulation of a threshold-crossing rate per unit of drive
   base_rate = (0.3, 2.5)  # [low, high) of an electrode's mean threshold crossings per 20 ms bin
-  sbp_base = (1.0, 3.0)   # [low, high) of an electrode's mean spike-band power (arbitrary units)
-  sbp_depth = 0.6         # spike-band power change per unit of drive
-  sbp_tx_coupling = 0.2   # spike-band power per unit of the same electrode's standardised count fluctuation
-  tuning_drift = 1.0      # radians the tuning of a typical electrode has rotated by at the last session
-  gain_drift = 0.4        # log-gain of rates drifts up to +/- this over the session list
-  offset_drift = 0.5      # spike-band power offset drifts up to +/- this over the session list
-  successors = 4          # words that may follow a given word (the grammar's branching factor)
-  grammar_stream = 99     # PRNG stream of the grammar, apart from the neural tuning's
+  sbp_base = (1.0, 3.0)  # [low, high) of an electrode's mean spike-band power (arbitrary units)
+  sbp_depth = 0.6  # spike-band power change per unit of drive
+  sbp_tx_coupling = 0.2  # spike-band power per unit of the same electrode's standardised count fluctuation
+  tuning_drift = 1.0  # radians the tuning of a typical electrode has rotated by at the last session
+  gain_drift = 0.4  # log-gain of rates drifts up to +/- this over the session list
+  offset_drift = 0.5  # spike-band power offset drifts up to +/- this over the session list
+  successors = 4  # words that may follow a given word (the grammar's branching factor)
+  grammar_stream = 99  # PRNG stream of the grammar, apart from the neural tuning's
 
-  def __init__(self, seed: int = 0, n_features: int = 512, n_days_total: int = 45, noise_std: float = 1.0,
-               length_profile: str = "demo"):
+  def __init__(
+    self,
+    seed: int = 0,
+    n_features: int = 512,
+    n_days_total: int = 45,
+    noise_std: float = 1.0,
+    length_profile: str = "demo",
+  ):
     if length_profile not in LENGTH_PROFILES:
-      raise ValueError(f"length_profile={length_profile!r}: expected one of {sorted(LENGTH_PROFILES)} "
-                       "(config.data.synthetic.length_profile)")
+      raise ValueError(
+        f"length_profile={length_profile!r}: expected one of {sorted(LENGTH_PROFILES)} "
+        "(config.data.synthetic.length_profile)"
+      )
     if n_features % (2 * ELECTRODES_PER_ARRAY):
-      raise ValueError(f"n_features={n_features}: must be 2 x electrodes, a multiple of {2 * ELECTRODES_PER_ARRAY} "
-                       "(threshold crossings then spike-band power of whole 64-electrode arrays)")
+      raise ValueError(
+        f"n_features={n_features}: must be 2 x electrodes, a multiple of {2 * ELECTRODES_PER_ARRAY} "
+        "(threshold crossings then spike-band power of whole 64-electrode arrays)"
+      )
     self.lengths = LENGTH_PROFILES[length_profile]
     self.n_features, self.n_days_total, self.noise_std = n_features, n_days_total, noise_std
     self.n_electrodes = n_e = n_features // 2
@@ -107,7 +178,7 @@ class SyntheticT15:
     self.patterns = self.latent_scale * rng.standard_normal((len(PHONEMES), self.pattern_bins, self.n_latent)) * taper
     array = np.arange(n_e) // ELECTRODES_PER_ARRAY % len(ARRAY_INFORMATIVENESS)
     strength = np.asarray(ARRAY_INFORMATIVENESS)[array, None] / np.sqrt(self.n_latent)
-    self.tuning = rng.standard_normal((n_e, self.n_latent)) * strength         # day-0 weights
+    self.tuning = rng.standard_normal((n_e, self.n_latent)) * strength  # day-0 weights
     self.tuning_target = rng.standard_normal((n_e, self.n_latent)) * strength  # direction the drift turns to
     self.drift_angle = self.tuning_drift * rng.uniform(0.5, 1.5, n_e)
     self.log_base_rate = np.log(rng.uniform(*self.base_rate, n_e))
@@ -116,8 +187,7 @@ class SyntheticT15:
     self.drift_offset = rng.uniform(-self.offset_drift, self.offset_drift, n_e)
     self.words = sorted(LEXICON)
     grammar = np.random.default_rng([seed, self.grammar_stream])
-    self.next_words = [grammar.choice(len(self.words), self.successors, replace=False)
-                       for _ in self.words]
+    self.next_words = [grammar.choice(len(self.words), self.successors, replace=False) for _ in self.words]
     self.next_probs = [grammar.dirichlet(np.ones(self.successors)) for _ in self.words]
 
   def sentence(self, rng: np.random.Generator, n_words: int) -> list[str]:
@@ -143,8 +213,9 @@ class SyntheticT15:
     p = self.lengths
     words = self.sentence(rng, int(rng.integers(*p["words"])))
     ids = sentence_to_ids(words)
-    durations = [int(rng.integers(*p["boundary_bins"])) if i == SIL_ID else int(rng.integers(*p["phoneme_bins"]))
-                 for i in ids]
+    durations = [
+      int(rng.integers(*p["boundary_bins"])) if i == SIL_ID else int(rng.integers(*p["phoneme_bins"])) for i in ids
+    ]
     lead, tail = int(rng.integers(*p["edge_bins"])), int(rng.integers(*p["edge_bins"]))
     return words, ids, durations, lead, lead + sum(durations) + tail + self.pattern_bins
 
@@ -154,14 +225,19 @@ class SyntheticT15:
     latent = np.zeros((t, self.n_latent))
     onset = lead
     for i, d in zip(ids, durations):
-      latent[onset:onset + self.pattern_bins] += self.patterns[i]
+      latent[onset : onset + self.pattern_bins] += self.patterns[i]
       onset += d
-    drive = latent @ day["tuning"].T                                            # (T, electrodes)
+    drive = latent @ day["tuning"].T  # (T, electrodes)
     rate = np.exp(self.log_base_rate + day["log_gain"] + self.tx_depth * drive)
     tx = rng.poisson(rate)
     fluctuation = (tx - rate) / np.sqrt(rate)
-    sbp = (self.sbp_level + day["offset"] + self.sbp_depth * drive + self.sbp_tx_coupling * fluctuation
-           + self.noise_std * rng.standard_normal(drive.shape))
+    sbp = (
+      self.sbp_level
+      + day["offset"]
+      + self.sbp_depth * drive
+      + self.sbp_tx_coupling * fluctuation
+      + self.noise_std * rng.standard_normal(drive.shape)
+    )
     x = np.concatenate([tx, np.maximum(sbp, 0.0)], axis=1)
     return x, ids, " ".join(words)
 
@@ -177,7 +253,7 @@ class RunningZScore:
     self.window, self.eps, self.history = window, eps, []
 
   def __call__(self, x: np.ndarray) -> np.ndarray:
-    past = self.history[-self.window:] or [(x.shape[0], x.sum(0), np.square(x).sum(0))]
+    past = self.history[-self.window :] or [(x.shape[0], x.sum(0), np.square(x).sum(0))]
     n = sum(h[0] for h in past)
     mean = sum(h[1] for h in past) / n
     std = np.sqrt(np.maximum(sum(h[2] for h in past) / n - np.square(mean), 0.0)) + self.eps
@@ -190,9 +266,18 @@ def column_permutation(seed: int, n_features: int = 512) -> np.ndarray:
   return np.random.default_rng([seed, 512]).permutation(n_features)
 
 
-def write_session_file(path: str, gen: SyntheticT15, session: str, day: int, n_trials: int, labelled: bool,
-                       rng: np.random.Generator, pad_len: int = 500, trials_per_block: int = 20,
-                       columns: np.ndarray | None = None) -> None:
+def write_session_file(
+  path: str,
+  gen: SyntheticT15,
+  session: str,
+  day: int,
+  n_trials: int,
+  labelled: bool,
+  rng: np.random.Generator,
+  pad_len: int = 500,
+  trials_per_block: int = 20,
+  columns: np.ndarray | None = None,
+) -> None:
   """Writes one `data_<split>.hdf5` of `n_trials` trials in the t15 layout (`columns`: reorder the features)."""
   day_params = gen.day_transform(day, np.random.default_rng([day, 7]))
   zscore = RunningZScore()
@@ -210,19 +295,27 @@ def write_session_file(path: str, gen: SyntheticT15, session: str, day: int, n_t
       g.attrs["trial_num"] = i % trials_per_block
       if labelled:
         seq = np.zeros(pad_len, np.int32)
-        seq[:len(ids)] = ids
+        seq[: len(ids)] = ids
         text = np.zeros(pad_len, np.int32)
         codes = [ord(ch) for ch in sentence]
-        text[:len(codes)] = codes
+        text[: len(codes)] = codes
         g.create_dataset("seq_class_ids", data=seq)
         g.create_dataset("transcription", data=text)
         g.attrs["seq_len"] = len(ids)
         g.attrs["sentence_label"] = sentence
 
 
-def make_synthetic_dataset(out_dir: str, sessions, *, n_sessions: int = 8, trials_per_session: int = 60,
-                           seed: int = 0, noise_std: float = 1.0, length_profile: str = "demo",
-                           permute_columns: int | None = None) -> str:
+def make_synthetic_dataset(
+  out_dir: str,
+  sessions,
+  *,
+  n_sessions: int = 8,
+  trials_per_session: int = 60,
+  seed: int = 0,
+  noise_std: float = 1.0,
+  length_profile: str = "demo",
+  permute_columns: int | None = None,
+) -> str:
   """Writes `<out_dir>/<session>/data_{train,val,test}.hdf5` for the first `n_sessions` sessions.
 
   `length_profile` picks trial lengths (LENGTH_PROFILES). Val and test get a quarter of `trials_per_session`
@@ -239,10 +332,10 @@ def make_synthetic_dataset(out_dir: str, sessions, *, n_sessions: int = 8, trial
     folder = os.path.join(out_dir, session)
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng([seed, day])
-    write_session_file(os.path.join(folder, "data_train.hdf5"), gen, session, day, trials_per_session, True, rng,
-                       columns=columns)
+    write_session_file(
+      os.path.join(folder, "data_train.hdf5"), gen, session, day, trials_per_session, True, rng, columns=columns
+    )
     if day not in N_SILENT_SESSIONS:
       write_session_file(os.path.join(folder, "data_val.hdf5"), gen, session, day, n_eval, True, rng, columns=columns)
-      write_session_file(os.path.join(folder, "data_test.hdf5"), gen, session, day, n_eval, False, rng,
-                         columns=columns)
+      write_session_file(os.path.join(folder, "data_test.hdf5"), gen, session, day, n_eval, False, rng, columns=columns)
   return out_dir

@@ -26,7 +26,7 @@ from b2t_jax.decoding import ngram
 from b2t_jax.vocab import BLANK_ID, PHONEMES, SIL_ID
 
 UNK_WORD = ngram.UNK
-TRIE_MAX_LABELS = 6         # flashlight-text's kTrieMaxLabel: words one trie node (one spelling) can hold
+TRIE_MAX_LABELS = 6  # flashlight-text's kTrieMaxLabel: words one trie node (one spelling) can hold
 _PHONEME_ID = {p: i for i, p in enumerate(PHONEMES)}
 
 
@@ -93,8 +93,9 @@ class Lexicon:
   missing: list[str]
 
 
-def build_lexicon(vocabulary: Iterable[str], extra: dict[str, list[tuple[int, ...]]] | None = None,
-                  *, source: str = "vocabulary") -> Lexicon:
+def build_lexicon(
+  vocabulary: Iterable[str], extra: dict[str, list[tuple[int, ...]]] | None = None, *, source: str = "vocabulary"
+) -> Lexicon:
   """Pronunciations for every word of `vocabulary`: from `extra` (user-given, takes precedence) else CMUdict.
 
   Words found in neither are reported (logged with their count and the first few, and kept in
@@ -102,7 +103,7 @@ def build_lexicon(vocabulary: Iterable[str], extra: dict[str, list[tuple[int, ..
   extra = extra or {}
   cmu = cmudict_pronunciations()
   words, prons, missing = [], {}, []
-  for w in dict.fromkeys(vocabulary):        # dedupe, keep order
+  for w in dict.fromkeys(vocabulary):  # dedupe, keep order
     if w in (ngram.BOS, ngram.EOS, UNK_WORD):
       continue
     p = extra.get(w) or list(cmu.get(w, ()))
@@ -112,9 +113,15 @@ def build_lexicon(vocabulary: Iterable[str], extra: dict[str, list[tuple[int, ..
     else:
       missing.append(w)
   if missing:
-    logging.warning("%d of %d words of the %s have no pronunciation in CMUdict or config.decode.lexicon_path and "
-                    "cannot be decoded: %s%s", len(missing), len(missing) + len(words), source,
-                    ", ".join(missing[:20]), " ..." if len(missing) > 20 else "")
+    logging.warning(
+      "%d of %d words of the %s have no pronunciation in CMUdict or config.decode.lexicon_path and "
+      "cannot be decoded: %s%s",
+      len(missing),
+      len(missing) + len(words),
+      source,
+      ", ".join(missing[:20]),
+      " ..." if len(missing) > 20 else "",
+    )
   if not words:
     raise ValueError(f"no word of the {source} has a pronunciation; check config.decode.vocabulary")
   return Lexicon(words, prons, missing)
@@ -131,7 +138,7 @@ def _tie_break_lm(n_words: int):
     def __init__(self):
       fl.LM.__init__(self)
       self.eps = 1e-3 / max(n_words, 1)
-      self.state = fl.LMState()      # one state: hypotheses are merged exactly as with the zero LM
+      self.state = fl.LMState()  # one state: hypotheses are merged exactly as with the zero LM
 
     def start(self, start_with_nothing):
       return self.state
@@ -151,10 +158,23 @@ class LexiconLMDecoder:
   `decode(log_probs)` takes one trial's (T, 41) frame scores (logits or log-probabilities: a log-softmax is
   applied) and returns the best word sequence as a string. Not thread-safe (flashlight keeps search state)."""
 
-  def __init__(self, lexicon: Lexicon, *, lm_path: str = "", beam_size: int = 100, beam_size_token: int = 41,
-               beam_threshold: float = 25.0, lm_weight: float = 2.0, word_score: float = 0.0,
-               sil_score: float = 0.0, unk_score: float = float("-inf"), log_add: bool = False,
-               blank_penalty: float = 0.0, blank_id: int = BLANK_ID, sil_id: int = SIL_ID):
+  def __init__(
+    self,
+    lexicon: Lexicon,
+    *,
+    lm_path: str = "",
+    beam_size: int = 100,
+    beam_size_token: int = 41,
+    beam_threshold: float = 25.0,
+    lm_weight: float = 2.0,
+    word_score: float = 0.0,
+    sil_score: float = 0.0,
+    unk_score: float = float("-inf"),
+    log_add: bool = False,
+    blank_penalty: float = 0.0,
+    blank_id: int = BLANK_ID,
+    sil_id: int = SIL_ID,
+  ):
     from flashlight.lib.text import decoder as fl
     from flashlight.lib.text.dictionary import Dictionary
 
@@ -167,9 +187,12 @@ class LexiconLMDecoder:
     self.unk_index = self.word_dict.get_index(UNK_WORD)
     if lm_path:
       from flashlight.lib.text.decoder.kenlm import KenLM
+
       if not os.path.exists(lm_path):
-        raise FileNotFoundError(f"config.decode.lm_path={lm_path!r} does not exist; build one with "
-                                "tools/build_lm.py or leave it empty for lexicon-only decoding")
+        raise FileNotFoundError(
+          f"config.decode.lm_path={lm_path!r} does not exist; build one with "
+          "tools/build_lm.py or leave it empty for lexicon-only decoding"
+        )
       self.lm = KenLM(lm_path, self.word_dict)
     else:
       self.lm = _tie_break_lm(len(lexicon.words) + 1)
@@ -196,28 +219,49 @@ class LexiconLMDecoder:
         dropped[lexicon.words[i]] = phoneme_names(spelling[:-1])
     self.undecodable = sorted(lexicon.words[i] for i in set(range(len(lexicon.words))) - kept)
     if dropped:
-      logging.warning("%d spellings have more homophones than the %d words per spelling the decoder's trie holds: "
-                      "%d words lose that spelling (e.g. %s), %d of them cannot be decoded at all (%s%s)", n_over,
-                      TRIE_MAX_LABELS, len(dropped), ", ".join(f"{w} [{p}]" for w, p in list(dropped.items())[:5]),
-                      len(self.undecodable), ", ".join(self.undecodable[:10]),
-                      " ..." if len(self.undecodable) > 10 else "")
+      logging.warning(
+        "%d spellings have more homophones than the %d words per spelling the decoder's trie holds: "
+        "%d words lose that spelling (e.g. %s), %d of them cannot be decoded at all (%s%s)",
+        n_over,
+        TRIE_MAX_LABELS,
+        len(dropped),
+        ", ".join(f"{w} [{p}]" for w, p in list(dropped.items())[:5]),
+        len(self.undecodable),
+        ", ".join(self.undecodable[:10]),
+        " ..." if len(self.undecodable) > 10 else "",
+      )
     self.trie.smear(fl.SmearingMode.MAX)
     self.options = fl.LexiconDecoderOptions(
-        beam_size=beam_size, beam_size_token=beam_size_token, beam_threshold=beam_threshold,
-        lm_weight=lm_weight, word_score=word_score, unk_score=unk_score, sil_score=sil_score, log_add=log_add,
-        criterion_type=fl.CriterionType.CTC)
-    self.decoder = fl.LexiconDecoder(self.options, self.trie, self.lm, sil_id, blank_id, self.unk_index, [],
-                                     False)
+      beam_size=beam_size,
+      beam_size_token=beam_size_token,
+      beam_threshold=beam_threshold,
+      lm_weight=lm_weight,
+      word_score=word_score,
+      unk_score=unk_score,
+      sil_score=sil_score,
+      log_add=log_add,
+      criterion_type=fl.CriterionType.CTC,
+    )
+    self.decoder = fl.LexiconDecoder(self.options, self.trie, self.lm, sil_id, blank_id, self.unk_index, [], False)
 
   @classmethod
   def from_config(cls, lexicon: Lexicon, decode_config, *, use_lm: bool) -> LexiconLMDecoder:
     """A decoder with every option from `config.decode`; `use_lm=False` ignores `lm_path` and uses
     `word_score_no_lm` (lexicon only)."""
     d = decode_config
-    return cls(lexicon, lm_path=d.lm_path if use_lm else "", beam_size=d.beam_size,
-               beam_size_token=d.beam_size_token, beam_threshold=d.beam_threshold, lm_weight=d.lm_weight,
-               word_score=d.word_score if use_lm else d.word_score_no_lm, sil_score=d.sil_score,
-               unk_score=d.unk_score, log_add=d.log_add, blank_penalty=d.blank_penalty)
+    return cls(
+      lexicon,
+      lm_path=d.lm_path if use_lm else "",
+      beam_size=d.beam_size,
+      beam_size_token=d.beam_size_token,
+      beam_threshold=d.beam_threshold,
+      lm_weight=d.lm_weight,
+      word_score=d.word_score if use_lm else d.word_score_no_lm,
+      sil_score=d.sil_score,
+      unk_score=d.unk_score,
+      log_add=d.log_add,
+      blank_penalty=d.blank_penalty,
+    )
 
   def emissions(self, scores: np.ndarray) -> np.ndarray:
     """log-softmax over classes, then the blank penalty (subtracted from the blank's log-probability)."""
@@ -262,8 +306,10 @@ def decoding_vocabulary(decode_config, train_sentences: Sequence[str] | None) ->
       raise ValueError("config.decode.vocabulary='lm' needs config.decode.lm_path (an ARPA file)")
     if decode_config.lm_path.endswith(".arpa"):
       return ngram.arpa_vocabulary(decode_config.lm_path), f"LM {decode_config.lm_path}"
-    raise ValueError(f"config.decode.lm_path={decode_config.lm_path!r} is not an .arpa file, so its vocabulary "
-                     "cannot be read; set config.decode.vocabulary to 'train', 'cmudict' or a word-list file")
+    raise ValueError(
+      f"config.decode.lm_path={decode_config.lm_path!r} is not an .arpa file, so its vocabulary "
+      "cannot be read; set config.decode.vocabulary to 'train', 'cmudict' or a word-list file"
+    )
   counts = collections.Counter(w for s in train_sentences or () for w in sentence_words(s))
   if source == "train":
     if train_sentences is None:

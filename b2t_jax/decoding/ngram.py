@@ -27,7 +27,7 @@ import h5py
 from absl import logging
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
-LOG10_ZERO = -99.0          # ARPA convention for probability 0 (the unigram <s>)
+LOG10_ZERO = -99.0  # ARPA convention for probability 0 (the unigram <s>)
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # D1, D2, D3+ when the count-of-counts cannot give them (KenLM's fallback)
 
 Ngram = tuple[str, ...]
@@ -45,7 +45,7 @@ def count_ngrams(sentences: Iterable[Sequence[str]], order: int) -> list[collect
     for n in range(1, order + 1):
       c = counts[n - 1]
       for i in range(len(tokens) - n + 1):
-        gram = tokens[i:i + n]
+        gram = tokens[i : i + n]
         if n == 1 and i == 0:
           continue
         c[gram] += 1
@@ -57,14 +57,15 @@ def adjusted_counts(counts: list[collections.Counter]) -> list[dict[Ngram, int]]
   order = len(counts)
   adjusted = [dict() for _ in range(order)]
   adjusted[-1] = dict(counts[-1])
-  for n in range(order - 1, 0, -1):           # n = order of the lower level, 1-based
-    left = collections.Counter(gram[1:] for gram in counts[n])   # distinct left extensions of each suffix
+  for n in range(order - 1, 0, -1):  # n = order of the lower level, 1-based
+    left = collections.Counter(gram[1:] for gram in counts[n])  # distinct left extensions of each suffix
     adjusted[n - 1] = {g: (c if g[0] == BOS else left[g]) for g, c in counts[n - 1].items()}
   return adjusted
 
 
-def discounts(adjusted: dict[Ngram, int], order: int, fallback: Sequence[float] = FALLBACK_DISCOUNTS
-              ) -> tuple[float, float, float]:
+def discounts(
+  adjusted: dict[Ngram, int], order: int, fallback: Sequence[float] = FALLBACK_DISCOUNTS
+) -> tuple[float, float, float]:
   """(D1, D2, D3+) of one order from the count-of-counts of its adjusted counts; the fallback when the corpus
   is too small to estimate them (logged)."""
   t = collections.Counter(min(a, 4) for a in adjusted.values() if a <= 4)
@@ -74,8 +75,13 @@ def discounts(adjusted: dict[Ngram, int], order: int, fallback: Sequence[float] 
     d = (1 - 2 * y * t2 / t1, 2 - 3 * y * t3 / t2, 3 - 4 * y * t4 / t3)
     if all(0 < dk <= k for k, dk in zip((1, 2, 3), d)):
       return d
-  logging.warning("order %d: count-of-counts t1..t4 = %s cannot give modified Kneser-Ney discounts (corpus too "
-                  "small); using the fallback discounts %s", order, (t1, t2, t3, t4), tuple(fallback))
+  logging.warning(
+    "order %d: count-of-counts t1..t4 = %s cannot give modified Kneser-Ney discounts (corpus too "
+    "small); using the fallback discounts %s",
+    order,
+    (t1, t2, t3, t4),
+    tuple(fallback),
+  )
   return tuple(float(f) for f in fallback)
 
 
@@ -83,8 +89,9 @@ def _discount(d: Sequence[float], a: int) -> float:
   return d[min(a, 3) - 1]
 
 
-def kneser_ney(counts: list[collections.Counter], fallback: Sequence[float] = FALLBACK_DISCOUNTS
-               ) -> tuple[list[dict[Ngram, float]], list[dict[Ngram, float]], list[tuple[float, float, float]]]:
+def kneser_ney(
+  counts: list[collections.Counter], fallback: Sequence[float] = FALLBACK_DISCOUNTS
+) -> tuple[list[dict[Ngram, float]], list[dict[Ngram, float]], list[tuple[float, float, float]]]:
   """Interpolated modified Kneser-Ney estimates from raw counts.
 
   Returns (probs, backoffs, discounts): probs[n-1][gram] = p(last word | the rest) for every seen n-gram
@@ -164,7 +171,7 @@ def read_arpa(path: str) -> tuple[list[dict[Ngram, float]], list[dict[Ngram, flo
       parts = line.split()
       if section == 0 or len(parts) < section + 1:
         raise ValueError(f"{path}:{lineno}: expected 'logprob w1..w{section} [backoff]', got {line!r}")
-      gram = tuple(parts[1:1 + section])
+      gram = tuple(parts[1 : 1 + section])
       probs[section - 1][gram] = float(parts[0])
       if len(parts) > section + 1:
         backoffs[section - 1][gram] = float(parts[section + 1])
@@ -202,13 +209,16 @@ def dataset_sentences(data_dir: str, split: str = "train") -> Iterator[str]:
   order; reads only the attributes, never the neural features. A prepared TFDS dataset (tools/prepare_data.py)
   is read record by record instead (the records hold the features, so this reads them too)."""
   from b2t_jax.data import pipeline, prepare  # imports TFDS: only when sentences are asked for
+
   dataset_dir = prepare.find_dataset_dir(data_dir)
   if dataset_dir is not None:
     yield from pipeline.split_sentences(dataset_dir, split)
     return
   if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"data_dir {data_dir!r} does not exist; pass the hdf5_data_final folder (or "
-                            "--corpus=FILE with one sentence per line)")
+    raise FileNotFoundError(
+      f"data_dir {data_dir!r} does not exist; pass the hdf5_data_final folder (or "
+      "--corpus=FILE with one sentence per line)"
+    )
   found = False
   for session in sorted(os.listdir(data_dir)):
     path = os.path.join(data_dir, session, f"data_{split}.hdf5")
@@ -218,8 +228,10 @@ def dataset_sentences(data_dir: str, split: str = "train") -> Iterator[str]:
     with h5py.File(path, "r") as f:
       for name in sorted(k for k in f.keys() if k.startswith("trial_")):
         if "sentence_label" not in f[name].attrs:
-          raise ValueError(f"{path}: {name}: attribute 'sentence_label' missing; the {split} split has no "
-                           "sentences (the test split is unlabelled)")
+          raise ValueError(
+            f"{path}: {name}: attribute 'sentence_label' missing; the {split} split has no "
+            "sentences (the test split is unlabelled)"
+          )
         v = f[name].attrs["sentence_label"]
         yield v.decode("utf-8") if isinstance(v, bytes) else str(v)
   if not found:

@@ -47,12 +47,12 @@ _OPEN_END = np.iinfo(np.int32).max
 class StreamGeometry:
   """Static shapes of one streaming step (hashable: it keys the jit cache)."""
 
-  chunk: int           # raw bins per step
-  taps: tuple          # smoothing taps (odd count; (1.0,) when smoothing is off)
-  size: int            # patch size in frames
-  stride: int          # patch stride in frames
-  keep: int            # day-transformed frames carried between steps
-  n_features: int      # features per bin entering the model
+  chunk: int  # raw bins per step
+  taps: tuple  # smoothing taps (odd count; (1.0,) when smoothing is off)
+  size: int  # patch size in frames
+  stride: int  # patch stride in frames
+  keep: int  # day-transformed frames carried between steps
+  n_features: int  # features per bin entering the model
 
   @property
   def lag(self) -> int:
@@ -73,16 +73,27 @@ def geometry(config: ml_collections.ConfigDict, chunk: int | None = None) -> Str
   m, a = config.model, config.aug
   chunk = config.stream.chunk_bins if chunk is None else chunk
   if chunk <= 0 or chunk % m.patch_stride:
-    raise ValueError(f"streaming chunk of {chunk} bins: must be a positive multiple of "
-                     f"config.model.patch_stride={m.patch_stride} (config.stream.chunk_bins)")
-  taps = (tuple(float(t) for t in gaussian_kernel(a.smooth_kernel_std, a.smooth_kernel_size, a.smooth_threshold))
-          if a.smooth_kernel_std > 0 else (1.0,))
+    raise ValueError(
+      f"streaming chunk of {chunk} bins: must be a positive multiple of "
+      f"config.model.patch_stride={m.patch_stride} (config.stream.chunk_bins)"
+    )
+  taps = (
+    tuple(float(t) for t in gaussian_kernel(a.smooth_kernel_std, a.smooth_kernel_size, a.smooth_threshold))
+    if a.smooth_kernel_std > 0
+    else (1.0,)
+  )
   lag = len(taps) // 2
   keep = max(m.patch_size - m.patch_stride, 0)
   while (keep + lag) % m.patch_stride:  # align every step's frame buffer to a patch start
     keep += 1
-  return StreamGeometry(chunk=chunk, taps=taps, size=m.patch_size, stride=m.patch_stride, keep=keep,
-                        n_features=model_hparams(config).n_input_features)
+  return StreamGeometry(
+    chunk=chunk,
+    taps=taps,
+    size=m.patch_size,
+    stride=m.patch_stride,
+    keep=keep,
+    n_features=model_hparams(config).n_input_features,
+  )
 
 
 # ------------------------------------------------------------------------------------------- pure functions
@@ -96,15 +107,27 @@ def _frames(model: nn.Module, params: Any, bins: jax.Array, day: jax.Array) -> d
 
 def init_state(model: nn.Module, params: Any, geo: StreamGeometry) -> dict:
   """Zero smoothing and frame buffers (one per front end of `model`); GRU states from the model's h0."""
-  shapes = jax.eval_shape(lambda p: _frames(model, p, jnp.zeros((geo.chunk, geo.n_features)),
-                                            jnp.zeros((), jnp.int32)), params)
-  return {"raw": jnp.zeros((len(geo.taps) - 1, geo.n_features), jnp.float32),
-          "frames": {name: jnp.zeros((geo.keep, s.shape[-1]), jnp.float32) for name, s in shapes.items()},
-          "h": model.apply({"params": params}, 1, method="initial_carry")}
+  shapes = jax.eval_shape(
+    lambda p: _frames(model, p, jnp.zeros((geo.chunk, geo.n_features)), jnp.zeros((), jnp.int32)), params
+  )
+  return {
+    "raw": jnp.zeros((len(geo.taps) - 1, geo.n_features), jnp.float32),
+    "frames": {name: jnp.zeros((geo.keep, s.shape[-1]), jnp.float32) for name, s in shapes.items()},
+    "h": model.apply({"params": params}, 1, method="initial_carry"),
+  }
 
 
-def stream_step(model: nn.Module, params: Any, state: dict, chunk: jax.Array, first: jax.Array, end: jax.Array,
-                day: jax.Array, *, geo: StreamGeometry) -> tuple[dict, jax.Array, jax.Array]:
+def stream_step(
+  model: nn.Module,
+  params: Any,
+  state: dict,
+  chunk: jax.Array,
+  first: jax.Array,
+  end: jax.Array,
+  day: jax.Array,
+  *,
+  geo: StreamGeometry,
+) -> tuple[dict, jax.Array, jax.Array]:
   """One step: `chunk` (geo.chunk, F) raw bins of day `day` -> (new state, logits (slots, C), valid (slots,)).
 
   Slot s is patch `first + s`; it is valid (updates the state, its logits are real) when 0 <= it < `end`.
@@ -112,18 +135,19 @@ def stream_step(model: nn.Module, params: Any, state: dict, chunk: jax.Array, fi
   n = geo.chunk
   ext = jnp.concatenate([state["raw"], chunk.astype(jnp.float32)], axis=0)
   # Same sum, same order as augment.smooth, so the smoothed frames match the offline ones bit for bit.
-  smoothed = sum(w * ext[k:k + n] for k, w in enumerate(geo.taps[::-1]))
+  smoothed = sum(w * ext[k : k + n] for k, w in enumerate(geo.taps[::-1]))
   patch_ids = first + jnp.arange(geo.slots)
   valid = (patch_ids >= 0) & (patch_ids < end)
   patches, frames = {}, {}
   for name, y in _frames(model, params, smoothed, day).items():
     buf = jnp.concatenate([state["frames"][name].astype(y.dtype), y], axis=0)
     # The layout of frontend.patchify: patch p is frames [stride * p, stride * p + size), flattened.
-    patches[name] = jnp.stack([buf[o:o + geo.size].reshape(-1)
-                               for o in range(0, geo.slots * geo.stride, geo.stride)])[None]
-    frames[name] = buf[buf.shape[0] - geo.keep:]
+    patches[name] = jnp.stack(
+      [buf[o : o + geo.size].reshape(-1) for o in range(0, geo.slots * geo.stride, geo.stride)]
+    )[None]
+    frames[name] = buf[buf.shape[0] - geo.keep :]
   h, logits = model.apply({"params": params}, patches, valid, state["h"], method="step")
-  new_state = {"raw": ext[ext.shape[0] - state["raw"].shape[0]:], "frames": frames, "h": h}
+  new_state = {"raw": ext[ext.shape[0] - state["raw"].shape[0] :], "frames": frames, "h": h}
   return new_state, logits[0].astype(jnp.float32), valid
 
 
@@ -163,14 +187,13 @@ class StreamingDecoder:
   def reset(self) -> None:
     """Starts a new trial (same day)."""
     self.state = init_state(self.model, self.params, self.geo)
-    self.steps = 0             # steps run in this trial
-    self.bins = 0              # raw bins received in this trial
+    self.steps = 0  # steps run in this trial
+    self.bins = 0  # raw bins received in this trial
     self._pending = np.zeros((0, self.geo.n_features), np.float32)
 
   def _run(self, chunk: np.ndarray, end: int) -> np.ndarray:
     first = self.geo.first_patch + self.steps * self.geo.slots
-    self.state, logits, valid = self._step(self.params, self.state, chunk, np.int32(first), np.int32(end),
-                                            self.day)
+    self.state, logits, valid = self._step(self.params, self.state, chunk, np.int32(first), np.int32(end), self.day)
     self.steps += 1
     logits, valid = jax.device_get((logits, valid))
     return logits[valid]
@@ -179,13 +202,12 @@ class StreamingDecoder:
     """(n, data.n_features) raw bins -> logits (k, C) of the patches they complete (k may be 0)."""
     bins = np.asarray(bins, np.float32)
     if bins.ndim != 2 or bins.shape[1] != self.raw_features:
-      raise ValueError(f"expected bins of shape (n, {self.raw_features}) (config.data.n_features), "
-                       f"got {bins.shape}")
+      raise ValueError(f"expected bins of shape (n, {self.raw_features}) (config.data.n_features), got {bins.shape}")
     self.bins += bins.shape[0]
     self._pending = np.concatenate([self._pending, pool_features(bins, self.pool)], axis=0)
     out = []
     while self._pending.shape[0] >= self.geo.chunk:
-      chunk, self._pending = self._pending[:self.geo.chunk], self._pending[self.geo.chunk:]
+      chunk, self._pending = self._pending[: self.geo.chunk], self._pending[self.geo.chunk :]
       out.append(self._run(chunk, _OPEN_END))
     return np.concatenate(out) if out else np.zeros((0, self._n_classes()), np.float32)
 
@@ -196,7 +218,7 @@ class StreamingDecoder:
     out = []
     while emitted < total:
       chunk = np.zeros((self.geo.chunk, self.geo.n_features), np.float32)
-      chunk[:self._pending.shape[0]] = self._pending
+      chunk[: self._pending.shape[0]] = self._pending
       self._pending = self._pending[:0]
       out.append(self._run(chunk, total))
       emitted = self.geo.first_patch + self.steps * self.geo.slots

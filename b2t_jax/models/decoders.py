@@ -45,7 +45,7 @@ class ModelHParams:
   gru_backward: str
   gru_remat: bool
   gru_wavefront: bool
-  n_days: int            # len(config.data.sessions)
+  n_days: int  # len(config.data.sessions)
   n_input_features: int  # config.data.n_features // config.data.feature_pool
 
 
@@ -57,16 +57,22 @@ def model_hparams(config: ml_collections.ConfigDict) -> ModelHParams:
   given = config.model.to_dict()
   known = {f.name for f in dataclasses.fields(ModelHParams)} - set(_DERIVED)
   if set(given) != known:
-    raise ValueError(f"config.model has unknown fields {sorted(set(given) - known)} and lacks "
-                     f"{sorted(known - set(given))} (models/decoders.py:ModelHParams lists them)")
+    raise ValueError(
+      f"config.model has unknown fields {sorted(set(given) - known)} and lacks "
+      f"{sorted(known - set(given))} (models/decoders.py:ModelHParams lists them)"
+    )
   if config.data.n_features % config.data.feature_pool:
-    raise ValueError(f"config.data.feature_pool={config.data.feature_pool} must divide "
-                     f"config.data.n_features={config.data.n_features}")
+    raise ValueError(
+      f"config.data.feature_pool={config.data.feature_pool} must divide config.data.n_features={config.data.n_features}"
+    )
   if given["patch_features"] < 0:
-    raise ValueError(f"config.model.patch_features={given['patch_features']}: use 0 (off, SPEC) or the width of "
-                     "the learned projection before patching")
-  return ModelHParams(**given, n_days=len(config.data.sessions),
-                      n_input_features=config.data.n_features // config.data.feature_pool)
+    raise ValueError(
+      f"config.model.patch_features={given['patch_features']}: use 0 (off, SPEC) or the width of "
+      "the learned projection before patching"
+    )
+  return ModelHParams(
+    **given, n_days=len(config.data.sessions), n_input_features=config.data.n_features // config.data.feature_pool
+  )
 
 
 @jax.custom_vjp
@@ -103,20 +109,37 @@ class _Parts:
 
   def front_end(self) -> DayFrontEnd:
     m = self.hp
-    return DayFrontEnd(n_days=m.n_days, n_features=m.n_input_features, patch_size=m.patch_size,
-                       patch_stride=m.patch_stride, dropout_rate=m.input_dropout,
-                       patch_features=m.patch_features, dtype=self.dtype)
+    return DayFrontEnd(
+      n_days=m.n_days,
+      n_features=m.n_input_features,
+      patch_size=m.patch_size,
+      patch_stride=m.patch_stride,
+      dropout_rate=m.input_dropout,
+      patch_features=m.patch_features,
+      dtype=self.dtype,
+    )
 
   def stack(self, n_layers: int, hidden: int, hidden_axis: str = "hidden") -> GRUStack:
     m = self.hp
-    return GRUStack(n_layers=n_layers, hidden=hidden, dropout_rate=m.rnn_dropout, dtype=self.dtype,
-                    unroll=m.gru_unroll, hidden_axis=hidden_axis, backward=m.gru_backward, remat=m.gru_remat,
-                    wavefront=m.gru_wavefront)
+    return GRUStack(
+      n_layers=n_layers,
+      hidden=hidden,
+      dropout_rate=m.rnn_dropout,
+      dtype=self.dtype,
+      unroll=m.gru_unroll,
+      hidden_axis=hidden_axis,
+      backward=m.gru_backward,
+      remat=m.gru_remat,
+      wavefront=m.gru_wavefront,
+    )
 
   def head(self) -> nn.Dense:
-    return nn.Dense(self.hp.n_classes, dtype=self.dtype,
-                    kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, ("hidden", "classes")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)))
+    return nn.Dense(
+      self.hp.n_classes,
+      dtype=self.dtype,
+      kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, ("hidden", "classes")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)),
+    )
 
 
 class _SpeechDecoder(nn.Module, _Parts):
@@ -232,8 +255,10 @@ class TripleGRUDecoder(nn.Module):
   def __call__(self, x, day, *, train: bool = False, mode: str = "inference", grl_lambda=None):
     if mode not in ("inference", "full"):
       raise ValueError(f"unknown mode {mode!r}: use 'inference' or 'full'")
-    patches = {"noise": self.noise_model.frontend(x, day, deterministic=not train),
-               "clean": self.clean_model.frontend(x, day, deterministic=not train)}
+    patches = {
+      "noise": self.noise_model.frontend(x, day, deterministic=not train),
+      "clean": self.clean_model.frontend(x, day, deterministic=not train),
+    }
     clean_logits, noise, _ = self._decode(patches, {"noise": _whole(not train), "clean": _whole(not train)})
     if mode == "inference" and not self.is_initializing():
       return clean_logits

@@ -21,7 +21,7 @@ def patchify(x: jax.Array, patch_size: int, patch_stride: int) -> jax.Array:
   if p < 1:
     raise ValueError(f"padded length {t} is shorter than one patch ({patch_size} bins)")
   span = patch_stride * (p - 1) + 1
-  frames = [x[:, k:k + span:patch_stride, :] for k in range(patch_size)]
+  frames = [x[:, k : k + span : patch_stride, :] for k in range(patch_size)]
   return jnp.stack(frames, axis=2).reshape(x.shape[0], p, patch_size * d)
 
 
@@ -49,25 +49,34 @@ class DayFrontEnd(nn.Module):
   def setup(self):
     # Axis 0 is the day: the optimizer's day-layer schedule and the PyTorch import index it.
     self.day_weights = self.param(
-        "day_weights", nn.with_logical_partitioning(_identity_stack, ("days", "features", "features_out")),
-        (self.n_days, self.n_features, self.n_features))
-    self.day_biases = self.param("day_biases", nn.with_logical_partitioning(
-        nn.initializers.zeros, ("days", "features_out")), (self.n_days, self.n_features))
+      "day_weights",
+      nn.with_logical_partitioning(_identity_stack, ("days", "features", "features_out")),
+      (self.n_days, self.n_features, self.n_features),
+    )
+    self.day_biases = self.param(
+      "day_biases",
+      nn.with_logical_partitioning(nn.initializers.zeros, ("days", "features_out")),
+      (self.n_days, self.n_features),
+    )
     # A one-element list names the module `Dropout_0` (its PRNG stream folds in the name), as it always was.
     self.Dropout = [nn.Dropout(self.dropout_rate)]
     self.proj = None
     if self.patch_features:
       self.proj = nn.Dense(
-          self.patch_features, dtype=self.dtype,
-          kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, ("features_out", "patch_features")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("patch_features",)))
+        self.patch_features,
+        dtype=self.dtype,
+        kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, ("features_out", "patch_features")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("patch_features",)),
+      )
 
   def frames(self, x: jax.Array, day: jax.Array, *, deterministic: bool = True) -> jax.Array:
     """(B, T, n_features) bins and (B,) day indices -> the frames that patches are cut from (B, T, F') in
     `dtype`, F' = patch_features or n_features. Streaming calls it on a chunk of bins at a time."""
     if x.shape[-1] != self.n_features:
-      raise ValueError(f"input has {x.shape[-1]} features per bin, the model expects {self.n_features} "
-                       "(config.model.n_input_features / config.data.feature_pool)")
+      raise ValueError(
+        f"input has {x.shape[-1]} features per bin, the model expects {self.n_features} "
+        "(config.model.n_input_features / config.data.feature_pool)"
+      )
     # One batched matmul over the gathered per-trial matrices; the gather's transpose leaves absent days at 0.
     y = matmul("btf,bfg->btg", x, jnp.take(self.day_weights, day, axis=0), self.dtype)
     y = nn.soft_sign(y + jnp.take(self.day_biases, day, axis=0)[:, None, :])

@@ -43,24 +43,32 @@ def _h0_init(key, shape, dtype=jnp.float32):
 
 def _as_gate_kernel(init):
   """Applies a 2-D initializer to the (in, 3H) matrix (as PyTorch does to its (3H, in)) -> (in, 3, H)."""
+
   def gate_init(key, shape, dtype=jnp.float32):
     d_in, gates, hidden = shape
     return init(key, (d_in, gates * hidden), dtype).reshape(shape)
+
   return gate_init
 
 
 def _recurrent_params(module: nn.Module, hidden: int, hidden_axis: str) -> tuple[jax.Array, jax.Array]:
   """Declares `w_hh` (H, 3, H) and `b_hh` (3, H) on `module` (both backward variants use the same tree)."""
-  w_hh = module.param("w_hh", nn.with_logical_partitioning(
-      _as_gate_kernel(nn.initializers.orthogonal()), ("gru_in", None, hidden_axis)), (hidden, 3, hidden))
+  w_hh = module.param(
+    "w_hh",
+    nn.with_logical_partitioning(_as_gate_kernel(nn.initializers.orthogonal()), ("gru_in", None, hidden_axis)),
+    (hidden, 3, hidden),
+  )
   b_hh = module.param("b_hh", nn.with_logical_partitioning(_bias_init(hidden), (None, hidden_axis)), (3, hidden))
   return w_hh, b_hh
 
 
 def _input_params(module: nn.Module, d_in: int, hidden: int, hidden_axis: str) -> tuple[jax.Array, jax.Array]:
   """Declares `w_ih` (in, 3, H) and `b_ih` (3, H) on `module` (GRULayer and LayerParams share the tree)."""
-  w_ih = module.param("w_ih", nn.with_logical_partitioning(
-      _as_gate_kernel(nn.initializers.xavier_uniform()), ("gru_in", None, hidden_axis)), (d_in, 3, hidden))
+  w_ih = module.param(
+    "w_ih",
+    nn.with_logical_partitioning(_as_gate_kernel(nn.initializers.xavier_uniform()), ("gru_in", None, hidden_axis)),
+    (d_in, 3, hidden),
+  )
   b_ih = module.param("b_ih", nn.with_logical_partitioning(_bias_init(hidden), (None, hidden_axis)), (3, hidden))
   return w_ih, b_ih
 
@@ -92,13 +100,14 @@ class LayerParams(nn.Module):
 
 def _recurrence_fwd(xp, h0, w_hh, b_hh, dtype, unroll):
   """Forward scan over time-major inputs; returns (outputs, residuals for the backward pass)."""
+
   def step(h, xp_t):
     h_new, (r, z, n, hp_n) = gru_cell(h, xp_t, w_hh, b_hh, dtype)
     return h_new, (h_new, r, z, n, hp_n)
 
   _, (hs, r, z, n, hp_n) = jax.lax.scan(step, h0, jnp.swapaxes(xp, 0, 1), unroll=unroll)
   ys = jnp.swapaxes(hs, 0, 1).astype(dtype)
-  h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)   # (P, B, H): the state each step started from
+  h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)  # (P, B, H): the state each step started from
   return ys, (h_prev, r, z, n, hp_n, w_hh)
 
 
@@ -107,18 +116,17 @@ def _recurrence_bwd(dtype, unroll, res, g):
   # dL/dh_prev = dhp @ W_h^T at every step. Contracting W_h over its (gate, out) axes in place is a
   # transposed-operand matmul that XLA:CPU runs ~6x slower at small batch; one transposed copy before the
   # loop (the size of W_h, read P times) makes every step a plain row-major matmul.
-  w_t = jnp.transpose(w_hh, (1, 2, 0))                                   # (3, H, H_in)
+  w_t = jnp.transpose(w_hh, (1, 2, 0))  # (3, H, H_in)
 
   def step(dh_next, inputs):
     g_t, hprev_t, r_t, z_t, n_t, hpn_t = inputs
     dh = g_t + dh_next
-    dxp, dhp = gate_grads(dh, hprev_t, r_t, z_t, n_t, hpn_t)          # (B, 3, H) each
+    dxp, dhp = gate_grads(dh, hprev_t, r_t, z_t, n_t, hpn_t)  # (B, 3, H) each
     dh_prev = dh * z_t + matmul("bgh,ghi->bi", dhp, w_t, dtype)
     return dh_prev, dxp
 
   g = jnp.swapaxes(g, 0, 1).astype(jnp.float32)
-  dh0, dxp = jax.lax.scan(step, jnp.zeros_like(h_prev[0]), (g, h_prev, r, z, n, hp_n),
-                          reverse=True, unroll=unroll)
+  dh0, dxp = jax.lax.scan(step, jnp.zeros_like(h_prev[0]), (g, h_prev, r, z, n, hp_n), reverse=True, unroll=unroll)
   # Only dL/dh crossed the loop; the kernel gradient is one matmul over all (time, batch) rows.
   dhp = dxp.at[..., 2, :].multiply(r)
   dw_hh = matmul("pbi,pbgh->igh", h_prev, dhp, dtype)
@@ -126,8 +134,9 @@ def _recurrence_bwd(dtype, unroll, res, g):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def gru_recurrence(xp: jax.Array, h0: jax.Array, w_hh: jax.Array, b_hh: jax.Array, dtype=jnp.float32,
-                   unroll: int = 1) -> jax.Array:
+def gru_recurrence(
+  xp: jax.Array, h0: jax.Array, w_hh: jax.Array, b_hh: jax.Array, dtype=jnp.float32, unroll: int = 1
+) -> jax.Array:
   """GRU recurrence over input projections xp (B, P, 3, H) (input biases included) from h0 (B, H) -> (B, P, H).
 
   Same values as scanning `gru_cell`; its VJP computes the recurrent-kernel gradient after the reverse loop.
@@ -135,14 +144,24 @@ def gru_recurrence(xp: jax.Array, h0: jax.Array, w_hh: jax.Array, b_hh: jax.Arra
   return _recurrence_fwd(xp, h0, w_hh, b_hh, dtype, unroll)[0]
 
 
-gru_recurrence.defvjp(lambda xp, h0, w_hh, b_hh, dtype, unroll: _recurrence_fwd(xp, h0, w_hh, b_hh, dtype, unroll),
-                      _recurrence_bwd)
+gru_recurrence.defvjp(
+  lambda xp, h0, w_hh, b_hh, dtype, unroll: _recurrence_fwd(xp, h0, w_hh, b_hh, dtype, unroll), _recurrence_bwd
+)
 
 
-def gru_layer(x: jax.Array, h0: jax.Array, w_ih: jax.Array, b_ih: jax.Array, w_hh: jax.Array, b_hh: jax.Array,
-              dtype=jnp.float32, unroll: int = 1, backward: str = "custom") -> jax.Array:
+def gru_layer(
+  x: jax.Array,
+  h0: jax.Array,
+  w_ih: jax.Array,
+  b_ih: jax.Array,
+  w_hh: jax.Array,
+  b_hh: jax.Array,
+  dtype=jnp.float32,
+  unroll: int = 1,
+  backward: str = "custom",
+) -> jax.Array:
   """One GRU layer over (B, P, in) from h0 (B, H) or (H,) -> (B, P, H) in `dtype`; `backward` as in GRULayer."""
-  xp = project_inputs(x, w_ih, b_ih, dtype)   # hoisted: one (B*P, in) x (in, 3H) matmul for all time steps
+  xp = project_inputs(x, w_ih, b_ih, dtype)  # hoisted: one (B*P, in) x (in, 3H) matmul for all time steps
   h0 = jnp.broadcast_to(h0.astype(jnp.float32), (x.shape[0], w_hh.shape[-1]))
   if backward == "custom":
     return gru_recurrence(xp, h0, w_hh, b_hh, dtype, unroll)
@@ -152,12 +171,21 @@ def gru_layer(x: jax.Array, h0: jax.Array, w_ih: jax.Array, b_ih: jax.Array, w_h
   def step(h, xp_t):
     h_new, _ = gru_cell(h, xp_t, w_hh, b_hh, dtype)
     return h_new, h_new.astype(dtype)
+
   _, ys = jax.lax.scan(step, h0, jnp.swapaxes(xp, 0, 1), unroll=unroll)
   return jnp.swapaxes(ys, 0, 1)
 
 
-def gru_steps(x: jax.Array, h: jax.Array, valid: jax.Array, w_ih: jax.Array, b_ih: jax.Array, w_hh: jax.Array,
-              b_hh: jax.Array, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+def gru_steps(
+  x: jax.Array,
+  h: jax.Array,
+  valid: jax.Array,
+  w_ih: jax.Array,
+  b_ih: jax.Array,
+  w_hh: jax.Array,
+  b_hh: jax.Array,
+  dtype=jnp.float32,
+) -> tuple[jax.Array, jax.Array]:
   """A few time steps of one layer from a carried state (inference): x (B, S, in), h (B, H) fp32, valid (S,).
 
   A step whose `valid` is False leaves the state as it was (its output is computed but meaningless).
@@ -169,6 +197,7 @@ def gru_steps(x: jax.Array, h: jax.Array, valid: jax.Array, w_ih: jax.Array, b_i
     xp_t, ok = inputs
     h_new, _ = gru_cell(h, xp_t, w_hh, b_hh, dtype)
     return jnp.where(ok, h_new, h), h_new
+
   h_last, ys = jax.lax.scan(step, h, (jnp.swapaxes(xp, 0, 1), valid))
   return jnp.swapaxes(ys, 0, 1).astype(dtype), h_last
 
@@ -179,8 +208,8 @@ class GRULayer(nn.Module):
   hidden: int
   dtype: jnp.dtype = jnp.float32
   unroll: int = 1
-  hidden_axis: str = "hidden"   # logical name of the hidden axis (the sharding rules map it to a mesh axis)
-  backward: str = "custom"      # custom | autodiff (see the module docstring; same values and gradients)
+  hidden_axis: str = "hidden"  # logical name of the hidden axis (the sharding rules map it to a mesh axis)
+  backward: str = "custom"  # custom | autodiff (see the module docstring; same values and gradients)
 
   @nn.compact
   def __call__(self, x: jax.Array, h0: jax.Array) -> jax.Array:
@@ -202,8 +231,8 @@ class GRUStack(nn.Module):
   unroll: int = 1
   hidden_axis: str = "hidden"
   backward: str = "custom"
-  remat: bool = False           # recompute each layer's forward in the backward pass instead of storing it
-  wavefront: bool = False       # all layers in one scan of P + L - 1 steps (`wavefront.gru_wavefront`)
+  remat: bool = False  # recompute each layer's forward in the backward pass instead of storing it
+  wavefront: bool = False  # all layers in one scan of P + L - 1 steps (`wavefront.gru_wavefront`)
 
   def setup(self):
     self.h0 = self.param("h0", nn.with_logical_partitioning(_h0_init, (self.hidden_axis,)), (self.hidden,))
@@ -239,9 +268,20 @@ class GRUStack(nn.Module):
       # exactly where they keep.
       shape = x.shape[:2] + (self.hidden,)
       keep = jnp.stack([drop(jnp.ones(shape, jnp.float32), deterministic=False) != 0 for drop in self.Dropout])
-    return gru_wavefront(xp0, jnp.broadcast_to(self.h0, (x.shape[0], self.hidden)),
-                         stacked(0, weights[1:]), stacked(1, weights[1:]), stacked(2, weights), stacked(3, weights),
-                         keep, 1.0 - self.dropout_rate, self.dtype, self.unroll, self.remat, self.backward)
+    return gru_wavefront(
+      xp0,
+      jnp.broadcast_to(self.h0, (x.shape[0], self.hidden)),
+      stacked(0, weights[1:]),
+      stacked(1, weights[1:]),
+      stacked(2, weights),
+      stacked(3, weights),
+      keep,
+      1.0 - self.dropout_rate,
+      self.dtype,
+      self.unroll,
+      self.remat,
+      self.backward,
+    )
 
   def initial_carry(self, batch: int) -> jax.Array:
     """Every layer's state before the first time step: h0 broadcast to (n_layers, batch, H), fp32."""

@@ -49,8 +49,9 @@ from b2t_jax.torch_import.weights import state_dict_to_params
 __all__ = ["CheckpointImportError", "detect_kind", "import_checkpoint", "state_dict_to_params"]
 
 
-def import_checkpoint(checkpoint: str, out: str, base_config: ml_collections.ConfigDict,
-                      args_path: str | None = None) -> dict[str, Any]:
+def import_checkpoint(
+  checkpoint: str, out: str, base_config: ml_collections.ConfigDict, args_path: str | None = None
+) -> dict[str, Any]:
   """Converts `checkpoint` (+ its args.yaml) into OUT/config.py (configs/default.py, i.e. `base_config`, plus
   the run's settings) and an orbax checkpoint under OUT: step 0 in both 'best' and 'checkpoints', with a
   fresh optimizer state. Returns a summary dict for printing."""

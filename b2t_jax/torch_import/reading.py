@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-PREFIXES = ("_orig_mod.", "module.")   # torch.compile and DataParallel key prefixes, stripped on reading
+PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel key prefixes, stripped on reading
 ARGS_FILE = "args.yaml"
 
 
@@ -34,19 +34,24 @@ def load_torch_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, A
   try:
     import torch  # noqa: PLC0415 - torch is optional: only this import path needs it
   except ImportError as e:
-    raise ImportError("importing a PyTorch checkpoint needs torch (CPU is enough): "
-                      "pip install torch, or install b2t_jax with its [test] extra") from e
+    raise ImportError(
+      "importing a PyTorch checkpoint needs torch (CPU is enough): "
+      "pip install torch, or install b2t_jax with its [test] extra"
+    ) from e
   if not os.path.isfile(path):
     raise CheckpointImportError(f"{path}: no such checkpoint file")
   try:
     with torch.serialization.safe_globals(_safe_numpy_globals()):
       blob = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - torch raises several types for bad files; all mean the same here
-    hint = ("it holds Python objects other than tensors and plain values, which are not unpickled from an "
-            "untrusted file" if "Weights only load failed" in str(e)
-            else "is it a complete file written by torch.save?")
-    raise CheckpointImportError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:300]}); {hint}") from e
+    hint = (
+      "it holds Python objects other than tensors and plain values, which are not unpickled from an untrusted file"
+      if "Weights only load failed" in str(e)
+      else "is it a complete file written by torch.save?"
+    )
+    raise CheckpointImportError(
+      f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:300]}); {hint}"
+    ) from e
   if not isinstance(blob, dict):
     raise CheckpointImportError(f"{path}: expected a dict (a checkpoint or a state dict), got {type(blob).__name__}")
   sd = blob.get("model_state_dict", blob)
@@ -73,7 +78,7 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
   for key, value in state_dict.items():
     k = key
     while k.startswith(PREFIXES):
-      k = next(k[len(p):] for p in PREFIXES if k.startswith(p))
+      k = next(k[len(p) :] for p in PREFIXES if k.startswith(p))
     if k in out:
       raise CheckpointImportError(f"keys {key!r} and another one both become {k!r} once prefixes are stripped")
     out[k] = value
@@ -83,9 +88,11 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
 def read_args_yaml(path: str) -> dict[str, Any]:
   """The reference's args.yaml as a dict (plain YAML as OmegaConf writes it)."""
   import yaml  # noqa: PLC0415 - only the import tool needs YAML
+
   if not os.path.isfile(path):
-    raise CheckpointImportError(f"{path}: missing; the reference writes args.yaml beside its checkpoint "
-                                "(pass --args=PATH if it lives elsewhere)")
+    raise CheckpointImportError(
+      f"{path}: missing; the reference writes args.yaml beside its checkpoint (pass --args=PATH if it lives elsewhere)"
+    )
   with open(path) as f:
     args = yaml.safe_load(f)
   if not isinstance(args, dict):

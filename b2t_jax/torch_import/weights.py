@@ -40,16 +40,21 @@ def expected_layout(hp) -> dict[str, tuple[int, ...]]:
   """Every key of the PyTorch state dict of the model described by `hp` (`model_hparams(config)`) -> shape."""
   f, patch_in = hp.n_input_features, hp.patch_size * hp.n_input_features
   if hp.kind == "gru":
-    return {**_front_layout("", hp.n_days, f), **_stack_layout("", hp.n_layers, patch_in, hp.hidden),
-            **_head_layout("", hp.hidden, hp.n_classes)}
+    return {
+      **_front_layout("", hp.n_days, f),
+      **_stack_layout("", hp.n_layers, patch_in, hp.hidden),
+      **_head_layout("", hp.hidden, hp.n_classes),
+    }
   if hp.kind == "triple":
-    return {**_front_layout("noise_model.", hp.n_days, f),
-            **_stack_layout("noise_model.", hp.noise_layers, patch_in, patch_in),
-            **_front_layout("clean_model.", hp.n_days, f),
-            **_stack_layout("clean_model.", hp.clean_layers, patch_in, hp.hidden),
-            **_head_layout("clean_model.", hp.hidden, hp.n_classes),
-            **_stack_layout("noisy_model.", hp.noisy_layers, patch_in, hp.hidden),
-            **_head_layout("noisy_model.", hp.hidden, hp.n_classes)}
+    return {
+      **_front_layout("noise_model.", hp.n_days, f),
+      **_stack_layout("noise_model.", hp.noise_layers, patch_in, patch_in),
+      **_front_layout("clean_model.", hp.n_days, f),
+      **_stack_layout("clean_model.", hp.clean_layers, patch_in, hp.hidden),
+      **_head_layout("clean_model.", hp.hidden, hp.n_classes),
+      **_stack_layout("noisy_model.", hp.noisy_layers, patch_in, hp.hidden),
+      **_head_layout("noisy_model.", hp.hidden, hp.n_classes),
+    }
   raise CheckpointImportError(f"model kind {hp.kind!r}: expected 'gru' or 'triple'")
 
 
@@ -61,8 +66,11 @@ def check_layout(state_dict: dict[str, np.ndarray], expected: dict[str, tuple[in
   """Raises one CheckpointImportError naming every missing, unexpected and mis-shaped key."""
   missing = sorted(set(expected) - set(state_dict), key=_natural)
   unexpected = sorted(set(state_dict) - set(expected), key=_natural)
-  bad = [f"{k}: {tuple(state_dict[k].shape)}, expected {expected[k]}" for k in sorted(expected, key=_natural)
-         if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])]
+  bad = [
+    f"{k}: {tuple(state_dict[k].shape)}, expected {expected[k]}"
+    for k in sorted(expected, key=_natural)
+    if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])
+  ]
   if not (missing or unexpected or bad):
     return
   parts = [f"{source} does not match the model described by its args.yaml / config:"]
@@ -85,44 +93,61 @@ def _stack_params(sd, prefix: str, n_layers: int, hidden: int) -> dict:
   for k in range(n_layers):
     g = f"{prefix}gru."
     out[f"layer_{k}"] = {
-        "w_ih": _gate_kernel(sd[f"{g}weight_ih_l{k}"], hidden),
-        "b_ih": sd[f"{g}bias_ih_l{k}"].reshape(3, hidden),
-        "cell": {"w_hh": _gate_kernel(sd[f"{g}weight_hh_l{k}"], hidden),
-                 "b_hh": sd[f"{g}bias_hh_l{k}"].reshape(3, hidden)}}
+      "w_ih": _gate_kernel(sd[f"{g}weight_ih_l{k}"], hidden),
+      "b_ih": sd[f"{g}bias_ih_l{k}"].reshape(3, hidden),
+      "cell": {
+        "w_hh": _gate_kernel(sd[f"{g}weight_hh_l{k}"], hidden),
+        "b_hh": sd[f"{g}bias_hh_l{k}"].reshape(3, hidden),
+      },
+    }
   return out
 
 
 def _front_params(sd, prefix: str, n_days: int) -> dict:
-  return {"day_weights": np.stack([sd[f"{prefix}day_weights.{d}"] for d in range(n_days)]),
-          "day_biases": np.concatenate([sd[f"{prefix}day_biases.{d}"] for d in range(n_days)], axis=0)}
+  return {
+    "day_weights": np.stack([sd[f"{prefix}day_weights.{d}"] for d in range(n_days)]),
+    "day_biases": np.concatenate([sd[f"{prefix}day_biases.{d}"] for d in range(n_days)], axis=0),
+  }
 
 
 def _head_params(sd, prefix: str) -> dict:
   return {"kernel": np.ascontiguousarray(sd[f"{prefix}out.weight"].T), "bias": sd[f"{prefix}out.bias"]}
 
 
-def state_dict_to_params(state_dict: dict[str, np.ndarray], config: ml_collections.ConfigDict,
-                         source: str = "checkpoint") -> dict:
+def state_dict_to_params(
+  state_dict: dict[str, np.ndarray], config: ml_collections.ConfigDict, source: str = "checkpoint"
+) -> dict:
   """A PyTorch state dict (numpy arrays, prefixes stripped) -> our params pytree for `config`'s model,
   checked key by key against the layout in this module's docstring and leaf by leaf against our model."""
   from b2t_jax.models.decoders import model_hparams  # noqa: PLC0415 - keeps module import light
   from b2t_jax.summary import abstract_params  # noqa: PLC0415
+
   hp = model_hparams(config)
   sd = {k: np.asarray(v, np.float32) for k, v in strip_prefixes(state_dict).items()}
   check_layout(sd, expected_layout(hp), source)
   if hp.kind == "gru":
-    params = {"frontend": _front_params(sd, "", hp.n_days), "gru": _stack_params(sd, "", hp.n_layers, hp.hidden),
-              "out": _head_params(sd, "")}
+    params = {
+      "frontend": _front_params(sd, "", hp.n_days),
+      "gru": _stack_params(sd, "", hp.n_layers, hp.hidden),
+      "out": _head_params(sd, ""),
+    }
   else:
     width = hp.patch_size * hp.n_input_features
     params = {
-        "noise_model": {"frontend": _front_params(sd, "noise_model.", hp.n_days),
-                        "gru": _stack_params(sd, "noise_model.", hp.noise_layers, width)},
-        "clean_model": {"frontend": _front_params(sd, "clean_model.", hp.n_days),
-                        "gru": _stack_params(sd, "clean_model.", hp.clean_layers, hp.hidden),
-                        "out": _head_params(sd, "clean_model.")},
-        "noisy_model": {"gru": _stack_params(sd, "noisy_model.", hp.noisy_layers, hp.hidden),
-                        "out": _head_params(sd, "noisy_model.")}}
+      "noise_model": {
+        "frontend": _front_params(sd, "noise_model.", hp.n_days),
+        "gru": _stack_params(sd, "noise_model.", hp.noise_layers, width),
+      },
+      "clean_model": {
+        "frontend": _front_params(sd, "clean_model.", hp.n_days),
+        "gru": _stack_params(sd, "clean_model.", hp.clean_layers, hp.hidden),
+        "out": _head_params(sd, "clean_model."),
+      },
+      "noisy_model": {
+        "gru": _stack_params(sd, "noisy_model.", hp.noisy_layers, hp.hidden),
+        "out": _head_params(sd, "noisy_model."),
+      },
+    }
   # Our model's own layout is the final word: a renamed or reshaped parameter must fail here, not at restore.
   want = nn.unbox(abstract_params(config))
   got_paths = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(params)}
