@@ -7,7 +7,7 @@ DEMO_DIR ?= /tmp/b2t_demo
 # Default test parallelism: the suite is CPU bound and this machine has 2 cores.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# Style and static checks (ruff, configured in pyproject.toml); `make format` rewrites files to the style.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # b2t_jax vs the PyTorch reference step on the same shapes (alternating runs), then the triple model.
 bench: $(STAMP)
