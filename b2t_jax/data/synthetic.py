@@ -152,14 +152,7 @@ class SyntheticT15:
   successors = 4  # words that may follow a given word (the grammar's branching factor)
   grammar_stream = 99  # PRNG stream of the grammar, apart from the neural tuning's
 
-  def __init__(
-    self,
-    seed: int = 0,
-    n_features: int = 512,
-    n_days_total: int = 45,
-    noise_std: float = 1.0,
-    length_profile: str = "demo",
-  ):
+  def __init__(self, seed: int = 0, *, n_features=512, n_days_total=45, noise_std=1.0, length_profile="demo"):
     if length_profile not in LENGTH_PROFILES:
       raise ValueError(
         f"length_profile={length_profile!r}: expected one of {sorted(LENGTH_PROFILES)} "

@@ -51,26 +51,31 @@ def _as_gate_kernel(init):
   return gate_init
 
 
-def _recurrent_params(module: nn.Module, hidden: int, hidden_axis: str) -> tuple[jax.Array, jax.Array]:
-  """Declares `w_hh` (H, 3, H) and `b_hh` (3, H) on `module` (both backward variants use the same tree)."""
-  w_hh = module.param(
-    "w_hh",
-    nn.with_logical_partitioning(_as_gate_kernel(nn.initializers.orthogonal()), ("gru_in", None, hidden_axis)),
-    (hidden, 3, hidden),
+# PyTorch's nn.GRU initialisers, per weight: input kernels xavier-uniform, recurrent kernels orthogonal.
+_KERNEL_INITS = {"ih": nn.initializers.xavier_uniform(), "hh": nn.initializers.orthogonal()}
+
+
+def _gate_params(
+  module: nn.Module, which: str, d_in: int, hidden: int, hidden_axis: str
+) -> tuple[jax.Array, jax.Array]:
+  """Declares `w_{which}` (in, 3, H) and `b_{which}` (3, H) on `module`; `which` is "ih" (input) or "hh" (recurrent)."""
+  w = module.param(
+    f"w_{which}",
+    nn.with_logical_partitioning(_as_gate_kernel(_KERNEL_INITS[which]), ("gru_in", None, hidden_axis)),
+    (d_in, 3, hidden),
   )
-  b_hh = module.param("b_hh", nn.with_logical_partitioning(_bias_init(hidden), (None, hidden_axis)), (3, hidden))
-  return w_hh, b_hh
+  b = module.param(f"b_{which}", nn.with_logical_partitioning(_bias_init(hidden), (None, hidden_axis)), (3, hidden))
+  return w, b
+
+
+def _recurrent_params(module: nn.Module, hidden: int, hidden_axis: str) -> tuple[jax.Array, jax.Array]:
+  """Declares `w_hh` (H, 3, H) and `b_hh` (3, H) on `module`."""
+  return _gate_params(module, "hh", hidden, hidden, hidden_axis)
 
 
 def _input_params(module: nn.Module, d_in: int, hidden: int, hidden_axis: str) -> tuple[jax.Array, jax.Array]:
   """Declares `w_ih` (in, 3, H) and `b_ih` (3, H) on `module` (GRULayer and LayerParams share the tree)."""
-  w_ih = module.param(
-    "w_ih",
-    nn.with_logical_partitioning(_as_gate_kernel(nn.initializers.xavier_uniform()), ("gru_in", None, hidden_axis)),
-    (d_in, 3, hidden),
-  )
-  b_ih = module.param("b_ih", nn.with_logical_partitioning(_bias_init(hidden), (None, hidden_axis)), (3, hidden))
-  return w_ih, b_ih
+  return _gate_params(module, "ih", d_in, hidden, hidden_axis)
 
 
 class RecurrentParams(nn.Module):
