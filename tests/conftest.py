@@ -3,9 +3,14 @@
 import collections
 import dataclasses
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests compile the same small programs, in-process and in the command-line runs they start (which inherit
+# this environment): JAX's persistent compilation cache compiles each of them once per machine, not once per test.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "b2t_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -115,3 +120,10 @@ def prepared_dir(synthetic_dir, tmp_path_factory):
 @pytest.fixture
 def tiny(prepared_dir):
   return tiny_config(prepared_dir)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked slow run first, so that both xdist workers start on them and the run does not end on one
+  long test while the other worker idles."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -40,6 +40,7 @@ def _json_line(stdout: str) -> dict:
   return json.loads([l for l in stdout.splitlines() if l.startswith("{")][-1])
 
 
+@pytest.mark.slow
 def test_benchmark_scripts_agree_on_shapes_and_flops():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   sizes = dict(hidden=16, n_layers=2, batch=4, time_bins=40)

@@ -196,6 +196,7 @@ def _stack_value_and_grads(n_layers, dropout, x, proj, params=None, **knobs):
   return params, jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
 
 
+@pytest.mark.slow
 def test_wavefront_matches_layer_by_layer_values_and_gradients():
   """One scan over all layers (ramp-up/ramp-down slots masked, same dropout masks) computes the same function,
   and both its backward passes (custom VJP, JAX autodiff) give the layer-by-layer gradients."""
@@ -243,6 +244,7 @@ def test_wavefront_dropout_is_the_layer_by_layer_dropout():
   assert np.abs(run("wave", 3) - run("stack", 2)).max() > 1e-3  # the masks matter at this rate
 
 
+@pytest.mark.slow
 def test_wavefront_bf16_runs_and_is_close():
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.float32)

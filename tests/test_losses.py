@@ -138,6 +138,7 @@ def hand_batch(config, n_features, day=(0, 1, 2, 0, 1, 2, 0, 0)):
   }
 
 
+@pytest.mark.slow
 def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
   """The real jitted train_step, step by step, against a NumPy CTC on the model's own outputs:
   loss = CTC(clean) + noisy_weight * CTC(noisy) + noise_l2_weight * mean(noise^2), CTC averaged over the

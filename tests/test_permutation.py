@@ -15,6 +15,7 @@ import os
 import h5py
 import jax
 import numpy as np
+import pytest
 
 from b2t_jax import experiment, metrics, sharding
 from b2t_jax.data import pipeline
@@ -65,6 +66,7 @@ def _features(root: str, session: str, split_file: str, trial: str) -> np.ndarra
     return f[trial]["input_features"][()]
 
 
+@pytest.mark.slow
 def test_model_learns_shuffled_columns_as_well_as_plain(tmp_path):
   kw = dict(n_sessions=N_SESSIONS, trials_per_session=48, seed=0)
   plain = make_synthetic_dataset(str(tmp_path / "plain"), T15_SESSIONS, **kw)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import tiny_config
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
@@ -30,6 +31,7 @@ def test_noise_gru_kernels_are_split_over_model_axis(tiny):
   assert mu.sharding.spec == P(None, None, "model")  # Adam moments follow their params
 
 
+@pytest.mark.slow
 def test_same_losses_on_every_mesh_shape(tiny):
   batches = _batches(tiny, 3)
   results = {
@@ -41,6 +43,7 @@ def test_same_losses_on_every_mesh_shape(tiny):
   np.testing.assert_allclose(results[(1, 8)], results[(8, 1)], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_bf16_steps_match_fp32_and_keep_fp32_state(tiny):
   """Three real steps at the peak LR: bf16 compute moves every parameter as fp32 does."""
   tiny.optim.warmup_steps = tiny.optim.day_warmup_steps = 0

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 
+import pytest
 from conftest import TINY_SIZES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +44,7 @@ def test_launch_script_requires_its_arguments():
   assert p.returncode == 2 and "--name is required" in p.stderr
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs_on_cpu(tmp_path, prepared_dir):
   nb = json.load(open(os.path.join(ROOT, "tools", "colab_tpu.ipynb")))
   code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]

@@ -40,6 +40,7 @@ def _updates(exp, batches):
   return out, jax.tree.map(lambda p, p0: np.asarray(p) - p0, state.params, init), state
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(tiny):
   assert jax.device_count() == 8
   batches = _batches(tiny, 3)
@@ -53,6 +54,7 @@ def test_eight_devices_match_one_device(tiny):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_large_batch(tiny):
   """Three real steps (LR > 0 from step 0, the noise-L2 term on) with 2 micro-batches land on the same
   parameters as with one batch: averaged, last-micro-batch-only or mis-split gradients would not."""
@@ -150,6 +152,7 @@ def test_evaluate_counts_only_real_rows(tiny, tmp_path):
   assert single["val_loss"] > 0
 
 
+@pytest.mark.slow
 def test_resume_gives_bit_identical_next_steps(tiny, tmp_path):
   tiny.train.num_steps = 3
   interrupted = train.train_and_evaluate(tiny, str(tmp_path / "a"))
