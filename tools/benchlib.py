@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
+
 DEFAULT_BUSY_LOAD = 0.5  # 1-minute load average above which a run is flagged as taken on a busy machine
 
 
@@ -47,3 +49,18 @@ def peak_report(before: float | None, after: float | None) -> tuple[float | None
     "peak_gflops_per_s_after": round(after / 1e9, 2) if after else None,
   }
   return peak, fields
+
+
+def step_figures(times: list[float], batch: int, flops: int) -> tuple[float, dict]:
+  """The median step time (s) and the JSON fields of the timed steps: median/p90 ms, steps/s, trials/s, model
+  FLOPs per step and the FLOP/s achieved."""
+  step_s = float(np.median(times))
+  return step_s, {
+    "step_ms_median": round(1e3 * step_s, 2),
+    "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 2),
+    "steps_per_s": round(1 / step_s, 3),
+    "trials_per_s": round(batch / step_s, 2),
+    "model_flops_per_step": flops,
+    "model_gflops_per_step": round(flops / 1e9, 2),
+    "achieved_gflops_per_s": round(flops / step_s / 1e9, 2),
+  }

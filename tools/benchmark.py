@@ -123,8 +123,8 @@ def main(argv):
     times.append(time.perf_counter() - t0)
   loss = float(metrics["loss"])
 
-  step_s = float(np.median(times))
   flops = summary.train_step_flops(config, gb, t)
+  step_s, figures = benchlib.step_figures(times, gb, flops)
   peak_after, _ = platform_peak(device, config.model.dtype)
   peak, peak_fields = benchlib.peak_report(peak_before, peak_after)
   load = benchlib.load_report(load_before, benchlib.load_average(), _BUSY_LOAD.value)
@@ -155,14 +155,8 @@ def main(argv):
         "per_device_batch": gb // exp.mesh.shape["data"],
         "time_bins": t,
         "compile_s": round(compile_s, 2),
-        "step_ms_median": round(1e3 * step_s, 2),
-        "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 2),
-        "steps_per_s": round(1 / step_s, 3),
-        "trials_per_s": round(gb / step_s, 2),
-        "model_flops_per_step": flops,
-        "model_gflops_per_step": round(flops / 1e9, 2),
+        **figures,
         "xla_gflops_per_step": round(xla_flops / 1e9, 2),
-        "achieved_gflops_per_s": round(flops / step_s / 1e9, 2),
         "peak_gflops_per_s": round(peak / 1e9, 2) if peak else None,
         "peak_source": peak_source,
         **peak_fields,

@@ -168,8 +168,8 @@ def main():
     t0 = time.perf_counter()
     loss = step(features, day, labels, input_lens, label_lens)
     times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
   flops = analytic_flops(args)
+  step_s, figures = benchlib.step_figures(times, b, flops)
   peak, peak_fields = benchlib.peak_report(peak_before, measure_matmul_peak(torch, args.matmul_n))
   load = benchlib.load_report(load_before, benchlib.load_average(), args.busy_load)
   print(
@@ -186,13 +186,7 @@ def main():
         "global_batch": b,
         "time_bins": t,
         "warmup_s": round(warmup_s, 2),
-        "step_ms_median": round(1e3 * step_s, 2),
-        "step_ms_p90": round(1e3 * float(np.percentile(times, 90)), 2),
-        "steps_per_s": round(1 / step_s, 3),
-        "trials_per_s": round(b / step_s, 2),
-        "model_flops_per_step": flops,
-        "model_gflops_per_step": round(flops / 1e9, 2),
-        "achieved_gflops_per_s": round(flops / step_s / 1e9, 2),
+        **figures,
         "peak_gflops_per_s": round(peak / 1e9, 2),
         "peak_source": f"measured fp32 {args.matmul_n}^3 torch.mm",
         **peak_fields,

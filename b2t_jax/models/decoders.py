@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -147,13 +148,11 @@ class _SpeechDecoder(nn.Module, _Parts):
 
   hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
-
-  def _n_layers(self) -> int:
-    raise NotImplementedError
+  layers_field: ClassVar[str]  # the ModelHParams field with this decoder's GRU depth
 
   def setup(self):
     self.frontend = self.front_end()
-    self.gru = self.stack(self._n_layers(), self.hp.hidden)
+    self.gru = self.stack(getattr(self.hp, self.layers_field), self.hp.hidden)
     self.out = self.head()
 
   def _decode(self, patches: jax.Array, run: StackRun, noise: jax.Array | None = None):
@@ -167,8 +166,7 @@ class _SpeechDecoder(nn.Module, _Parts):
 class GRUDecoder(_SpeechDecoder):
   """Day layers -> patches -> n_layers x GRU(H) -> Dense(n_classes). Returns fp32 logits (B, P, C)."""
 
-  def _n_layers(self) -> int:
-    return self.hp.n_layers
+  layers_field = "n_layers"
 
   def __call__(self, x, day, *, train: bool = False, mode: str = "inference", grl_lambda=None):
     del mode, grl_lambda  # one output in every mode
@@ -210,8 +208,7 @@ class NoiseModel(nn.Module, _Parts):
 class CleanSpeechModel(_SpeechDecoder):
   """Own front end; subtracts the noise estimate, then GRU stack -> Dense -> clean logits."""
 
-  def _n_layers(self) -> int:
-    return self.hp.clean_layers
+  layers_field = "clean_layers"
 
   def __call__(self, x, day, noise, *, train: bool):
     return self._decode(self.frontend(x, day, deterministic=not train), _whole(not train), noise)[0]
