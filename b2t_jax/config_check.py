@@ -18,7 +18,7 @@ import numpy as np
 from b2t_jax.data.t15 import SPLITS
 
 ENUMS = {
-  "mode": ("train", "eval", "infer", "summary"),
+  "mode": ("train", "eval", "infer", "calibrate", "summary"),
   "cpu_collectives": ("gloo", "mpi"),
   "data.on_bad_trial": ("error", "skip"),
   "data.synthetic.length_profile": ("demo", "t15"),
@@ -27,6 +27,7 @@ ENUMS = {
   "model.gru_backward": ("custom", "autodiff"),
   "infer.split": SPLITS,
   "infer.checkpoint": ("best", "latest"),
+  "calibrate.init": ("identity", "last", "mean"),
 }
 POSITIVE = (
   "data.n_features",
@@ -50,6 +51,7 @@ POSITIVE = (
   "optim.grad_accum_steps",
   "stream.chunk_bins",
   "train.num_steps",
+  "train.n_models",
   "train.eval_every",
   "train.log_every",
   "train.checkpoint_every",
@@ -57,6 +59,12 @@ POSITIVE = (
   "train.max_nonfinite_steps",
   "train.lock_heartbeat_s",
   "train.lock_stale_s",
+  "calibrate.n_sentences",
+  "calibrate.batch_size",
+  "calibrate.max_steps",
+  "calibrate.eval_every",
+  "calibrate.patience",
+  "calibrate.steps_without_holdout",
 )
 NON_NEGATIVE = (
   "data.prefetch",
@@ -84,8 +92,11 @@ NON_NEGATIVE = (
   "decode.beam_size",
   "decode.beam_size_token",
   "decode.beam_threshold",
+  "calibrate.lr",
+  "calibrate.lr_rest",
 )
-UNIT_INTERVAL = ("model.input_dropout", "model.rnn_dropout", "optim.b1", "optim.b2")  # [0, 1)
+# [0, 1)
+UNIT_INTERVAL = ("model.input_dropout", "model.rnn_dropout", "optim.b1", "optim.b2", "calibrate.holdout_fraction")
 MAY_BE_INFINITE = ("decode.unk_score",)  # -inf = never emit an out-of-lexicon word
 
 
@@ -185,6 +196,7 @@ def problems(
       f"config.stream.chunk_bins={config.stream.chunk_bins} must be a multiple of "
       f"config.model.patch_stride={m.patch_stride}"
     )
+  out += _calibrate_problems(config)
   buckets = tuple(d.time_buckets)
   if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
     out.append(f"config.data.time_buckets={buckets}: give increasing positive lengths in bins")
@@ -206,9 +218,30 @@ def problems(
       out.append(
         f"config.data.eval_batch_size={d.eval_batch_size} must be a multiple of the {n_data} devices of the 'data' axis"
       )
+  if config.mode == "calibrate" and mesh is not None and config.calibrate.batch_size % mesh[0]:
+    out.append(
+      f"config.calibrate.batch_size={config.calibrate.batch_size} must be a multiple of the {mesh[0]} devices of "
+      "the 'data' axis"
+    )
   for field in ("batch_size", "eval_batch_size"):
     if d[field] % n_processes:
       out.append(f"config.data.{field}={d[field]} must be a multiple of the {n_processes} processes")
+  return out
+
+
+def _calibrate_problems(config: ml_collections.ConfigDict) -> list[str]:
+  if config.mode != "calibrate":
+    return []
+  cal, out = config.calibrate, []
+  for field in ("data_dir", "out_dir"):
+    if not cal[field]:
+      out.append(f"config.calibrate.{field} is empty: mode=calibrate needs it (see configs/default.py)")
+  try:
+    curve = [int(n) for n in cal.curve.split(",") if n.strip()]
+  except ValueError:
+    curve = [0]
+  if any(n <= 0 for n in curve):
+    out.append(f"config.calibrate.curve={cal.curve!r}: give positive sentence counts separated by commas")
   return out
 
 

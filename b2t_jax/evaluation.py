@@ -37,8 +37,10 @@ def eval_batches(
 
 def evaluate(exp: Experiment, params: Any, split: pipeline.DataSplit, plan: list[np.ndarray]) -> dict[str, Any]:
   """Runs every trial of `plan` (global record indices per eval batch) once; each process reads only its
-  rows. Returns aggregate and per-day PER, mean CTC loss and the infeasible count."""
+  rows. Returns aggregate and per-day PER, mean CTC loss and the infeasible count (of an ensemble: of its merged
+  log-probabilities, and `val_per_member_<k>` of each member)."""
   per = metrics_lib.ErrorRate()
+  member_per = [metrics_lib.ErrorRate() for _ in range(exp.n_models if exp.n_models > 1 else 0)]
   total_nll, n_feasible, n_infeasible = 0.0, 0, 0
   for _, gb in eval_batches(exp, split, plan):
     out = sharding.to_host(
@@ -51,19 +53,24 @@ def evaluate(exp: Experiment, params: Any, split: pipeline.DataSplit, plan: list
       }
     )
     for r in np.flatnonzero(out["weight"] > 0):
-      hyp = metrics_lib.greedy_decode(out["pred"][r], int(out["input_lens"][r]))
-      per.add(int(out["day"][r]), hyp, out["labels"][r, : out["label_lens"][r]].tolist())
+      n_in, day, ref = int(out["input_lens"][r]), int(out["day"][r]), out["labels"][r, : out["label_lens"][r]].tolist()
+      per.add(day, metrics_lib.greedy_decode(out["pred"][r], n_in), ref)
+      for k, member in enumerate(member_per):
+        member.add(day, metrics_lib.greedy_decode(out["member_pred"][r, k], n_in), ref)
       if out["feasible"][r]:
         total_nll += float(out["nll"][r])
         n_feasible += 1
       else:
         n_infeasible += 1
-  return {
+  out = {
     "val_per": per.rate(),
     "val_loss": total_nll / max(n_feasible, 1),
     "val_infeasible": n_infeasible,
     "per_day": per.per_day(),
   }
+  # An ensemble: val_per and val_loss are the merged log-probabilities'; each member's PER beside them.
+  out.update({f"val_per_member_{k}": m.rate() for k, m in enumerate(member_per)})
+  return out
 
 
 def format_per_day(per_day: dict[int, float], sessions) -> str:

@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from absl import logging
 from flax import linen as nn
 
@@ -15,16 +16,26 @@ from b2t_jax import sharding
 from b2t_jax.data import pipeline, prepare, t15
 from b2t_jax.models import create_model
 from b2t_jax.optim import guarded_optimizer
-from b2t_jax.steps import TrainState, create_train_state, eval_step, train_step
+from b2t_jax.steps import (
+  TrainState,
+  create_ensemble_state,
+  create_train_state,
+  ensemble_train_step,
+  eval_step,
+  train_step,
+)
+
+_STACKED = ("params", "opt_state", "rng")  # the TrainState fields an ensemble stacks (steps.MEMBER_AXES)
 
 
 class Experiment:
-  """Model, optimizer, mesh and the jitted steps of one config."""
+  """Model, optimizer, mesh and the jitted steps of one config (`tx`: another optimizer than the config's, as
+  calibration uses)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None, tx: optax.GradientTransformation | None = None):
     self.config = config
     self.model = create_model(config)
-    self.tx = guarded_optimizer(config.optim)
+    self.tx = guarded_optimizer(config.optim) if tx is None else tx
     self.mesh = sharding.create_mesh(config.mesh_shape) if mesh is None else mesh
     repl = sharding.replicated(self.mesh)
     data = sharding.batch_sharding(self.mesh)
@@ -33,8 +44,9 @@ class Experiment:
     boxed = jax.eval_shape(self._create_boxed_state)
     self.state_shardings = st = sharding.tree_shardings(boxed, self.mesh, config.logical_axis_rules)
     self._state_shapes = nn.unbox(boxed)
+    step = train_step if self.n_models == 1 else ensemble_train_step
     self.train_step = jax.jit(
-      functools.partial(train_step, model=self.model, tx=self.tx, config=config),
+      functools.partial(step, model=self.model, tx=self.tx, config=config),
       in_shardings=(st, data),
       out_shardings=(st, repl),
       donate_argnums=0,
@@ -43,6 +55,11 @@ class Experiment:
       functools.partial(eval_step, model=self.model, config=config), in_shardings=(st.params, data), out_shardings=data
     )
     self._init = jax.jit(lambda: nn.unbox(self._create_boxed_state()), out_shardings=st)
+
+  @property
+  def n_models(self) -> int:
+    """Ensemble members trained together (config.train.n_models); their state is stacked on axis 0."""
+    return self.config.train.n_models
 
   @property
   def n_features(self) -> int:
@@ -63,13 +80,29 @@ class Experiment:
   def param_shardings(self):
     return self.state_shardings.params
 
-  def _create_boxed_state(self) -> TrainState:
+  def _example(self) -> dict[str, jax.Array]:
     shapes = self.example_batch(1, min(self.config.data.time_buckets))
-    example = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
-    return create_train_state(self.model, self.tx, self.config, example)
+    return {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+
+  def _create_boxed_state(self) -> TrainState:
+    create = create_train_state if self.n_models == 1 else create_ensemble_state
+    return create(self.model, self.tx, self.config, self._example())
 
   def init_state(self) -> TrainState:
-    return self._init()
+    if self.n_models == 1:
+      return self._init()
+    # Member by member, then stacked: a vmapped init batches the orthogonal initialiser's LAPACK QR calls, and
+    # those hang on a multi-device CPU backend (jaxlib 0.10.2, 2 cores, 2+ simulated devices); each member's init
+    # is the single model's of its seed.
+    one = jax.jit(lambda m: nn.unbox(create_train_state(self.model, self.tx, self.config, self._example(), m)))
+    members = [one(k) for k in range(self.n_models)]
+    stack = jax.jit(
+      lambda ms: ms[0].replace(
+        **{f: jax.tree.map(lambda *a: jnp.stack(a), *[getattr(m, f) for m in ms]) for f in _STACKED}
+      ),
+      out_shardings=self.state_shardings,
+    )
+    return stack(members)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without allocating it."""

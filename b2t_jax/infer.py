@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from b2t_jax import evaluation, experiment, sharding, steps, vocab
 from b2t_jax import metrics as metrics_lib
+from b2t_jax import workdir as workdir_lib
 from b2t_jax.data import pipeline, t15
 from b2t_jax.decoding import lexicon_lm, ngram
 
@@ -40,9 +41,73 @@ NO_LM, WITH_LM = "lexicon", "lm"
 
 
 def logits_step(params: Any, batch: dict, *, model, config: ml_collections.ConfigDict) -> dict:
-  """Inference forward pass on a padded batch: float32 logits (B, P, 41) and the valid patch count per trial."""
-  logits, input_lens = steps.inference_logits(params, batch, model=model, config=config)
+  """Inference forward pass on a padded batch: float32 logits (B, P, 41) (an ensemble's merged log-probabilities)
+  and the valid patch count per trial."""
+  logits, input_lens, _ = steps.ensemble_logits(params, batch, model=model, config=config)
   return {"logits": logits.astype(jnp.float32), "input_lens": jnp.maximum(input_lens, 0)}
+
+
+# What separately trained workdirs must share to be merged frame by frame (infer.ensemble_workdirs).
+MERGE_FIELDS = (
+  "model.patch_size",
+  "model.patch_stride",
+  "model.n_classes",
+  "data.n_features",
+  "data.feature_pool",
+  "data.sessions",
+)
+
+
+def member_logits(
+  exp: experiment.Experiment, params: Any, member: int, split: pipeline.DataSplit
+) -> dict[int, np.ndarray]:
+  """`split_logits` of member `member` alone of an ensemble's stacked `params` (config.infer.member)."""
+  k = exp.n_models
+  if k == 1 and member == 0:
+    return split_logits(exp, params, split)
+  if not 0 <= member < k:
+    raise ValueError(f"config.infer.member={member}: this workdir holds {k} member(s) (config.train.n_models)")
+  single = ml_collections.ConfigDict(exp.config.to_dict())
+  single.train.n_models = 1
+  one = experiment.Experiment(single, mesh=exp.mesh)
+  return split_logits(one, jax.device_put(jax.tree.map(lambda a: a[member], params), one.param_shardings), split)
+
+
+def ensemble_logits(
+  config: ml_collections.ConfigDict, workdir: str, split: pipeline.DataSplit
+) -> tuple[dict[int, np.ndarray], int]:
+  """Record index -> (P, 41) scores of `split` from the workdir's checkpoint, merged with those of every workdir
+  of `config.infer.ensemble_workdirs` (each restored with its own recorded config) by the mean log-probability
+  of all their members (a K-member workdir counts K times). Returns (scores, the main checkpoint's step)."""
+  sources = [(config, workdir)] + [
+    (workdir_lib.recorded_config(w), w) for w in config.infer.ensemble_workdirs.split(",") if w.strip()
+  ]
+  flat = workdir_lib.flat_config(config)
+  total: dict[int, np.ndarray] = {}
+  members, step = 0, 0
+  for i, (cfg, wd) in enumerate(sources):
+    if i:
+      other = workdir_lib.flat_config(cfg)
+      bad = [f"{k}: {flat[k]!r} here, {other.get(k)!r} in {wd}" for k in MERGE_FIELDS if other.get(k) != flat[k]]
+      if bad:
+        raise ValueError(
+          f"config.infer.ensemble_workdirs: {wd} cannot be merged with {workdir} frame by frame:\n  " + "\n  ".join(bad)
+        )
+    exp = experiment.Experiment(cfg)
+    state = evaluation.restore_for_reading(exp, wd, config.infer.checkpoint)
+    step = step if i else int(jax.device_get(state.step))
+    if len(sources) == 1 and config.infer.member >= 0:
+      return member_logits(exp, state.params, config.infer.member, split), step
+    if len(sources) == 1:
+      return split_logits(exp, state.params, split), step
+    k = cfg.train.n_models
+    for record, lg in split_logits(exp, state.params, split).items():
+      logp = k * np.asarray(jax.nn.log_softmax(lg, axis=-1))
+      total[record] = logp if record not in total else total[record] + logp
+    members += k
+  # Each workdir's scores are log-probabilities up to a per-frame constant, so renormalising the weighted sum gives
+  # the mean log-probability of all members exactly (steps.merge_log_probs).
+  return {r: np.asarray(jax.nn.log_softmax(v / members, axis=-1)) for r, v in total.items()}, step
 
 
 def split_logits(exp: experiment.Experiment, params: Any, split: pipeline.DataSplit) -> dict[int, np.ndarray]:
@@ -117,10 +182,7 @@ def run_inference(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       "CSV needs every test trial in release order. Prepare and run with "
       "--config.data.on_bad_trial=error to see which trial is bad"
     )
-  exp = experiment.Experiment(config)
-  state = evaluation.restore_for_reading(exp, workdir, ic.checkpoint)
-  step = int(jax.device_get(state.step))
-  record_logits = split_logits(exp, state.params, split)
+  record_logits, step = ensemble_logits(config, workdir, split)
   decoders, lexicon, vocab_source = build_decoders(config, split.dataset_dir)
   labelled = ic.split != "test"
 

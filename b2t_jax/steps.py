@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -10,6 +11,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 from flax import struct
+from flax.core import meta
 
 from b2t_jax import losses
 from b2t_jax.data.augment import preprocess
@@ -34,11 +36,18 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, config, example_batch) -> TrainState:
-  """Initialises params from `config.seed` on a shape-only example batch. Params, and the optimizer moments
-  initialised from them, stay boxed with their logical axis names (`sharding.tree_shardings` reads them;
-  `nn.unbox` gives the arrays the steps take)."""
-  key = jax.random.PRNGKey(config.seed)
+# vmap axes of a K-member ensemble's state: params, optimizer state and PRNG key stacked on axis 0, one step count.
+MEMBER_AXES = TrainState(step=None, params=0, opt_state=0, rng=0)
+MEMBER_AXIS_NAME = "members"  # logical name of the stacked axis (config.logical_axis_rules maps it)
+
+
+def create_train_state(
+  model: nn.Module, tx: optax.GradientTransformation, config, example_batch, member: jax.Array | int = 0
+) -> TrainState:
+  """Initialises params from `config.seed + member` on a shape-only example batch (member k of an ensemble is
+  the single model of seed + k). Params, and the optimizer moments initialised from them, stay boxed with their
+  logical axis names (`sharding.tree_shardings` reads them; `nn.unbox` gives the arrays the steps take)."""
+  key = jax.random.PRNGKey(config.seed + member)
   init_key, base_key = jax.random.split(key)
   params = model.init({"params": init_key}, example_batch["features"], example_batch["day"])["params"]
   return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), rng=base_key)
@@ -137,6 +146,48 @@ def train_step(
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def create_ensemble_state(model: nn.Module, tx: optax.GradientTransformation, config, example_batch) -> TrainState:
+  """`config.train.n_models` members' states (`create_train_state` of member 0..K-1) stacked on a leading axis
+  that every boxed leaf names `members`."""
+  members = jnp.arange(config.train.n_models)
+  stacked = jax.vmap(lambda m: create_train_state(model, tx, config, example_batch, m), out_axes=MEMBER_AXES)(members)
+
+  def name_member_axis(box):
+    if not isinstance(box, meta.AxisMetadata) or not jax.tree.leaves(box.unbox()):
+      return box  # plain arrays replicate; empty boxes (optax.masked) stay empty
+    return box.replace(names=(MEMBER_AXIS_NAME, *box.names))
+
+  return jax.tree.map(name_member_axis, stacked, is_leaf=meta.is_axis_metadata)
+
+
+def ensemble_train_step(
+  state: TrainState,
+  batch: dict,
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict]:
+  """Every member's `train_step` on the same batch in one program (vmap over the stacked state): members differ
+  only in their seeds (init, dropout, augmentation). Metrics are the members' mean (the non-finite counters
+  their maximum), plus each member's loss as `loss_member_<k>`."""
+  step = jax.vmap(
+    functools.partial(train_step, model=model, tx=tx, config=config),
+    in_axes=(MEMBER_AXES, None),
+    out_axes=(MEMBER_AXES, 0),
+  )
+  state, per_member = step(state, batch)
+  metrics = {k: v.max(0) if k in COUNTER_METRICS else v.mean(0) for k, v in per_member.items()}
+  metrics.update({f"loss_member_{k}": per_member["loss"][k] for k in range(config.train.n_models)})
+  return state, metrics
+
+
+def merge_log_probs(logits: jax.Array, axis: int = 0) -> jax.Array:
+  """Members' logits -> the ensemble's per-frame log-probabilities: the mean of the members' log-softmax over
+  `axis`, renormalised (the argmax is that of the plain mean)."""
+  return jax.nn.log_softmax(jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=axis), axis=-1)
+
+
 def inference_logits(
   params: Any, batch: dict, *, model: nn.Module, config: ml_collections.ConfigDict
 ) -> tuple[jax.Array, jax.Array]:
@@ -147,13 +198,29 @@ def inference_logits(
   return model.apply({"params": params}, x, batch["day"], train=False, mode="inference"), input_lens
 
 
+def ensemble_logits(
+  params: Any, batch: dict, *, model: nn.Module, config: ml_collections.ConfigDict
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """(logits (B, P, C), valid patches (B,), members' logits (B, K, P, C) or None): for one model its logits,
+  for a K-member ensemble (`config.train.n_models` > 1, params stacked) the merged log-probabilities."""
+  fn = functools.partial(inference_logits, model=model, config=config)
+  if config.train.n_models == 1:
+    return (*fn(params, batch), None)
+  members, input_lens = jax.vmap(fn, in_axes=(0, None), out_axes=(1, None))(params, batch)
+  return merge_log_probs(members, axis=1), input_lens, members
+
+
 def eval_step(params: Any, batch: dict, *, model: nn.Module, config: ml_collections.ConfigDict) -> dict:
-  """Inference-mode forward pass on a padded eval batch: per-trial CTC loss and per-frame argmax."""
-  logits, input_lens = inference_logits(params, batch, model=model, config=config)
+  """Inference-mode forward pass on a padded eval batch: per-trial CTC loss and per-frame argmax (of the merged
+  log-probabilities for an ensemble, whose members' argmax is 'member_pred' (B, K, P))."""
+  logits, input_lens, members = ensemble_logits(params, batch, model=model, config=config)
   nll, feasible = losses.ctc_per_trial(logits, input_lens, batch["labels"], batch["label_lens"])
-  return {
+  out = {
     "nll": jnp.where(feasible, nll, 0.0),
     "feasible": feasible,
     "input_lens": jnp.maximum(input_lens, 0),
     "pred": jnp.argmax(logits, axis=-1).astype(jnp.int32),
   }
+  if members is not None:
+    out["member_pred"] = jnp.argmax(members, axis=-1).astype(jnp.int32)
+  return out

@@ -185,10 +185,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if step % tc.eval_every == 0 or done == tc.num_steps:
           last_eval = evaluate(exp, state.params, val_split, eval_plan)
           writer.write_scalars(done, {k: v for k, v in last_eval.items() if k != "per_day"})
+          members = [last_eval[f"val_per_member_{k}"] for k in range(exp.n_models)] if exp.n_models > 1 else []
           logging.info(
-            "step %d  val PER %.4f  val loss %.3f  (%d infeasible)\n%s",
+            "step %d  val PER %.4f%s  val loss %.3f  (%d infeasible)\n%s",
             done,
             last_eval["val_per"],
+            f" (ensemble; members {' '.join(f'{p:.4f}' for p in members)})" if members else "",
             last_eval["val_loss"],
             last_eval["val_infeasible"],
             format_per_day(last_eval["per_day"], d.sessions),

@@ -57,10 +57,15 @@ SAFE_TO_CHANGE = (
   "optim.day_warmup_steps",
   "train.",
   "eval.",
+  "calibrate.",
   "infer.",
   "decode.",
   "stream.",
 )
+# Fields under a SAFE_TO_CHANGE section that change the checkpointed state's shapes all the same.
+NEVER_SAFE = ("train.n_models",)
+# Fields added after config.json existed, with the value every older workdir implicitly ran with.
+ADDED_LATER = {"train.n_models": 1}
 _ABSENT = "<absent>"
 
 
@@ -103,11 +108,14 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def is_safe_to_change(field: str) -> bool:
+  if field in NEVER_SAFE:
+    return False
   return any(field.startswith(s) if s.endswith(".") else field == s for s in SAFE_TO_CHANGE)
 
 
 def config_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
   """'field: recorded -> current' for every field that differs and may not change on resume."""
+  recorded = {**ADDED_LATER, **recorded}
   return [
     f"{k}: {recorded.get(k, _ABSENT)!r} (workdir) -> {current.get(k, _ABSENT)!r} (now)"
     for k in sorted(set(recorded) | set(current))
@@ -238,3 +246,44 @@ class WorkdirLock:
       self._thread = None
       if (self._read() or {}).get("token") == self.info["token"]:
         epath.Path(self.path).unlink(missing_ok=True)
+
+
+def config_source(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict, doc: str) -> str:
+  """The text of a config file that rebuilds `config`: configs/default.py (whose `get_config()` is `base`) plus
+  one assignment per field that differs from it, with `doc` as the module docstring."""
+  lines = [f'"""{doc}"""', "", "from configs import default", "", "", "def get_config():", "  c = default.get_config()"]
+
+  def walk(node: ml_collections.ConfigDict, ref: ml_collections.ConfigDict | None, prefix: str) -> None:
+    for key, value in node.items():
+      known = ref is not None and key in ref
+      if isinstance(value, ml_collections.ConfigDict):
+        if not known:
+          lines.append(f"  {prefix}{key} = ml_collections.ConfigDict()")
+        walk(value, ref[key] if known else None, f"{prefix}{key}.")
+      elif not known or ref[key] != value:
+        lines.append(f"  {prefix}{key} = {value!r}")
+
+  walk(config, base, "c.")
+  if any("ml_collections.ConfigDict()" in line for line in lines):
+    lines.insert(2, "import ml_collections")
+  return "\n".join([*lines, "  return c"]) + "\n"
+
+
+def recorded_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config recorded in WORKDIR/config.json, as a ConfigDict on top of configs/default.py (JSON lists become
+  tuples where the default holds a tuple; fields added since take their defaults)."""
+  from configs import default  # the installed configs package
+
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: {workdir} is not a b2t_jax training workdir")
+  config = default.get_config()
+  for key, value in json.loads(path.read_text()).items():
+    *sections, field = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    if isinstance(node.get(field), tuple) and isinstance(value, list):
+      value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    node[field] = value
+  return config

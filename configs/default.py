@@ -10,7 +10,7 @@ from b2t_jax.data.t15 import T15_SESSIONS
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | eval | infer | summary
+  c.mode = "train"  # train | eval | infer | calibrate | summary
   c.seed = 10  # model init / dropout / augmentation PRNG seed
   c.mesh_shape = (-1, 1)  # (data, model) device mesh; -1 takes all remaining devices
   # Logical axis -> mesh axis (MaxText style). The NoiseModel's 7168-wide GRU kernels are split over 'model'
@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
     ("features_out", None),
     ("patch_features", None),
     ("classes", None),
+    ("members", None),  # ensemble member axis (train.n_models > 1); ("members", "model") first in this list puts
+    # each member on its own 'model' slice (rules listed earlier win a mesh axis)
   )
   c.distributed = False  # call jax.distributed.initialize() (multi-host pods, multi-process CPU)
   c.coordinator_address = ""  # host:port of process 0; "" = auto-detect (Cloud TPU, SLURM)
@@ -111,6 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = t = ml_collections.ConfigDict()
   t.num_steps = 120_000  # optimizer steps
+  t.n_models = 1  # ensemble members trained together in one step (seeds seed..seed+K-1; merged by mean log-probs)
   t.eval_every = 2000  # validate after step 0 and every N steps, and after the last
   t.log_every = 100  # write train metrics every N steps
   t.checkpoint_every = 2000  # save the resumable 'latest' checkpoint every N steps
@@ -142,6 +145,24 @@ def get_config() -> ml_collections.ConfigDict:
   dc.log_add = False  # merge equal hypotheses by log-add (True) or max (Viterbi)
   dc.blank_penalty = 0.0  # subtracted from the blank's log-probability (the reference used log(90) ≈ 4.5)
 
+  # mode=calibrate (b2t_jax/calibrate.py): fit day layers for new sessions on a trained workdir's network.
+  c.calibrate = cal = ml_collections.ConfigDict()
+  cal.data_dir = ""  # hdf5_data_final-style tree of the new session(s): data_train.hdf5 (fit), data_val.hdf5 (PER)
+  cal.out_dir = ""  # the calibrated workdir to write (config.py, config.json, checkpoints); must be new or empty
+  cal.n_sentences = 20  # labelled sentences per session used: the first N trials of its data_train.hdf5
+  cal.holdout_fraction = 0.2  # share of those N held out for early stopping (0 = fit on all, max_steps steps)
+  cal.init = "last"  # last (most recent trained day's layer) | mean (of the trained days' layers) | identity
+  cal.fit_all = False  # also fit every other parameter, at lr_rest (False: only the new day layers change)
+  cal.lr = 0.005  # day-layer Adam learning rate (constant)
+  cal.lr_rest = 1e-4  # with fit_all: AdamW learning rate of the rest of the network
+  cal.batch_size = 16  # trials per calibration step (drawn with replacement from the fitting sentences)
+  cal.max_steps = 200  # upper bound on calibration steps
+  cal.eval_every = 10  # steps between held-out evaluations (early stopping)
+  cal.patience = 4  # stop after this many held-out evaluations without a lower CTC loss
+  cal.steps_without_holdout = 10  # steps when no sentence can be held out (N = 1 or holdout_fraction = 0)
+  cal.seed = 0  # calibration batch, dropout and augmentation seed
+  cal.curve = ""  # e.g. "1,5,10,20,40": also calibrate with each N, write calibration.csv and calibration.png
+
   # mode=infer (b2t_jax/infer.py): run a split through the best (else latest) checkpoint and decode it.
   c.infer = inf = ml_collections.ConfigDict()
   inf.split = "val"  # val (with PER/WER) | test (competition CSV) | train
@@ -149,4 +170,6 @@ def get_config() -> ml_collections.ConfigDict:
   inf.checkpoint = "best"  # best | latest: which checkpoint manager to restore from (falls back to latest)
   inf.save_logits = False  # also write logits.npz: raw (T, 41) logits keyed '<session>/trial_NNNN'
   inf.plot = True  # write per_day.png (per-day PER and WER)
+  inf.member = -1  # k >= 0: decode only member k of an ensemble workdir (train.n_models > 1); -1 = all, merged
+  inf.ensemble_workdirs = ""  # DIR,DIR: also merge these workdirs' members (same patching, classes, sessions)
   return c

@@ -17,6 +17,7 @@ from b2t_jax.data.augment import preprocess
 from b2t_jax.decoding.streaming import StreamingDecoder, geometry
 from b2t_jax.models import create_model
 from b2t_jax.patching import n_patches
+from b2t_jax.steps import merge_log_probs
 
 # fp32 everywhere; the two paths differ only in matmul shapes (summation order), measured max |diff| ~1e-6.
 ATOL = 2e-5
@@ -135,3 +136,16 @@ def test_benchmark_tool_runs():
   )
   assert p.returncode == 0, p.stderr[-3000:]
   assert "5 timed chunks, 6 logit rows emitted" in p.stdout and "per-chunk latency: median" in p.stdout
+
+
+def test_streaming_an_ensemble_gives_its_merged_log_probabilities():
+  """Two members stacked (config.train.n_models=2): the streamed rows equal the offline merge of each member's
+  logits (steps.merge_log_probs of the offline path)."""
+  c, model, p0 = _model_and_params("gru", seed=0)
+  _, _, p1 = _model_and_params("gru", seed=1)
+  c = c.copy_and_resolve_references()
+  c.train.n_models = 2
+  raw = np.random.default_rng(3).normal(size=(97, c.data.n_features)).astype(np.float32)
+  members = np.stack([_offline(c, model, p, raw, 1, 128) for p in (p0, p1)])
+  decoder = StreamingDecoder(c, jax.tree.map(lambda a, b: jnp.stack([a, b]), p0, p1), day=1)
+  np.testing.assert_allclose(_stream(decoder, raw, [5, 40, 52]), merge_log_probs(members, axis=0), atol=ATOL)

@@ -1,7 +1,11 @@
 """Writes a synthetic dataset in the exact t15 HDF5 layout (SPEC §1), named after the real sessions.
 
 python tools/make_synthetic_data.py --out=DIR [--seed=N] [--sessions=N] [--trials_per_session=N]
-  [--length_profile=demo|t15] [--permute_columns=SEED]
+  [--length_profile=demo|t15] [--permute_columns=SEED] [--days=20,21]
+
+--days=POS,... writes only those positions of the t15 session list (instead of the first --sessions): with the
+same --seed, a later recording day of the same synthetic participant, which a model trained on the first
+sessions has never seen (its drift grows with the position). Used for `--config.mode=calibrate`.
 
 --permute_columns=SEED writes the same trials with their 512 feature columns shuffled by one fixed
 permutation (b2t_jax.data.synthetic.column_permutation): a recipe that learns both trees does not rely on
@@ -21,6 +25,9 @@ _NOISE = flags.DEFINE_float("noise_std", 1.0, "per-bin Gaussian noise std")
 _PROFILE = flags.DEFINE_enum(
   "length_profile", "demo", sorted(LENGTH_PROFILES), "trial lengths: demo (1.5-4 s) or t15 (like the release, ~2-30 s)"
 )
+_DAYS = flags.DEFINE_list(
+  "days", None, "write only these positions of the session list (a held-out later day); unset = the first --sessions"
+)
 _PERMUTE = flags.DEFINE_integer(
   "permute_columns",
   None,
@@ -39,8 +46,10 @@ def main(argv):
     noise_std=_NOISE.value,
     length_profile=_PROFILE.value,
     permute_columns=_PERMUTE.value,
+    days=None if _DAYS.value is None else [int(d) for d in _DAYS.value],
   )
-  print(f"wrote {_SESSIONS.value} sessions to {out}")
+  written = _SESSIONS.value if _DAYS.value is None else len(_DAYS.value)
+  print(f"wrote {written} sessions to {out}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ It assumes nothing about column order that a real array does not give. The gener
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import h5py
 import numpy as np
@@ -308,8 +309,11 @@ def make_synthetic_dataset(
   noise_std: float = 1.0,
   length_profile: str = "demo",
   permute_columns: int | None = None,
+  days: Sequence[int] | None = None,
 ) -> str:
-  """Writes `<out_dir>/<session>/data_{train,val,test}.hdf5` for the first `n_sessions` sessions.
+  """Writes `<out_dir>/<session>/data_{train,val,test}.hdf5` for the first `n_sessions` sessions, or with `days`
+  for those positions of the session list only (a day's trials and drift depend only on (seed, position), so
+  `days=[20]` writes exactly the session that `n_sessions=21` would: a later recording day, for calibration).
 
   `length_profile` picks trial lengths (LENGTH_PROFILES). Val and test get a quarter of `trials_per_session`
   each; sessions 0, 28, 32, 33 get no val/test file, as in the release. `permute_columns=S` writes the same
@@ -318,10 +322,14 @@ def make_synthetic_dataset(
   """
   if not 1 <= n_sessions <= len(sessions):
     raise ValueError(f"n_sessions={n_sessions} must lie in 1..{len(sessions)}")
+  days = list(range(n_sessions)) if days is None else [int(d) for d in days]
+  if not days or not all(0 <= d < len(sessions) for d in days):
+    raise ValueError(f"days={days}: each must lie in 0..{len(sessions) - 1} (positions in the session list)")
   gen = SyntheticT15(seed, n_days_total=len(sessions), noise_std=noise_std, length_profile=length_profile)
   columns = None if permute_columns is None else column_permutation(permute_columns, gen.n_features)
   n_eval = max(1, trials_per_session // 4)
-  for day, session in enumerate(sessions[:n_sessions]):
+  for day in days:
+    session = sessions[day]
     folder = os.path.join(out_dir, session)
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng([seed, day])

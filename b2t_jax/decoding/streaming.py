@@ -38,6 +38,7 @@ from b2t_jax.data.augment import gaussian_kernel
 from b2t_jax.data.batching import pool_features
 from b2t_jax.models.decoders import create_model, model_hparams
 from b2t_jax.patching import n_patches
+from b2t_jax.steps import merge_log_probs
 
 # p_end while the trial is still running: no patch index reaches it.
 _OPEN_END = np.iinfo(np.int32).max
@@ -162,7 +163,8 @@ class StreamingDecoder:
     rows = decoder.feed(bins)            # (k, n_classes) logits of the patches completed so far
   rows = decoder.finish()                # the rest; the decoder is then reset for the next trial
 
-  Concatenated, the rows equal the offline eval-mode logits of the trial (first floor((T-14)/4)+1 rows).
+  Concatenated, the rows equal the offline eval-mode logits of the trial (first floor((T-14)/4)+1 rows); for an
+  ensemble (config.train.n_models > 1, stacked params) its merged log-probabilities (steps.merge_log_probs).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any, day: int, chunk_bins: int | None = None):
@@ -181,12 +183,22 @@ class StreamingDecoder:
     self.day = np.int32(day)
     # One trial is a batch of one: run on a single device even when `params` come sharded over a mesh.
     self.params = jax.device_put(params, jax.devices()[0])
-    self._step = jax.jit(functools.partial(stream_step, self.model, geo=self.geo), donate_argnums=1)
+    self.n_models = config.train.n_models
+    step = functools.partial(stream_step, self.model, geo=self.geo)
+    if self.n_models > 1:  # an ensemble: every member steps on the same chunk, their log-probabilities merged
+      members = jax.vmap(step, in_axes=(0, 0, None, None, None, None), out_axes=(0, 0, None))
+
+      def step(params, state, chunk, first, end, day):
+        state, logits, valid = members(params, state, chunk, first, end, day)
+        return state, merge_log_probs(logits, axis=0), valid
+
+    self._step = jax.jit(step, donate_argnums=1)
     self.reset()
 
   def reset(self) -> None:
     """Starts a new trial (same day)."""
-    self.state = init_state(self.model, self.params, self.geo)
+    init = functools.partial(init_state, self.model, geo=self.geo)
+    self.state = init(self.params) if self.n_models == 1 else jax.vmap(init)(self.params)
     self.steps = 0  # steps run in this trial
     self.bins = 0  # raw bins received in this trial
     self._pending = np.zeros((0, self.geo.n_features), np.float32)
