@@ -192,20 +192,27 @@ def fit_day_layers(
   return Fit(best_params, step, best_step, time.time() - start, history)
 
 
-def _initial_state(exp: Experiment, params: Any, seed: int) -> TrainState:
+def _initial_state(exp: Experiment, params: Any, seed: int, step: jax.Array) -> TrainState:
+  """The fit's state: fresh calibration moments, at the trained step (the GRL λ ramp continues where it was)."""
   params = jax.device_put(params, exp.param_shardings)
   opt_state = jax.jit(exp.tx.init, out_shardings=exp.state_shardings.opt_state)(params)
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(seed))
+  # A fresh array: the step donates its state, and the trained state's step is read again afterwards.
+  step = jnp.asarray(int(jax.device_get(step)), jnp.int32)
+  return TrainState(step=step, params=params, opt_state=opt_state, rng=jax.random.PRNGKey(seed))
 
 
-def _write_workdir(out_dir: str, config: ml_collections.ConfigDict, params: Any, trained: TrainState, per: float):
+def _write_workdir(
+  out_dir: str, config: ml_collections.ConfigDict, params: Any, trained: TrainState, per: float, days: np.ndarray
+):
   """The calibrated workdir: its params under best/ and checkpoints/ (at the trained step, with a fresh
-  optimizer state: a further `train` run starts its moments afresh), config.json and config.py."""
+  optimizer state: a further `train` run starts its moments afresh, whose day-Adam counts mark `days` as
+  trained, so that a later calibration reads them), config.json and config.py."""
   from configs import default  # the installed configs package: the base every written config.py starts from
 
   exp = Experiment(config)
   params = jax.device_put(params, exp.param_shardings)
   opt_state = jax.jit(exp.tx.init, out_shardings=exp.state_shardings.opt_state)(params)
+  opt_state = jax.device_put(optim.mark_trained_days(opt_state, days), exp.state_shardings.opt_state)
   state = TrainState(step=trained.step, params=params, opt_state=opt_state, rng=trained.rng)
   ckpts = ckpt_lib.Checkpoints(out_dir)
   ckpts.maybe_save_best(state, per, float("nan"))
@@ -299,7 +306,7 @@ def run_calibration(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   def calibrate_with(n: int) -> tuple[Fit, dict[int, float]]:
     fit_mask, hold_mask = sentence_masks(train_split, days, n, cal.holdout_fraction)
     hold = _restrict(train_split, hold_mask, "calibration held-out") if hold_mask.any() else None
-    state = _initial_state(exp, jax.tree.map(jnp.copy, initial), cal.seed)
+    state = _initial_state(exp, jax.tree.map(jnp.copy, initial), cal.seed, trained.step)
     result = fit_day_layers(exp, state, _restrict(train_split, fit_mask, "calibration"), hold)
     return result, evaluate(exp, result.params, val_split, val_plan)["per_day"]
 
@@ -318,12 +325,18 @@ def run_calibration(config: ml_collections.ConfigDict, workdir: str) -> dict[str
       for s, d in zip(new, days)
     ]
 
+  curve_n = [int(v) for v in cal.curve.split(",") if v.strip()]
+  for n in {cal.n_sentences, *curve_n}:  # every N checked before any fit: a bad one must not cost the others
+    sentence_masks(train_split, days, n, cal.holdout_fraction)
   main_fit, main_after = calibrate_with(cal.n_sentences)
   summary = rows(cal.n_sentences, main_fit, main_after)
   curve = []
-  for n in [int(v) for v in cal.curve.split(",") if v.strip()]:
+  for n in curve_n:
     curve += summary if n == cal.n_sentences else rows(n, *calibrate_with(n))
-  _write_workdir(out_dir, out_config, main_fit.params, trained, float(np.mean([r["per_after"] for r in summary])))
+  marked = known.copy()
+  marked[days] = True  # the calibrated days count as trained for a later calibration of this workdir
+  per_after = float(np.mean([r["per_after"] for r in summary]))
+  _write_workdir(out_dir, out_config, main_fit.params, trained, per_after, marked)
   if jax.process_index() == 0:
     report = {"init": cal.init, "fit_all": cal.fit_all, "sessions": summary, "history": main_fit.history}
     workdir_lib.write_atomically(os.path.join(out_dir, RESULT_FILE), json.dumps(report, indent=1))

@@ -223,6 +223,14 @@ def problems(
       f"config.calibrate.batch_size={config.calibrate.batch_size} must be a multiple of the {mesh[0]} devices of "
       "the 'data' axis"
     )
+  if config.mode == "calibrate" and config.calibrate.batch_size % n_processes:
+    out.append(
+      f"config.calibrate.batch_size={config.calibrate.batch_size} must be a multiple of the {n_processes} processes"
+    )
+  if config.infer.member < -1:
+    out.append(f"config.infer.member={config.infer.member}: -1 (all members, merged) or a member index")
+  if config.infer.member >= 0 and config.infer.ensemble_workdirs:
+    out.append("config.infer.member and config.infer.ensemble_workdirs exclude each other: decode one member, or merge")
   for field in ("batch_size", "eval_batch_size"):
     if d[field] % n_processes:
       out.append(f"config.data.{field}={d[field]} must be a multiple of the {n_processes} processes")
@@ -242,6 +250,11 @@ def _calibrate_problems(config: ml_collections.ConfigDict) -> list[str]:
     curve = [0]
   if any(n <= 0 for n in curve):
     out.append(f"config.calibrate.curve={cal.curve!r}: give positive sentence counts separated by commas")
+  if config.train.n_models > 1:
+    out.append(
+      f"config.train.n_models={config.train.n_models}: calibrate one model; an ensemble's members are not "
+      "calibrated yet (decode a member alone with config.infer.member)"
+    )
   return out
 
 

@@ -87,6 +87,11 @@ def ensemble_logits(
   members, step = 0, 0
   for i, (cfg, wd) in enumerate(sources):
     if i:
+      # This machine's launch settings, not the recorded ones (all safe to change on a workdir).
+      for field in ("mesh_shape", "logical_axis_rules"):
+        cfg[field] = config[field]
+      for field in ("eval_batch_size", "prefetch", "prefetch_workers"):
+        cfg.data[field] = config.data[field]
       other = workdir_lib.flat_config(cfg)
       bad = [f"{k}: {flat[k]!r} here, {other.get(k)!r} in {wd}" for k in MERGE_FIELDS if other.get(k) != flat[k]]
       if bad:

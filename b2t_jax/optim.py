@@ -142,6 +142,18 @@ def guarded_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransform
   return guarded(create_optimizer(cfg))
 
 
+def mark_trained_days(opt_state: Any, trained: np.ndarray) -> Any:
+  """`opt_state` with every day-Adam step count set to 1 on the `trained` days and 0 elsewhere (a fresh state
+  that `trained_days` reads back as `trained`)."""
+
+  def mark(x):
+    if not isinstance(x, DayAdamState):
+      return x
+    return x._replace(count=jax.tree.map(lambda c: jnp.asarray(trained, c.dtype), x.count))
+
+  return jax.tree.map(mark, opt_state, is_leaf=lambda x: isinstance(x, DayAdamState))
+
+
 def trained_days(opt_state: Any) -> np.ndarray | None:
   """(n_days,) bool: the days whose layers took at least one Adam step (the day-Adam step counts of an optimizer
   state of `create_optimizer`); None when the state holds no count or no day ever stepped (a fresh or imported

@@ -150,7 +150,9 @@ def get_config() -> ml_collections.ConfigDict:
   cal.data_dir = ""  # hdf5_data_final-style tree of the new session(s): data_train.hdf5 (fit), data_val.hdf5 (PER)
   cal.out_dir = ""  # the calibrated workdir to write (config.py, config.json, checkpoints); must be new or empty
   cal.n_sentences = 20  # labelled sentences per session used: the first N trials of its data_train.hdf5
-  cal.holdout_fraction = 0.2  # share of those N held out for early stopping (0 = fit on all, max_steps steps)
+  cal.holdout_fraction = (
+    0.2  # share of those N held out for early stopping (0 = fit on all, steps_without_holdout steps)
+  )
   cal.init = "last"  # last (most recent trained day's layer) | mean (of the trained days' layers) | identity
   cal.fit_all = False  # also fit every other parameter, at lr_rest (False: only the new day layers change)
   cal.lr = 0.005  # day-layer Adam learning rate (constant)
@@ -168,7 +170,7 @@ def get_config() -> ml_collections.ConfigDict:
   inf.split = "val"  # val (with PER/WER) | test (competition CSV) | train
   inf.out_dir = ""  # "" = WORKDIR/infer_<split>
   inf.checkpoint = "best"  # best | latest: which checkpoint manager to restore from (falls back to latest)
-  inf.save_logits = False  # also write logits.npz: raw (T, 41) logits keyed '<session>/trial_NNNN'
+  inf.save_logits = False  # also write logits.npz: (T, 41) logits (an ensemble's merged log-probs) per trial
   inf.plot = True  # write per_day.png (per-day PER and WER)
   inf.member = -1  # k >= 0: decode only member k of an ensemble workdir (train.n_models > 1); -1 = all, merged
   inf.ensemble_workdirs = ""  # DIR,DIR: also merge these workdirs' members (same patching, classes, sessions)

@@ -89,6 +89,9 @@ def test_calibrate_mode_needs_its_folders(tiny):
   tiny.calibrate.data_dir, tiny.calibrate.out_dir, tiny.calibrate.curve = "x", "y", "1,five"
   with pytest.raises(config_check.ConfigError, match="calibrate.curve='1,five'"):
     config_check.validate(tiny)
+  tiny.calibrate.curve, tiny.train.n_models = "", 3
+  with pytest.raises(config_check.ConfigError, match="train.n_models=3: calibrate one model"):
+    config_check.validate(tiny)
 
 
 def _load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -130,8 +133,8 @@ def test_calibration_fits_only_the_new_day_layer_and_its_workdir_restores(tiny, 
   assert tuple(out_config.data.sessions) == (*T15_SESSIONS, NEW_SESSION)
   assert out_config.data.data_dir == new_dir and out_config.mode == "eval"
 
-  # Only day 45's layer moved from its init (the mean of the layers that trained): every other parameter and every
-  # other day row is bit-identical to the trained workdir's.
+  # Only day 45's layer moved from its init (the default 'last': the most recent day that trained); every other
+  # parameter and every other day row is bit-identical to the trained workdir's.
   trained = evaluation.restore_for_reading(experiment.Experiment(tiny), trained_dir, "best")
   known = optim.trained_days(trained.opt_state)
   exp = experiment.Experiment(out_config)
@@ -142,9 +145,12 @@ def test_calibration_fits_only_the_new_day_layer_and_its_workdir_restores(tiny, 
     if optim._leaf_name(path) in optim.DAY_PARAMS:
       n_day_leaves += 1
       np.testing.assert_array_equal(a[:45], b)
-      assert np.abs(a[45] - b[known].mean(axis=0)).max() > 1e-4
+      assert np.abs(a[45] - b[np.flatnonzero(known)[-1]]).max() > 1e-4  # moved from init 'last
     else:
       np.testing.assert_array_equal(a, b)
+  # The calibrated workdir remembers the trained days and the new one (a later calibration reads them).
+  restored = evaluation.restore_for_reading(exp, out, "best")
+  np.testing.assert_array_equal(optim.trained_days(restored.opt_state), np.append(known, True))
   assert n_day_leaves == 4  # the triple's noise and clean models each have day weights and biases
 
   # mode=eval on the calibrated workdir measures the new session's PER reported by the calibration.
