@@ -197,6 +197,8 @@ def problems(
       f"config.model.patch_stride={m.patch_stride}"
     )
   out += _calibrate_problems(config)
+  if not 0.0 < d.length_window <= 1.0:
+    out.append(f"config.data.length_window={d.length_window}: give a fraction of each day's trials in (0, 1]")
   buckets = tuple(d.time_buckets)
   if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
     out.append(f"config.data.time_buckets={buckets}: give increasing positive lengths in bins")

@@ -42,8 +42,11 @@ class Experiment:
     # The init is traced once for shapes; its boxes (every parameter's logical axes, which the optimizer's moments
     # inherit) give every leaf's sharding. The arrays themselves are unboxed.
     boxed = jax.eval_shape(self._create_boxed_state)
-    self.state_shardings = st = sharding.tree_shardings(boxed, self.mesh, config.logical_axis_rules)
     self._state_shapes = nn.unbox(boxed)
+    st = sharding.tree_shardings(boxed, self.mesh, config.logical_axis_rules)
+    if config.fsdp:
+      st = sharding.fsdp_shardings(st, self._state_shapes, self.mesh, config.fsdp_min_size)
+    self.state_shardings = st
     step = train_step if self.n_models == 1 else ensemble_train_step
     self.train_step = jax.jit(
       functools.partial(step, model=self.model, tx=self.tx, config=config),

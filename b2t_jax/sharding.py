@@ -66,6 +66,29 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, st
   return nn.logical_to_mesh_sharding(logical_specs(abstract_tree), mesh, [tuple(r) for r in rules])
 
 
+def fsdp_shardings(shardings: Any, shapes: Any, mesh: Mesh, min_size: int, axis: str = "data") -> Any:
+  """Fully sharded data parallelism (config.fsdp): each array of at least `min_size` elements is also split over
+  the `axis` mesh axis, along its largest dimension that the rules left unsharded and that the axis size
+  divides. Under jit, XLA then all-gathers a parameter where the forward needs it whole and reduce-scatters
+  its gradient, so parameters and optimizer moments are stored once across the data axis instead of on every
+  device. Arrays already split over `axis`, and those with no such dimension, keep their sharding."""
+  n = mesh.shape[axis]
+
+  def one(s: NamedSharding, shape) -> NamedSharding:
+    dims = tuple(shape.shape)
+    if n == 1 or int(np.prod(dims, dtype=np.int64)) < min_size:
+      return s
+    spec = list(s.spec) + [None] * (len(dims) - len(s.spec))
+    used = {a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))}
+    free = [i for i, d in enumerate(dims) if spec[i] is None and d % n == 0]
+    if axis in used or not free:
+      return s
+    spec[max(free, key=lambda i: dims[i])] = axis
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree.map(one, shardings, shapes)
+
+
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Places this process's rows of a batch onto the mesh as global arrays sharded over 'data'."""
   n_data = mesh.shape["data"]

@@ -143,6 +143,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   last_eval: dict[str, Any] = {}
   last_train: dict[str, float] = {}
   t_log, step_log = time.time(), start
+  real_bins = padded_bins = 0  # this process's rows in the log window: trial bins, and bins after padding
   preempted = False
   try:
     read = functools.partial(pipeline.train_host_batch, train_split, config)
@@ -150,13 +151,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with _Preemption(start) as preempt, prefetcher as batches:
       for step, batch in batches:
         shapes_seen.add(batch["features"].shape[1])
+        real_bins += int(batch["n_time_steps"].sum())
+        padded_bins += batch["features"].shape[0] * batch["features"].shape[1]
         state, m = exp.train_step(state, sharding.shard_batch(batch, exp.mesh))
         history.append(m)
         done = step + 1
         preempted = preempt.should_stop(done)
         if done % tc.log_every == 0 or done == tc.num_steps:
           scalars, run = _window_metrics(history)
-          last_train = dict(scalars)
           history = []
           if run >= tc.max_nonfinite_steps:
             raise NonFiniteError(
@@ -166,17 +168,26 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               "then rerun: training resumes from the last checkpoint"
             )
           now = time.time()
-          rate = (done - step_log) / max(now - t_log, 1e-9)
+          elapsed = max(now - t_log, 1e-9)
+          rate = (done - step_log) / elapsed
           t_log, step_log = now, done
           scalars["steps_per_sec"] = rate
+          # Host-side counts (no device sync); every process reads an equal share of each global batch.
+          scalars["real_bins_per_sec"] = real_bins * jax.process_count() / elapsed
+          scalars["pad_waste"] = 1.0 - real_bins / max(padded_bins, 1)
+          real_bins = padded_bins = 0
+          last_train = dict(scalars)
           writer.write_scalars(done, scalars)
           eta = (tc.num_steps - done) / max(rate, 1e-9)
           logging.info(
-            "step %d/%d  loss %.3f  %.2f steps/s  ETA %dm%02ds  nonfinite_steps %d  (%d time shapes compiled)",
+            "step %d/%d  loss %.3f  %.2f steps/s  %.0f trial bins/s  padding %.0f%%  ETA %dm%02ds  nonfinite_steps %d  "
+            "(%d time shapes compiled)",
             done,
             tc.num_steps,
             scalars["loss"],
             rate,
+            scalars["real_bins_per_sec"],
+            100 * scalars["pad_waste"],
             eta // 60,
             eta % 60,
             scalars["nonfinite_steps"],

@@ -38,6 +38,8 @@ SAFE_TO_CHANGE = (
   "cpu_collectives",
   "mesh_shape",
   "logical_axis_rules",
+  "fsdp",
+  "fsdp_min_size",
   "data.data_dir",
   "data.cache_dir",
   "data.prefetch",
@@ -65,7 +67,7 @@ SAFE_TO_CHANGE = (
 # Fields under a SAFE_TO_CHANGE section that change the checkpointed state's shapes all the same.
 NEVER_SAFE = ("train.n_models",)
 # Fields added after config.json existed, with the value every older workdir implicitly ran with.
-ADDED_LATER = {"train.n_models": 1}
+ADDED_LATER = {"train.n_models": 1, "data.length_aware": False, "data.length_window": 0.1}
 _ABSENT = "<absent>"
 
 

@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     ("members", None),  # ensemble member axis (train.n_models > 1); ("members", "model") first in this list puts
     # each member on its own 'model' slice (rules listed earlier win a mesh axis)
   )
+  c.fsdp = False  # also split params and optimizer moments over 'data' (all-gathered for use, grads reduce-scattered)
+  c.fsdp_min_size = 2**16  # fsdp: arrays with fewer elements stay replicated (their all-gather costs more than they do)
   c.distributed = False  # call jax.distributed.initialize() (multi-host pods, multi-process CPU)
   c.coordinator_address = ""  # host:port of process 0; "" = auto-detect (Cloud TPU, SLURM)
   c.num_processes = 0  # with coordinator_address: total processes
@@ -47,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.batch_size = 64  # global trials per optimizer step
   d.days_per_batch = 4  # distinct days per training batch, trials sampled with replacement within a day
   d.seed = 1  # batch-sampler seed (batch k depends only on (seed, k))
+  d.length_aware = False  # opt-in: each batch's trials are of similar length (less padding), days drawn as usual
+  d.length_window = 0.1  # length_aware: fraction of each day's trials, nearest the batch's anchor length, drawn from
   d.eval_batch_size = 64  # trials per validation batch (padded with masked rows)
   d.time_buckets = (256, 512, 768, 1024, 1536, 2048, 3072)  # padded lengths in bins (one compile each)
   d.max_label_len = 128  # phoneme label padding; longer labels are an error naming the trial

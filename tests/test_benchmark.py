@@ -56,6 +56,8 @@ def test_benchmark_scripts_agree_on_shapes_and_flops():
     f"--config.model.hidden={sizes['hidden']}",
     f"--config.model.n_layers={sizes['n_layers']}",
     f"--config.data.batch_size={sizes['batch']}",
+    "--phases",
+    "--phase_rounds=1",
   ]
   torch_cmd = [
     sys.executable,
@@ -72,6 +74,9 @@ def test_benchmark_scripts_agree_on_shapes_and_flops():
     out[name] = _json_line(p.stdout)
   j, t = out["jax"], out["torch"]
   assert j["n_devices"] == 2 and j["global_batch"] == 4 and j["per_device_batch"] == 2 and j["time_bins"] == 40
+  ph = j["phases_ms"]
+  assert min(v for k, v in ph.items() if not k.endswith("_share")) > 0
+  assert ph["backward_share"] == pytest.approx(ph["forward_ctc_backward"] - ph["forward_ctc"], abs=0.02)
   # Two independently written FLOP formulas (ours and the torch script's) agree on the same sizes.
   assert j["model_flops_per_step"] == t["model_flops_per_step"] > 0
   for r in (j, t):

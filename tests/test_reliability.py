@@ -164,6 +164,11 @@ def test_config_problems_name_the_field_and_what_is_allowed(tiny):
     "config.aug.white_noise_std=nan: must be a finite number",
   ]
   tiny.aug.white_noise_std = 1.0
+  tiny.data.length_window = 0.0
+  assert "config.data.length_window=0.0: give a fraction of each day's trials in (0, 1]" in config_check.problems(
+    tiny, n_devices=8, n_processes=1
+  )
+  tiny.data.length_window = 0.1
   with pytest.raises(config_check.ConfigError) as e:
     config_check.validate(tiny, n_devices=8, n_processes=1)
   assert str(e.value).splitlines()[1:] == [

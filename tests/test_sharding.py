@@ -159,3 +159,27 @@ def test_state_shardings_follow_each_parameters_logical_axes():
   assert any(s.spec == P(None, None, "model") for s in by_path.values())
   # the per-day step counts are small and replicated
   assert all(s.spec == P() for s in jax.tree.leaves(groups["day"].inner_state[0].count))
+
+
+@pytest.mark.slow
+def test_fsdp_splits_params_and_moments_over_data_and_trains_as_replicated(tiny):
+  batches = _batches(tiny, 3)
+  replicated, s_rep = _losses(experiment.Experiment(tiny, mesh=create_mesh((4, 2))), batches)
+  tiny.fsdp, tiny.fsdp_min_size = True, 512
+  exp = experiment.Experiment(tiny, mesh=create_mesh((4, 2)))
+  ps = exp.param_shardings
+  w_hh = ps["noise_model"]["gru"]["layer_0"]["cell"]["w_hh"]  # (112, 3, 112): hidden on 'model', input on 'data'
+  assert w_hh.spec == P("data", None, "model")
+  # (45 days, 8, 8): 45 does not divide over 4 devices, so the first of the largest dividing axes takes 'data'.
+  assert ps["clean_model"]["frontend"]["day_weights"].spec == P(None, "data", None)
+  assert ps["clean_model"]["gru"]["layer_0"]["cell"]["b_hh"].spec == P(None, None)  # 48 elements < 512
+  assert ps["noise_model"]["gru"]["h0"].spec == P("model")  # below fsdp_min_size
+  fsdp, s_fsdp = _losses(exp, batches)
+  # Same math; XLA's all-gathers and reduce-scatters change only fp32 reduction orders.
+  np.testing.assert_allclose(fsdp, replicated, rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(s_rep.params), jax.tree.leaves(s_fsdp.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+  mu = s_fsdp.opt_state.inner_state[1].inner_states["main"].inner_state[0].mu
+  moment = mu["noise_model"]["gru"]["layer_0"]["cell"]["w_hh"]
+  assert moment.sharding.spec == P("data", None, "model")
+  assert moment.addressable_shards[0].data.shape == (28, 3, 56)  # an eighth of the moment per device

@@ -51,6 +51,18 @@ def test_round_trip_hdf5_to_tfds_to_batch_is_bit_exact(prepared_dir, synthetic_d
   assert len(test) == 8 and test.read([0])[0].labels is None
 
 
+def test_length_aware_batches_are_drawn_with_the_records_lengths(prepared_dir):
+  split, c = _open(prepared_dir, feature_pool=64, length_aware=True, length_window=0.2)
+  d = c.data
+  for step in range(3):
+    idx = pipeline.sampler.train_batch_indices(
+      d.seed, step, split.days, d.batch_size, d.days_per_batch, lengths=split.n_time_steps, window=0.2
+    )
+    batch = pipeline.train_host_batch(split, c, step)
+    np.testing.assert_array_equal(batch["n_time_steps"], split.n_time_steps[idx])
+    np.testing.assert_array_equal(batch["day"], split.day[idx])
+
+
 def test_batches_are_a_pure_function_of_step_across_a_restart(prepared_dir):
   split, c = _open(prepared_dir, feature_pool=64)
   straight = [b for _, b in batching.Prefetcher(lambda k: pipeline.train_host_batch(split, c, k), range(0, 6), 2)]

@@ -165,6 +165,10 @@ def test_resume_gives_bit_identical_next_steps(tiny, tmp_path):
   assert resumed["val_per"] == straight["val_per"] and resumed["val_loss"] == straight["val_loss"]
   assert 0.0 <= straight["val_per"] and np.isfinite(straight["val_loss"])
   assert os.path.isdir(tmp_path / "b" / "best")
+  last = _batches(tiny, 5)[4]  # log_every=1: the last window is step 4 alone
+  rows, t = last["features"].shape[:2]
+  assert straight["train"]["pad_waste"] == pytest.approx(1 - last["n_time_steps"].sum() / (rows * t))
+  assert straight["train"]["real_bins_per_sec"] > 0
 
 
 def test_sigterm_saves_stops_and_exits_for_a_restart(tiny, tmp_path, monkeypatch, capsys):

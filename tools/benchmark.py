@@ -19,10 +19,15 @@ import benchlib  # tools/ is the script's own folder
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from b2t_jax import experiment, sharding, summary
+from b2t_jax import experiment, losses, sharding, steps, summary
+from b2t_jax.data.augment import preprocess
+from b2t_jax.models.cell import project_inputs
+from b2t_jax.models.gru import gru_recurrence
+from b2t_jax.patching import n_patches
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gru_baseline.py", "config file")
 _T = flags.DEFINE_integer("time_bins", 500, "trial length in 20 ms bins (every trial of the batch)")
@@ -31,6 +36,10 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 _LABEL_LEN = flags.DEFINE_integer("label_len", 30, "phonemes per trial in the synthetic batch")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "size of the square fp32 matmul that measures the CPU peak")
 _TAG = flags.DEFINE_string("tag", "", "free-form label copied into the JSON line")
+_PHASES = flags.DEFINE_bool(
+  "phases", False, "also time the step's phases (augment, forward, CTC, backward, optimizer, GRU recurrences) apart"
+)
+_ROUNDS = flags.DEFINE_integer("phase_rounds", 5, "--phases: round-robin rounds (median per phase)")
 _BUSY_LOAD = flags.DEFINE_float(
   "busy_load",
   benchlib.DEFAULT_BUSY_LOAD,
@@ -94,6 +103,106 @@ def synthetic_batch(exp: experiment.Experiment, batch: int, t: int, label_len: i
   }
 
 
+def _median_ms(fn, args, rounds: int) -> float:
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return round(1e3 * float(np.median(times)), 2)
+
+
+def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[str, float]:
+  """Median ms of the train step's parts, each jitted alone on the benchmark's batch and timed round-robin
+  (every part sees the same machine load): augment+smoothing, the model's forward, forward+CTC, forward+CTC+
+  backward, the optimizer update, and the GRU stack's recurrences alone (forward; forward+backward) and input
+  projections (forward; forward+backward). The differences give the CTC, backward and optimizer shares."""
+  cfg = exp.config
+  key = jax.random.PRNGKey(0)
+  lam = steps.grl_lambda(cfg, state.step)
+
+  def pre(batch):
+    return preprocess(key, batch["features"], batch["n_time_steps"], cfg.aug)
+
+  x, lengths = jax.jit(pre)(batch)
+  input_lens = n_patches(lengths, cfg.model.patch_size, cfg.model.patch_stride)
+
+  def forward(params, x):
+    return exp.model.apply(
+      {"params": params}, x, batch["day"], train=True, mode="full", grl_lambda=lam, rngs={"dropout": key}
+    )
+
+  def loss(params, x):
+    return losses.decoder_loss(
+      forward(params, x),
+      input_lens,
+      batch["labels"],
+      batch["label_lens"],
+      batch["weight"],
+      noisy_weight=cfg.loss.noisy_weight,
+      noise_l2_weight=cfg.loss.noise_l2_weight,
+    )[0]
+
+  grad = jax.jit(jax.grad(loss))
+  grads = grad(state.params, x)
+  n_days = len(cfg.data.sessions)
+  day_present = jnp.zeros((n_days,), jnp.float32).at[batch["day"]].add(batch["weight"]) > 0
+
+  def optimizer(grads, opt_state, params):
+    updates, opt_state = exp.tx.update(grads, opt_state, params, day_present=day_present)
+    return optax.apply_updates(params, updates), opt_state
+
+  parts = {
+    "augment_smooth": (jax.jit(pre), (batch,)),
+    "forward": (jax.jit(forward), (state.params, x)),
+    "forward_ctc": (jax.jit(loss), (state.params, x)),
+    "forward_ctc_backward": (grad, (state.params, x)),
+    "optimizer": (jax.jit(optimizer), (grads, state.opt_state, state.params)),
+  }
+  gru = _gru_layers(state.params)
+  if gru:
+    b, t = batch["features"].shape[:2]
+    p = int(n_patches(jnp.asarray(t), cfg.model.patch_size, cfg.model.patch_stride))
+    rng = np.random.default_rng(0)
+    dtype = jnp.dtype(cfg.model.dtype)
+    xs = [jnp.asarray(rng.standard_normal((b, p, w["w_ih"].shape[0])), jnp.float32) for w in gru]
+    xps = [jnp.asarray(rng.standard_normal((b, p, 3, w["w_hh"].shape[0])), jnp.float32) for w in gru]
+    h0 = jnp.zeros((b, gru[0]["w_hh"].shape[0]), jnp.float32)
+
+    def rec(ws, xps):
+      return [gru_recurrence(xp, h0, w["w_hh"], w["b_hh"], dtype, cfg.model.gru_unroll) for w, xp in zip(ws, xps)]
+
+    def proj(ws, xs):
+      return [project_inputs(x, w["w_ih"], w["b_ih"], dtype) for w, x in zip(ws, xs)]
+
+    def summed(fn):
+      return lambda ws, xs: sum(jnp.sum(y * 1e-3) for y in fn(ws, xs))
+
+    parts["gru_recurrences_forward"] = (jax.jit(rec), (gru, xps))
+    parts["gru_recurrences_forward_backward"] = (jax.jit(jax.grad(summed(rec), argnums=(0, 1))), (gru, xps))
+    parts["gru_input_projections_forward"] = (jax.jit(proj), (gru, xs))
+    parts["gru_input_projections_forward_backward"] = (jax.jit(jax.grad(summed(proj), argnums=(0, 1))), (gru, xs))
+  for fn, args in parts.values():
+    jax.block_until_ready(fn(*args))  # compile and warm up
+  out = {name: [] for name in parts}
+  for _ in range(rounds):
+    for name, (fn, args) in parts.items():
+      out[name].append(_median_ms(fn, args, 1))
+  med = {name: round(float(np.median(v)), 2) for name, v in out.items()}
+  med["ctc_share"] = round(med["forward_ctc"] - med["forward"], 2)
+  med["backward_share"] = round(med["forward_ctc_backward"] - med["forward_ctc"], 2)
+  return med
+
+
+def _gru_layers(params) -> list[dict]:
+  """The baseline GRU stack's per-layer weights ({w_ih, b_ih, w_hh, b_hh}), or [] for other models."""
+  stack = params.get("gru") if isinstance(params, dict) else None
+  if not stack:
+    return []
+  layers = sorted((k for k in stack if k.startswith("layer_")), key=lambda k: int(k.split("_")[1]))
+  return [{**{k: stack[n][k] for k in ("w_ih", "b_ih")}, **stack[n]["cell"]} for n in layers]
+
+
 def main(argv):
   del argv
   load_before = benchlib.load_average()
@@ -123,6 +232,7 @@ def main(argv):
     times.append(time.perf_counter() - t0)
   loss = float(metrics["loss"])
 
+  phases = phase_times(exp, state, batch, _ROUNDS.value) if _PHASES.value else None
   flops = summary.train_step_flops(config, gb, t)
   step_s, figures = benchlib.step_figures(times, gb, flops)
   peak_after, _ = platform_peak(device, config.model.dtype)
@@ -165,6 +275,7 @@ def main(argv):
         "memory_source": mem_source,
         "final_loss": round(loss, 4),
         "steps": _STEPS.value,
+        **({"phases_ms": phases} if phases else {}),
         **load,
       }
     )

@@ -283,7 +283,10 @@ def train_host_batch(
 ) -> dict[str, np.ndarray]:
   """This process's rows of global training batch `step` (a pure function of (seed, step))."""
   d = config.data
-  idx = sampler.train_batch_indices(d.seed, step, s.days, d.batch_size, d.days_per_batch)
+  lengths = s.n_time_steps if d.length_aware else None
+  idx = sampler.train_batch_indices(
+    d.seed, step, s.days, d.batch_size, d.days_per_batch, lengths=lengths, window=d.length_window
+  )
   return _host_rows(s, config, idx, d.batch_size, "batch_size", process_index, process_count)
 
 
