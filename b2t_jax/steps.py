@@ -67,6 +67,13 @@ def _micro_batches(tree, n: int):
   return jax.tree.map(lambda a: a.reshape((a.shape[0] // n, n) + a.shape[1:]).swapaxes(0, 1), tree)
 
 
+def days_present(batch: dict, config: ml_collections.ConfigDict) -> jax.Array:
+  """(n_days,) bool: the days with at least one real (weight > 0) trial in `batch` (the optimizer's absent-day
+  rule skips the others)."""
+  n_days = len(config.data.sessions)
+  return jnp.zeros((n_days,), jnp.float32).at[batch["day"]].add(batch["weight"]) > 0
+
+
 def train_step(
   state: TrainState,
   batch: dict,
@@ -126,9 +133,7 @@ def train_step(
     (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(n_micro), micro))
     if "noise_l2" in aux:  # a per-micro-batch mean, summed: report the mean
       aux = {**aux, "noise_l2": aux["noise_l2"] / n_micro}
-  n_days = len(config.data.sessions)
-  day_present = jnp.zeros((n_days,), jnp.float32).at[batch["day"]].add(batch["weight"]) > 0
-  updates, opt_state = tx.update(grads, state.opt_state, state.params, day_present=day_present)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, day_present=days_present(batch, config))
   params = optax.apply_updates(state.params, updates)
   # optim.guarded_optimizer: a non-finite step applied zero updates; its counters travel in the metrics, which
   # the host reads at log cadence anyway (no extra sync).

@@ -48,17 +48,9 @@ def report(days, lengths, buckets, batch_size, days_per_batch, n_batches, seed, 
   index = {int(d): np.flatnonzero(days == d) for d in np.unique(days)}
   used, padded, exact, shapes = 0, 0, 0, set()
   draws = np.zeros(len(lengths), np.int64)
-  aware = length_window is not None
+  aware = {} if length_window is None else {"lengths": lengths, "window": length_window}
   for step in range(n_batches):
-    idx = sampler.train_batch_indices(
-      seed,
-      step,
-      index,
-      batch_size,
-      days_per_batch,
-      lengths=lengths if aware else None,
-      window=length_window if aware else 0.1,
-    )
+    idx = sampler.train_batch_indices(seed, step, index, batch_size, days_per_batch, **aware)
     np.add.at(draws, idx, 1)
     t = batching.bucket_length(int(lengths[idx].max()), buckets)
     shapes.add(t)
