@@ -103,13 +103,10 @@ def synthetic_batch(exp: experiment.Experiment, batch: int, t: int, label_len: i
   }
 
 
-def _median_ms(fn, args, rounds: int) -> float:
-  times = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return round(1e3 * float(np.median(times)), 2)
+def _elapsed_ms(fn, args) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return 1e3 * (time.perf_counter() - t0)
 
 
 def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[str, float]:
@@ -124,7 +121,8 @@ def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[s
   def pre(batch):
     return preprocess(key, batch["features"], batch["n_time_steps"], cfg.aug)
 
-  x, lengths = jax.jit(pre)(batch)
+  pre = jax.jit(pre)
+  x, lengths = pre(batch)
   input_lens = n_patches(lengths, cfg.model.patch_size, cfg.model.patch_stride)
 
   def forward(params, x):
@@ -145,15 +143,13 @@ def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[s
 
   grad = jax.jit(jax.grad(loss))
   grads = grad(state.params, x)
-  n_days = len(cfg.data.sessions)
-  day_present = jnp.zeros((n_days,), jnp.float32).at[batch["day"]].add(batch["weight"]) > 0
 
   def optimizer(grads, opt_state, params):
-    updates, opt_state = exp.tx.update(grads, opt_state, params, day_present=day_present)
+    updates, opt_state = exp.tx.update(grads, opt_state, params, day_present=steps.days_present(batch, cfg))
     return optax.apply_updates(params, updates), opt_state
 
   parts = {
-    "augment_smooth": (jax.jit(pre), (batch,)),
+    "augment_smooth": (pre, (batch,)),
     "forward": (jax.jit(forward), (state.params, x)),
     "forward_ctc": (jax.jit(loss), (state.params, x)),
     "forward_ctc_backward": (grad, (state.params, x)),
@@ -187,7 +183,7 @@ def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[s
   out = {name: [] for name in parts}
   for _ in range(rounds):
     for name, (fn, args) in parts.items():
-      out[name].append(_median_ms(fn, args, 1))
+      out[name].append(_elapsed_ms(fn, args))
   med = {name: round(float(np.median(v)), 2) for name, v in out.items()}
   med["ctc_share"] = round(med["forward_ctc"] - med["forward"], 2)
   med["backward_share"] = round(med["forward_ctc_backward"] - med["forward_ctc"], 2)
@@ -270,7 +266,7 @@ def main(argv):
         "peak_gflops_per_s": round(peak / 1e9, 2) if peak else None,
         "peak_source": peak_source,
         **peak_fields,
-        "mfu": round(flops / step_s / (peak * chips), 4) if peak else None,
+        "mfu": round(flops / step_s / (peak * chips), 6) if peak else None,
         "peak_memory_gib": round(peak_mem / 2**30, 3),
         "memory_source": mem_source,
         "final_loss": round(loss, 4),

@@ -190,7 +190,7 @@ def main():
         "peak_gflops_per_s": round(peak / 1e9, 2),
         "peak_source": f"measured fp32 {args.matmul_n}^3 torch.mm",
         **peak_fields,
-        "mfu": round(flops / step_s / peak, 4),
+        "mfu": round(flops / step_s / peak, 6),
         "peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "memory_source": "process max RSS",
         "final_loss": round(float(loss), 4),
