@@ -4,8 +4,9 @@
 
 Runs tools/benchmark.py (gru_baseline) and tools/benchmark_torch.py alternately `repeats` times in fresh
 processes (so neither inherits the other's warm caches or threads), prints every JSON line, then one summary line
-with the step times, every per-pair ratio torch/jax and their median, the MFU of each and the load average
-around every run; it warns when any run started on a busy machine (then the figures are not quiet ones). Then times the
+with the step times, every per-pair ratio torch/jax and their median, the MFU of each, the load average
+around every run and the share of the cores other processes used (or the hypervisor stole) during it; it warns
+when any run shared the machine (then the figures are not quiet ones). Then times the
 triple model at a reduced width and at full size with a small batch (b2t_jax only: the variant has no public
 PyTorch source). Each child prints its own JSON line; this script only parses and aggregates them.
 """
@@ -61,7 +62,11 @@ def main():
   runs = [r for pair in pairs for r in pair]
   quiet = all(r["quiet"] for r in runs)
   if not quiet:
-    print("WARNING: some runs started on a busy machine (see load_before); rerun when it is quiet", file=sys.stderr)
+    print(
+      "WARNING: some runs shared the machine with other work (see others_cpu_share, steal_share); "
+      "rerun when it is quiet",
+      file=sys.stderr,
+    )
   print(
     json.dumps(
       {
@@ -76,6 +81,8 @@ def main():
         "torch_mfu_median": statistics.median(t["mfu"] for _, t in pairs),
         "load_before": [r["load_before"] for r in runs],
         "load_after": [r["load_after"] for r in runs],
+        "others_cpu_share": [r.get("others_cpu_share") for r in runs],
+        "steal_share": [r.get("steal_share") for r in runs],
         "quiet": quiet,
       }
     ),

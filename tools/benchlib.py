@@ -3,6 +3,11 @@
 A figure taken while other jobs run is not a figure: the scripts record the 1-minute load average before and
 after the timed work, probe the matmul peak on both sides of it (a busy machine slows the peak probe more than
 the step, which inflates MFU), and warn on stderr when the machine was busy.
+
+"Busy" is judged by what other processes did while the figures were taken, where the OS says (Linux
+/proc/stat): the share of all cores' time that went to someone else, and the share the hypervisor stole. The
+load average cannot tell a benchmark's own just-finished predecessor (make bench runs them back to back) from a
+stranger, since it decays over a minute; it is recorded, and judges only where /proc/stat is missing.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import sys
 
 import numpy as np
 
-DEFAULT_BUSY_LOAD = 0.5  # 1-minute load average above which a run is flagged as taken on a busy machine
+DEFAULT_BUSY_LOAD = 0.5  # 1-minute load average above which a run is flagged busy (without /proc/stat)
+DEFAULT_BUSY_SHARE = 0.1  # share of all cores' time taken by other processes (or stolen) above which it is busy
+_PROC_STAT = "/proc/stat"
 
 
 def load_average() -> float:
@@ -20,21 +27,71 @@ def load_average() -> float:
   return round(os.getloadavg()[0], 2)
 
 
-def load_report(load_before: float, load_after: float, busy_load: float) -> dict:
-  """JSON fields describing the load around a run; warns on stderr when it was busy before it started.
+def cpu_snapshot(proc_stat: str = _PROC_STAT) -> tuple[float, float, float, float] | None:
+  """(busy, steal, total) seconds of all cores since boot from /proc/stat, and this process's own CPU seconds
+  (all its threads); None where the file is missing (not Linux)."""
+  try:
+    with open(proc_stat) as f:
+      fields = f.readline().split()
+  except OSError:
+    return None
+  if not fields or fields[0] != "cpu":
+    return None
+  # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user and nice]
+  ticks = [float(x) for x in fields[1:9]] + [0.0] * max(0, 9 - len(fields))
+  user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
+  hz = os.sysconf("SC_CLK_TCK")
+  own = os.times()
+  busy = user + nice + system + irq + softirq
+  return busy / hz, steal / hz, (busy + idle + iowait + steal) / hz, own.user + own.system
 
-  Only the load before counts for `quiet`: after, the benchmark's own threads are part of the average."""
-  quiet = load_before <= busy_load
-  if not quiet:
-    print(
-      f"WARNING: load average {load_before} > {busy_load} before the run (cores: {os.cpu_count()}); "
-      "other work shares the machine, so these timings are not quiet figures",
-      file=sys.stderr,
+
+def others_share(before, after) -> dict:
+  """JSON fields: the share of all cores' time between two `cpu_snapshot`s that other processes used
+  (`others_cpu_share`) and the hypervisor stole (`steal_share`); empty where a snapshot is missing."""
+  if before is None or after is None:
+    return {}
+  total = after[2] - before[2]
+  if total <= 0:
+    return {}
+  others = (after[0] - before[0]) - (after[3] - before[3])
+  return {
+    "others_cpu_share": round(min(1.0, max(0.0, others / total)), 3),
+    "steal_share": round(min(1.0, max(0.0, (after[1] - before[1]) / total)), 3),
+  }
+
+
+def load_report(
+  load_before: float,
+  load_after: float,
+  busy_load: float,
+  shares: dict | None = None,
+  busy_share: float = DEFAULT_BUSY_SHARE,
+) -> dict:
+  """JSON fields describing the load around a run; warns on stderr when it was busy.
+
+  With `shares` (from `others_share` over the run) `quiet` means other processes and the hypervisor together
+  took at most `busy_share` of the machine; without, that the load average before the run was at most
+  `busy_load` (after, the benchmark's own threads are part of the average)."""
+  shares = shares or {}
+  if shares:
+    taken = shares["others_cpu_share"] + shares["steal_share"]
+    quiet = taken <= busy_share
+    why = (
+      f"other processes used {shares['others_cpu_share']:.0%} and the hypervisor stole "
+      f"{shares['steal_share']:.0%} of the {os.cpu_count()} cores' time during the run (> {busy_share:.0%})"
     )
+  else:
+    quiet = load_before <= busy_load
+    why = f"load average {load_before} > {busy_load} before the run (cores: {os.cpu_count()})"
+  if not quiet:
+    print(f"WARNING: {why}; other work shares the machine, so these timings are not quiet figures", file=sys.stderr)
   return {
     "load_before": load_before,
     "load_after": load_after,
     "busy_load": busy_load,
+    **shares,
+    "busy_share": busy_share if shares else None,
     "quiet": quiet,
     "cpu_count": os.cpu_count(),
   }

@@ -6,8 +6,8 @@ Reports compile time, median / p90 step time, steps/s, trials/s, model FLOPs per
 XLA's own cost analysis beside it), achieved FLOP/s, MFU and peak memory. MFU is against the platform peak: on
 CPU a dense fp32 matmul measured in the same process before and after the timed steps (so both numbers see the
 same cores and clock; the larger probe is used), on TPU/GPU the vendor's dense peak for the compute dtype from
-`PEAK_FLOPS` below. The load average before and after is recorded, and a busy machine is warned about
-(tools/benchlib.py).
+`PEAK_FLOPS` below. The load average before and after, and the share of the cores that other processes used
+(or the hypervisor stole) during the run, are recorded, and a busy machine is warned about (tools/benchlib.py).
 """
 
 import json
@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from b2t_jax import experiment, losses, sharding, steps, summary
 from b2t_jax.data.augment import preprocess
-from b2t_jax.models.cell import project_inputs
+from b2t_jax.models.cell import matmul, project_inputs
 from b2t_jax.models.gru import gru_recurrence
 from b2t_jax.patching import n_patches
 
@@ -43,7 +43,12 @@ _ROUNDS = flags.DEFINE_integer("phase_rounds", 5, "--phases: round-robin rounds 
 _BUSY_LOAD = flags.DEFINE_float(
   "busy_load",
   benchlib.DEFAULT_BUSY_LOAD,
-  "warn (and set quiet=false) when the 1-minute load average exceeds this at start",
+  "without /proc/stat: warn (and set quiet=false) when the 1-minute load average exceeds this at start",
+)
+_BUSY_SHARE = flags.DEFINE_float(
+  "busy_share",
+  benchlib.DEFAULT_BUSY_SHARE,
+  "warn (and set quiet=false) when other processes and the hypervisor took more of the cores' time during the run",
 )
 
 # Dense peak FLOP/s per chip by (device_kind substring, compute dtype), from the vendors' data sheets.
@@ -112,8 +117,9 @@ def _elapsed_ms(fn, args) -> float:
 def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[str, float]:
   """Median ms of the train step's parts, each jitted alone on the benchmark's batch and timed round-robin
   (every part sees the same machine load): augment+smoothing, the model's forward, forward+CTC, forward+CTC+
-  backward, the optimizer update, and the GRU stack's recurrences alone (forward; forward+backward) and input
-  projections (forward; forward+backward). The differences give the CTC, backward and optimizer shares."""
+  backward, the optimizer update, and the GRU stack's recurrences alone (forward; forward+backward), the same
+  loops with nothing but each step's recurrent matmul (what the gate math and residual bookkeeping around it
+  cost) and the input projections (forward; forward+backward). The differences give the CTC and backward shares."""
   cfg = exp.config
   key = jax.random.PRNGKey(0)
   lam = steps.grl_lambda(cfg, state.step)
@@ -168,6 +174,18 @@ def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[s
     def rec(ws, xps):
       return [gru_recurrence(xp, h0, w["w_hh"], w["b_hh"], dtype, cfg.model.gru_unroll) for w, xp in zip(ws, xps)]
 
+    def step_matmuls(ws, xps):
+      # The recurrence's loop with only h @ W_h per step (its first gate feeds the next step, so the chain of
+      # matmuls is as sequential as the GRU's).
+      def one(w, xp):
+        def step(h, xp_t):
+          h = matmul("bi,igh->bgh", h, w["w_hh"], dtype)[:, 0] + xp_t[:, 0]
+          return h, h
+
+        return jax.lax.scan(step, h0, jnp.swapaxes(xp, 0, 1), unroll=cfg.model.gru_unroll)[1]
+
+      return [one(w, xp) for w, xp in zip(ws, xps)]
+
     def proj(ws, xs):
       return [project_inputs(x, w["w_ih"], w["b_ih"], dtype) for w, x in zip(ws, xs)]
 
@@ -176,6 +194,7 @@ def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[s
 
     parts["gru_recurrences_forward"] = (jax.jit(rec), (gru, xps))
     parts["gru_recurrences_forward_backward"] = (jax.jit(jax.grad(summed(rec), argnums=(0, 1))), (gru, xps))
+    parts["gru_step_matmuls_only_forward"] = (jax.jit(step_matmuls), (gru, xps))
     parts["gru_input_projections_forward"] = (jax.jit(proj), (gru, xs))
     parts["gru_input_projections_forward_backward"] = (jax.jit(jax.grad(summed(proj), argnums=(0, 1))), (gru, xs))
   for fn, args in parts.values():
@@ -201,7 +220,7 @@ def _gru_layers(params) -> list[dict]:
 
 def main(argv):
   del argv
-  load_before = benchlib.load_average()
+  load_before, cpu_before = benchlib.load_average(), benchlib.cpu_snapshot()
   config = _CONFIG.value
   device = jax.devices()[0]
   exp = experiment.Experiment(config)
@@ -233,7 +252,8 @@ def main(argv):
   step_s, figures = benchlib.step_figures(times, gb, flops)
   peak_after, _ = platform_peak(device, config.model.dtype)
   peak, peak_fields = benchlib.peak_report(peak_before, peak_after)
-  load = benchlib.load_report(load_before, benchlib.load_average(), _BUSY_LOAD.value)
+  shares = benchlib.others_share(cpu_before, benchlib.cpu_snapshot())
+  load = benchlib.load_report(load_before, benchlib.load_average(), _BUSY_LOAD.value, shares, _BUSY_SHARE.value)
   # The step's FLOPs are spread over every chip of the mesh; a data-sheet peak is one chip's, the CPU matmul
   # peak already uses every core (simulated CPU devices share them).
   chips = 1 if device.platform == "cpu" else jax.device_count()

@@ -7,7 +7,7 @@ softsign, dropout, patching by `unfold`, `torch.nn.GRU` (5 x 768, dropout 0.4, l
 `F.ctc_loss` summed per trial then averaged over the batch, AdamW (eps 0.1, decay on non-day weights only),
 clipping at global norm 10, and the same train-time augmentation (white noise, constant offset, 9-tap Gaussian
 smoothing). Prints one JSON line with the fields of benchmark.py that apply (the load average and the peak
-probes before and after the timed steps too). torch is an optional extra.
+probes before and after the timed steps, and other processes' share of the cores, too). torch is an optional extra.
 """
 
 import argparse
@@ -141,10 +141,16 @@ def main():
     "--busy_load",
     type=float,
     default=benchlib.DEFAULT_BUSY_LOAD,
-    help="warn (and set quiet=false) when the 1-minute load average exceeds this at start",
+    help="without /proc/stat: warn (and set quiet=false) when the 1-minute load average exceeds this at start",
+  )
+  p.add_argument(
+    "--busy_share",
+    type=float,
+    default=benchlib.DEFAULT_BUSY_SHARE,
+    help="warn (and set quiet=false) when other processes and the hypervisor took more of the cores' time",
   )
   args = p.parse_args()
-  load_before = benchlib.load_average()
+  load_before, cpu_before = benchlib.load_average(), benchlib.cpu_snapshot()
 
   torch = _import_torch()
   torch.manual_seed(0)
@@ -171,7 +177,8 @@ def main():
   flops = analytic_flops(args)
   step_s, figures = benchlib.step_figures(times, b, flops)
   peak, peak_fields = benchlib.peak_report(peak_before, measure_matmul_peak(torch, args.matmul_n))
-  load = benchlib.load_report(load_before, benchlib.load_average(), args.busy_load)
+  shares = benchlib.others_share(cpu_before, benchlib.cpu_snapshot())
+  load = benchlib.load_report(load_before, benchlib.load_average(), args.busy_load, shares, args.busy_share)
   print(
     json.dumps(
       {
