@@ -148,7 +148,7 @@ def _t15_profile_lengths(n_days: int, per_day: int, seed: int = 0) -> tuple[dict
   """Trial lengths from the synthetic t15 length profile (~3-27 s), `per_day` trials on each of `n_days` days."""
   gen = SyntheticT15(seed, length_profile="t15")
   rng = np.random.default_rng(seed)
-  lengths = np.array([gen.layout(rng)[-1] for _ in range(n_days * per_day)])
+  lengths = gen.trial_lengths(rng, n_days * per_day)
   return {d: np.arange(d * per_day, (d + 1) * per_day) for d in range(n_days)}, lengths
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 from conftest import TINY_SIZES
@@ -42,6 +43,24 @@ def test_launch_script_requires_its_arguments():
     ["bash", "tools/launch_tpu_pod.sh", "--zone=z", "--dry-run"], cwd=ROOT, capture_output=True, text=True
   )
   assert p.returncode == 2 and "--name is required" in p.stderr
+
+
+def test_memory_report_fsdp_rows_spread_the_train_state(tmp_path):
+  """memory_report's fsdp row holds a fraction of the replicated state per device; a bad --fsdp is refused."""
+  cmd = [sys.executable, "tools/memory_report.py", "--config=configs/demo.py", "--meshes=8x1", "--time_bins=256"]
+  sizes = [f"--config.{k}={v}" for k, v in TINY_SIZES.items() if k != "data.time_buckets"]
+  p = subprocess.run(
+    [*cmd, *sizes, "--fsdp=false,true", "--config.fsdp_min_size=512"], cwd=ROOT, capture_output=True, text=True
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = {r["fsdp"]: r for r in map(json.loads, p.stdout.strip().splitlines())}
+  replicated, split = rows[False], rows[True]
+  assert replicated["mesh"] == split["mesh"] == [8, 1] and replicated["micro_batch_per_data_shard"] == 1
+  # Each array of >= 512 elements is split 8 ways; the small ones (biases, h0, the Adam count) stay whole.
+  assert replicated["state_bytes"] / 8 < split["state_bytes"] < replicated["state_bytes"] / 4
+  assert 0 < split["per_device_total_bytes"] < replicated["per_device_total_bytes"]
+  bad = subprocess.run([*cmd, "--fsdp=yes"], cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode != 0 and "each setting must be true or false, not 'yes'" in bad.stderr
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ def lengths_by_day(n_days: int, n_trials: int, profile: str, seed: int = 0) -> t
   gen = SyntheticT15(seed, length_profile=profile)
   rng = np.random.default_rng(seed)
   days = np.sort(rng.integers(0, n_days, n_trials))
-  return days, np.array([gen.layout(rng)[-1] for _ in range(n_trials)])
+  return days, gen.trial_lengths(rng, n_trials)
 
 
 def report(days, lengths, buckets, batch_size, days_per_batch, n_batches, seed, length_window=None) -> dict:

@@ -32,10 +32,13 @@ GIB = 1024**3
 def main(argv):
   del argv
   config = _CONFIG.value
+  bad = [v for v in _FSDP.value if v.lower() not in ("true", "false")]
+  if bad:
+    raise app.UsageError(f"--fsdp={','.join(_FSDP.value)}: each setting must be true or false, not {bad[0]!r}")
   for mesh_str in _MESHES.value:
     shape = tuple(int(v) for v in mesh_str.split("x"))
     for fsdp in _FSDP.value:
-      config.fsdp = {"true": True, "false": False}[fsdp.lower()]
+      config.fsdp = fsdp.lower() == "true"
       report(config, shape)
 
 
@@ -54,6 +57,7 @@ def report(config, shape: tuple[int, ...]) -> None:
   compiled = exp.train_step.lower(exp.abstract_state(), exp.example_batch(config.data.batch_size, _T.value)).compile()
   m = compiled.memory_analysis()
   total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  state = state_bytes_per_device(exp)
   print(
     json.dumps(
       {
@@ -65,12 +69,14 @@ def report(config, shape: tuple[int, ...]) -> None:
         "micro_batch_per_data_shard": config.data.batch_size // config.optim.grad_accum_steps // shape[0],
         "time_bins": _T.value,
         "dtype": config.model.dtype,
-        "state_gib": round(state_bytes_per_device(exp) / GIB, 2),
+        "state_gib": round(state / GIB, 2),
+        "state_bytes": state,
         "arguments_gib": round(m.argument_size_in_bytes / GIB, 2),
         "temp_gib": round(m.temp_size_in_bytes / GIB, 2),
         "output_gib": round(m.output_size_in_bytes / GIB, 2),
         "aliased_gib": round(m.alias_size_in_bytes / GIB, 2),
         "per_device_total_gib": round(total / GIB, 2),
+        "per_device_total_bytes": total,
         "compile_s": round(time.time() - t0, 1),
       }
     ),

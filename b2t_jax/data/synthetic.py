@@ -213,6 +213,10 @@ class SyntheticT15:
     lead, tail = int(rng.integers(*p["edge_bins"])), int(rng.integers(*p["edge_bins"]))
     return words, ids, durations, lead, lead + sum(durations) + tail + self.pattern_bins
 
+  def trial_lengths(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    """The lengths in bins of `n` trials drawn from the length profile (layouts only, no features)."""
+    return np.array([self.layout(rng)[-1] for _ in range(n)])
+
   def trial(self, rng: np.random.Generator, day: dict[str, np.ndarray]):
     """One trial before normalisation: (features (T, n_features), phoneme ids, sentence)."""
     words, ids, durations, lead, t = self.layout(rng)
