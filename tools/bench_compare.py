@@ -36,6 +36,12 @@ def main():
   p.add_argument("--steps", type=int, default=5, help="timed steps per run")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--time_bins", type=int, default=500)
+  p.add_argument(
+    "--busy_share",
+    type=float,
+    default=None,
+    help="passed to every child: the others' + stolen share of the cores above which a run is not quiet",
+  )
   p.add_argument("--skip_triple", action="store_true", help="only the baseline comparison")
   p.add_argument(
     "--triple_reduced_pool",
@@ -47,7 +53,8 @@ def main():
   p.add_argument("--triple_full_batch", type=int, default=2)
   args = p.parse_args()
 
-  common = [f"--steps={args.steps}", f"--time_bins={args.time_bins}"]
+  busy = [] if args.busy_share is None else [f"--busy_share={args.busy_share}"]
+  common = [f"--steps={args.steps}", f"--time_bins={args.time_bins}", *busy]
   jax_cmd = [
     "tools/benchmark.py",
     "--config=configs/gru_baseline.py",
@@ -113,6 +120,7 @@ def main():
         "--steps=2",
         "--warmup=1",
         f"--time_bins={args.time_bins}",
+        *busy,
       ]
     )
 

@@ -150,7 +150,7 @@ def main():
     help="warn (and set quiet=false) when other processes and the hypervisor took more of the cores' time",
   )
   args = p.parse_args()
-  load_before, cpu_before = benchlib.load_average(), benchlib.cpu_snapshot()
+  load_before = benchlib.load_average()
 
   torch = _import_torch()
   torch.manual_seed(0)
@@ -164,6 +164,7 @@ def main():
   input_lens = torch.full((b,), (t - args.patch_size) // args.patch_stride + 1, dtype=torch.long)
   label_lens = torch.full((b,), args.label_len, dtype=torch.long)
 
+  cpu_before = benchlib.cpu_snapshot()  # others' share over the figures' window: probes and timed steps
   peak_before = measure_matmul_peak(torch, args.matmul_n)
   t0 = time.perf_counter()
   for _ in range(args.warmup):
@@ -176,8 +177,9 @@ def main():
     times.append(time.perf_counter() - t0)
   flops = analytic_flops(args)
   step_s, figures = benchlib.step_figures(times, b, flops)
-  peak, peak_fields = benchlib.peak_report(peak_before, measure_matmul_peak(torch, args.matmul_n))
+  peak_after = measure_matmul_peak(torch, args.matmul_n)
   shares = benchlib.others_share(cpu_before, benchlib.cpu_snapshot())
+  peak, peak_fields = benchlib.peak_report(peak_before, peak_after)
   load = benchlib.load_report(load_before, benchlib.load_average(), args.busy_load, shares, args.busy_share)
   print(
     json.dumps(
