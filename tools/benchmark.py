@@ -176,8 +176,8 @@ def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[s
       return [gru_recurrence(xp, h0, w["w_hh"], w["b_hh"], dtype, cfg.model.gru_unroll) for w, xp in zip(ws, xps)]
 
     def step_matmuls(ws, xps):
-      # The recurrence's loop with only h @ W_h per step (its first gate feeds the next step, so the chain of
-      # matmuls is as sequential as the GRU's).
+      # The recurrence's loop with only h @ W_h per step (the sum of its gates feeds the next step, so the whole
+      # product is live and the chain of matmuls is as sequential as the GRU's).
       def one(w, xp):
         def step(h, xp_t):
           hp = matmul("bi,igh->bgh", h, w["w_hh"], dtype) + w["b_hh"] + xp_t  # all three gates stay live
