@@ -101,6 +101,41 @@ def tiny_config(data_dir: str = ""):
   return c
 
 
+def best_meta(workdir: str) -> dict:
+  """What training recorded beside WORKDIR/best: {'step', 'val_per', 'val_loss'} of the chosen checkpoint."""
+  import orbax.checkpoint as ocp
+
+  from b2t_jax import checkpoint as ckpt_lib
+
+  ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
+  try:
+    step = ckpts.best.latest_step()
+    return ckpts.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    ckpts.close()
+
+
+def jaxpr_eqns(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs nested in its equations (scan bodies, custom VJPs, jits)."""
+  for e in jaxpr.eqns:
+    yield e
+    for p in e.params.values():
+      for sub in p if isinstance(p, (list, tuple)) else [p]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from jaxpr_eqns(inner)
+
+
+def scan_carries(jaxpr) -> list:
+  """The abstract values every scan in `jaxpr` (nested ones included) carries from one iteration to the next."""
+  return [
+    v.aval
+    for e in jaxpr_eqns(jaxpr)
+    if e.primitive.name == "scan"
+    for v in e.invars[e.params["num_consts"] : e.params["num_consts"] + e.params["num_carry"]]
+  ]
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("t15")

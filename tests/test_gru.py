@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import scan_carries
 from flax import linen as nn
 
 from b2t_jax.models.gru import GRULayer, GRUStack
@@ -87,17 +88,25 @@ def test_gru_stack_matches_torch():
   np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
 
 
-def test_gru_bf16_keeps_fp32_carry_and_close_values():
+@pytest.mark.parametrize("backward", ["custom", "autodiff"])
+def test_gru_bf16_keeps_fp32_carry_and_close_values(backward):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 6, 16)).astype(np.float32)
   h0 = np.zeros((8,), np.float32)
-  f32 = GRULayer(hidden=8)
+  f32 = GRULayer(hidden=8, backward=backward)
   params = nn.unbox(f32.init(jax.random.PRNGKey(0), x, h0)["params"])
-  bf16 = GRULayer(hidden=8, dtype=jnp.bfloat16)
+  bf16 = GRULayer(hidden=8, dtype=jnp.bfloat16, backward=backward)
   out16 = bf16.apply({"params": params}, x, h0)
   assert out16.dtype == jnp.bfloat16 and out16.shape == (2, 6, 8)
   out32 = f32.apply({"params": params}, x, h0)
   np.testing.assert_allclose(np.asarray(out16, np.float32), np.asarray(out32), atol=3e-2)
+  # The state the recurrence carries from step to step (forward scan, and the reverse scan of the gradient) is
+  # fp32 although the matmul inputs are bf16.
+  loss = lambda p: jnp.sum(bf16.apply({"params": p}, x, h0).astype(jnp.float32))
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+  carries = [a for a in scan_carries(jaxpr.jaxpr) if a.shape == (2, 8)]
+  assert len(carries) >= 2, carries  # forward h, backward dL/dh
+  assert all(a.dtype == jnp.float32 for a in carries), carries
 
 
 def _grads_both_ways(dtype, x, h0, seed=0):

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import jaxpr_eqns, scan_carries, tiny_config
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
-from test_train import _batches, _losses, _updates
+from test_train import _batches, _updates, assert_same_updates, live_lr
 
 from b2t_jax import experiment, losses
 from b2t_jax.models import create_model
@@ -32,22 +32,25 @@ def test_noise_gru_kernels_are_split_over_model_axis(tiny):
 
 
 @pytest.mark.slow
-def test_same_losses_on_every_mesh_shape(tiny):
+def test_same_updates_on_every_mesh_shape(tiny):
+  """Three steps at the peak LR on (8,1), (4,2) and (1,8): the same losses and parameter updates (the noise GRU's
+  hidden axis is split over 'model' on the last two)."""
+  live_lr(tiny)
   batches = _batches(tiny, 3)
-  results = {
-    shape: _losses(experiment.Experiment(tiny, mesh=create_mesh(shape)), batches)[0]
-    for shape in [(8, 1), (4, 2), (1, 8)]
-  }
-  # fp32 round-off from different reduction orders only
-  np.testing.assert_allclose(results[(4, 2)], results[(8, 1)], rtol=2e-5)
-  np.testing.assert_allclose(results[(1, 8)], results[(8, 1)], rtol=2e-5)
+  results = {shape: _updates(experiment.Experiment(tiny, mesh=create_mesh(shape)), batches) for shape in MESHES}
+  for shape in MESHES[1:]:
+    # fp32 round-off from different reduction orders only
+    np.testing.assert_allclose(results[shape][0], results[MESHES[0]][0], rtol=2e-5)
+    assert_same_updates(results[MESHES[0]][1], results[shape][1])
+
+
+MESHES = [(8, 1), (4, 2), (1, 8)]
 
 
 @pytest.mark.slow
 def test_bf16_steps_match_fp32_and_keep_fp32_state(tiny):
   """Three real steps at the peak LR: bf16 compute moves every parameter as fp32 does."""
-  tiny.optim.warmup_steps = tiny.optim.day_warmup_steps = 0
-  tiny.model.input_dropout = tiny.model.rnn_dropout = 0.0
+  live_lr(tiny)
   batches = _batches(tiny, 3)
   f32, d32, _ = _updates(experiment.Experiment(tiny), batches)
   tiny.model.dtype = "bfloat16"
@@ -63,17 +66,6 @@ def test_bf16_steps_match_fp32_and_keep_fp32_state(tiny):
   assert all(x.dtype != jnp.bfloat16 for x in jax.tree.leaves(state.opt_state))
 
 
-def _eqns(jaxpr):
-  """Every equation of `jaxpr` and of the jaxprs nested in its equations (scan bodies, custom VJPs, jits)."""
-  for e in jaxpr.eqns:
-    yield e
-    for p in e.params.values():
-      for sub in p if isinstance(p, (list, tuple)) else [p]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          yield from _eqns(inner)
-
-
 def test_bf16_forward_keeps_the_gru_carry_fp32():
   """SPEC §4: bf16 matmul inputs, but the recurrent state every GRU scan carries from step to step is fp32."""
   tiny = tiny_config()
@@ -83,12 +75,7 @@ def test_bf16_forward_keeps_the_gru_carry_fp32():
   day = jnp.zeros((2,), jnp.int32)
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), x, day)["params"]))
   jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, day, mode="full", grl_lambda=0.5))(params)
-  carries = [
-    v.aval
-    for e in _eqns(jaxpr.jaxpr)
-    if e.primitive.name == "scan"
-    for v in e.invars[e.params["num_consts"] : e.params["num_consts"] + e.params["num_carry"]]
-  ]
+  carries = scan_carries(jaxpr.jaxpr)
   hidden = {tiny.model.hidden, tiny.model.patch_size * x.shape[-1]}
   states = [a for a in carries if a.ndim == 2 and a.shape[0] == 2 and a.shape[1] in hidden]
   n_layers = tiny.model.noise_layers + tiny.model.clean_layers + tiny.model.noisy_layers
@@ -97,7 +84,7 @@ def test_bf16_forward_keeps_the_gru_carry_fp32():
 
 
 def _dot_dtypes(jaxpr, out):
-  for e in _eqns(jaxpr):
+  for e in jaxpr_eqns(jaxpr):
     if e.primitive.name == "dot_general":
       (lhs, rhs), ((contract, _), _) = e.invars, e.params["dimension_numbers"]
       out.append((str(lhs.aval.dtype), str(rhs.aval.dtype), tuple(lhs.aval.shape[i] for i in contract)))
@@ -163,8 +150,9 @@ def test_state_shardings_follow_each_parameters_logical_axes():
 
 @pytest.mark.slow
 def test_fsdp_splits_params_and_moments_over_data_and_trains_as_replicated(tiny):
+  live_lr(tiny)  # three steps at the peak LR: every parameter moves
   batches = _batches(tiny, 3)
-  replicated, s_rep = _losses(experiment.Experiment(tiny, mesh=create_mesh((4, 2))), batches)
+  replicated, d_rep, _ = _updates(experiment.Experiment(tiny, mesh=create_mesh((4, 2))), batches)
   tiny.fsdp, tiny.fsdp_min_size = True, 512
   exp = experiment.Experiment(tiny, mesh=create_mesh((4, 2)))
   ps = exp.param_shardings
@@ -174,11 +162,10 @@ def test_fsdp_splits_params_and_moments_over_data_and_trains_as_replicated(tiny)
   assert ps["clean_model"]["frontend"]["day_weights"].spec == P(None, "data", None)
   assert ps["clean_model"]["gru"]["layer_0"]["cell"]["b_hh"].spec == P(None, None)  # 48 elements < 512
   assert ps["noise_model"]["gru"]["h0"].spec == P("model")  # below fsdp_min_size
-  fsdp, s_fsdp = _losses(exp, batches)
+  fsdp, d_fsdp, s_fsdp = _updates(exp, batches)
   # Same math; XLA's all-gathers and reduce-scatters change only fp32 reduction orders.
   np.testing.assert_allclose(fsdp, replicated, rtol=2e-5)
-  for a, b in zip(jax.tree.leaves(s_rep.params), jax.tree.leaves(s_fsdp.params)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+  assert_same_updates(d_rep, d_fsdp)
   mu = s_fsdp.opt_state.inner_state[1].inner_states["main"].inner_state[0].mu
   moment = mu["noise_model"]["gru"]["layer_0"]["cell"]["w_hh"]
   assert moment.sharding.spec == P("data", None, "model")

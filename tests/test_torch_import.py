@@ -1,6 +1,8 @@
 """PyTorch -> b2t_jax import: a torch model with the SPEC §6 layout, saved in the reference's checkpoint format,
 gives the same logits and greedy phonemes through our restored model; bad checkpoints give named errors."""
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -265,10 +267,21 @@ def test_infer_cli_runs_on_the_imported_workdir(imported, synthetic_dir, tmp_pat
     timeout=600,
   )
   assert p.returncode == 0, p.stderr[-3000:]
-  assert p.stdout.strip().splitlines()[-1].startswith("greedy_per=")
-  with open(os.path.join(workdir, "infer_val", "submission.csv")) as f:
-    rows = f.read().splitlines()
-  assert rows[0] == "id,text" and len(rows) > 1
+  out_dir = os.path.join(workdir, "infer_val")
+  with open(os.path.join(out_dir, "metrics.json")) as f:
+    metrics_json = json.load(f)
+  assert p.stdout.strip().splitlines()[-1] == (
+    f"greedy_per={metrics_json['greedy_per']:.4f} wer_no_lm={metrics_json['wer_no_lm']:.4f} wer_lm=n/a"
+  )
+  with open(os.path.join(out_dir, "trials.jsonl")) as f:
+    trials = [json.loads(line) for line in f]
+  with open(os.path.join(out_dir, "submission.csv"), newline="") as f:
+    rows = list(csv.reader(f))
+  # every val trial of the fixture (3 sessions, the first without val data, 4 val trials each), in order, with the
+  # words decoded for it (no LM given: the lexicon-only decoding)
+  assert len(trials) == metrics_json["n_trials"] == 8
+  assert rows == [["id", "text"]] + [[str(t["id"]), t["words_no_lm"]] for t in trials]
+  assert [t["id"] for t in trials] == list(range(8))
 
 
 def test_corrupted_checkpoint_is_named(tmp_path):

@@ -40,38 +40,54 @@ def _updates(exp, batches):
   return out, jax.tree.map(lambda p, p0: np.asarray(p) - p0, state.params, init), state
 
 
+def live_lr(config):
+  """Equivalence tests train at the peak learning rate from step 0 (no warm-up, whose first step has LR 0) and
+  without dropout, so that every step they compare moves every parameter."""
+  config.optim.warmup_steps = config.optim.day_warmup_steps = 0
+  config.model.input_dropout = config.model.rnn_dropout = 0.0
+  return config
+
+
+def assert_same_updates(ref, other, rel: float = 1e-3, moved: float = 1e-5):
+  """Two runs' parameter changes (`_updates`) agree leaf by leaf: every leaf moved (max |change| > `moved`) and
+  max |other - ref| <= `rel` x max |ref|. fp32 reduction-order differences stay near 1e-5 of a leaf's update;
+  a gradient from half the batch (a missing all-reduce), a dropped ensemble member or a wrong gradient moves
+  leaves by 10-100%."""
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(other)):
+    scale = np.abs(a).max()
+    assert scale > moved, f"{jax.tree_util.keystr(path)} did not move ({scale})"
+    err = np.abs(np.asarray(b) - a).max()
+    assert err <= rel * scale, f"{jax.tree_util.keystr(path)}: {err} > {rel} x {scale}"
+
+
 @pytest.mark.slow
 def test_eight_devices_match_one_device(tiny):
+  """Three steps at the peak LR: 8 devices (batch split over 'data') update every parameter as one device does."""
   assert jax.device_count() == 8
+  live_lr(tiny)
   batches = _batches(tiny, 3)
-  one, s1 = _losses(experiment.Experiment(tiny, mesh=create_mesh((1, 1), jax.devices()[:1])), batches)
-  eight, s8 = _losses(experiment.Experiment(tiny), batches)
+  one, d1, _ = _updates(experiment.Experiment(tiny, mesh=create_mesh((1, 1), jax.devices()[:1])), batches)
+  eight, d8, _ = _updates(experiment.Experiment(tiny), batches)
   # Same math, different reduction order across devices: fp32 round-off only.
   np.testing.assert_allclose(eight, one, rtol=1e-5)
   assert one[0] > 1.0 and np.all(np.isfinite(one))
-  leaves1, leaves8 = jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)
-  for a, b in zip(leaves1, leaves8):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  assert_same_updates(d1, d8)
 
 
 @pytest.mark.slow
 def test_gradient_accumulation_matches_large_batch(tiny):
   """Three real steps (LR > 0 from step 0, the noise-L2 term on) with 2 micro-batches land on the same
   parameters as with one batch: averaged, last-micro-batch-only or mis-split gradients would not."""
-  tiny.optim.warmup_steps = tiny.optim.day_warmup_steps = 0
-  tiny.model.input_dropout = tiny.model.rnn_dropout = 0.0  # micro-batches draw their own dropout masks
+  live_lr(tiny)  # also: micro-batches draw their own dropout masks
   tiny.loss.noise_l2_weight = 1.0
   batches = _batches(tiny, 3)
   full, d_full, _ = _updates(experiment.Experiment(tiny), batches)
   tiny.optim.grad_accum_steps = 2
   accum, d_accum, _ = _updates(experiment.Experiment(tiny, mesh=create_mesh((4, 1), jax.devices()[:4])), batches)
   np.testing.assert_allclose(accum, full, rtol=1e-5)
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(d_full)[0], jax.tree.leaves(d_accum)):
-    scale = np.abs(a).max()
-    assert scale > 1e-4, jax.tree_util.keystr(path)  # the leaf moved
-    # fp32 round-off of another summation order (measured: 2e-5 of the largest update); the noise-L2 term
-    # counted twice moves some leaves by 1.4%, averaged micro-batch gradients by 12%
-    assert np.abs(b - a).max() <= 1e-3 * scale, jax.tree_util.keystr(path)
+  # fp32 round-off of another summation order (measured: 2e-5 of the largest update); the noise-L2 term
+  # counted twice moves some leaves by 1.4%, averaged micro-batch gradients by 12%
+  assert_same_updates(d_full, d_accum, moved=1e-4)
 
 
 def test_days_absent_from_a_batch_keep_their_parameters_and_moments():
