@@ -139,6 +139,25 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+class _Dense(nn.Module):
+  """x @ kernel + bias with both matmul operands in `dtype` and the product and bias add in fp32 (so the bias
+  gradient is an fp32 sum; nn.Dense would add, and reduce the gradient, in `dtype`)."""
+
+  features: int
+  axes: tuple[str, str]  # logical names of the kernel's (in, out) axes; the bias takes the second
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+      "kernel", nn.with_logical_partitioning(_kernel_init(0, 1), self.axes), (x.shape[-1], self.features)
+    )
+    bias = self.param(
+      "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[1:]), (self.features,)
+    )
+    return matmul("...i,io->...o", x, kernel, self.dtype) + bias
+
+
 class _Block(nn.Module):
   """One pre-norm block; `__call__` over whole sequences, `step` over a chunk against a KV cache."""
 
@@ -260,12 +279,7 @@ class TransformerStack(nn.Module):
     check_config({f: getattr(self, f) for f in _FIELDS})
     if self.n_layers < 1:
       raise ValueError(f"TransformerStack n_layers={self.n_layers}: expected at least one layer")
-    self.embed = nn.Dense(
-      self.d_model,
-      dtype=self.dtype,
-      kernel_init=nn.with_logical_partitioning(_kernel_init(0, 1), ("tfm_in", "tfm_embed")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("tfm_embed",)),
-    )
+    self.embed = _Dense(self.d_model, ("tfm_in", "tfm_embed"), self.dtype)
     self.block = [
       _Block(
         self.d_model,
@@ -283,21 +297,12 @@ class TransformerStack(nn.Module):
     self.final_norm = _norm()
     self.out = None
     if self.d_out not in (None, self.d_model):
-      self.out = nn.Dense(
-        self.d_out,
-        dtype=self.dtype,
-        kernel_init=nn.with_logical_partitioning(_kernel_init(0, 1), ("tfm_embed", "tfm_out")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("tfm_out",)),
-      )
+      self.out = _Dense(self.d_out, ("tfm_embed", "tfm_out"), self.dtype)
 
   @property
   def cache_len(self) -> int:
     """Streaming KV-cache slots: the window, or max_len with window = 0."""
     return self.window or self.max_len
-
-  def _embed(self, x: jax.Array) -> jax.Array:
-    # nn.Dense casts both operands to `dtype`; the stream is fp32 from here on.
-    return self.embed(x).astype(jnp.float32)
 
   def _finish(self, h: jax.Array) -> jax.Array:
     h = self.final_norm(h)
@@ -306,7 +311,7 @@ class TransformerStack(nn.Module):
   def __call__(self, x: jax.Array, *, deterministic: bool, interlayer: Interlayer | None = None) -> jax.Array:
     """x (B, P, d_in) -> (B, P, d_out) in `dtype`; causal. `interlayer(i, h)`, when given, maps the fp32 residual
     stream (B, P, d_model) after block i (un-normalised: pre-norm blocks) for every i."""
-    h = self._embed(x)
+    h = self.embed(x)  # the residual stream: fp32 from here on
     for i, block in enumerate(self.block):
       h = block(h, deterministic)
       if interlayer is not None:
@@ -333,7 +338,7 @@ class TransformerStack(nn.Module):
     valid = jnp.asarray(valid, bool)
     n, slot_pos = carry["n"], carry["slot_pos"]
     positions = n + jnp.cumsum(valid, dtype=jnp.int32) - 1  # an invalid slot repeats the previous position
-    h = self._embed(x)
+    h = self.embed(x)
     new_k, new_v = [], []
     for i, block in enumerate(self.block):
       h, k, v = block.step(h, positions, valid, carry["k"][i], carry["v"][i], slot_pos)
