@@ -68,7 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.d_ff = 1408  # SwiGLU hidden width (~8/3 d_model: the parameters of a 4x GELU MLP)
   c.window = 0  # attention span in patches: t attends to (t - window, t]; 0 = every earlier patch
   c.rope_base = 10000.0  # RoPE frequency base: wavelengths 2*pi .. 2*pi*rope_base patches
-  c.max_len = 512  # streaming KV-cache slots when window = 0 (a 30 s trial is 372 patches); past it, a window
+  c.max_len = 512  # streaming KV-cache slots if window = 0 (30 s = 372 patches); past it: the last max_len only
   c.attention_dropout = 0.1  # dropout on the attention branch's output before the residual add
   return c
 
