@@ -181,13 +181,18 @@ def test_step_equals_whole_with_invalid_slots(slots):
     got.append(np.asarray(out)[:, valid])
     pos += n_valid
   np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=2e-5, rtol=0)
+  # A call whose slots are all invalid hands the carry back exactly as it was.
+  _, same = _step(params, 100.0 * x[:, :slots], jnp.zeros(slots, bool), carry)
+  jax.tree.map(np.testing.assert_array_equal, same, carry)
 
 
 def test_bf16_compute_keeps_fp32_params_and_stays_close():
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.standard_normal((2, 11, D_IN)), jnp.float32)
-  params = _params()  # what a bf16 stack's init gives too: params do not depend on the compute dtype
-  assert {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(params))} == {jnp.dtype(jnp.float32)}
+  # A bf16 stack declares fp32 params (their shapes and dtypes, from the abstract init: nothing compiled).
+  init = lambda: _stack(jnp.bfloat16).init(jax.random.PRNGKey(0), x, deterministic=True)["params"]
+  assert {leaf.dtype for leaf in jax.tree.leaves(jax.eval_shape(init))} == {jnp.dtype(jnp.float32)}
+  params = _params()  # the same values as a bf16 stack's init: the compute dtype does not enter the initialisers
   got = _whole(params, x, dtype=jnp.bfloat16)
   want = np.asarray(_whole(params, x))
   assert got.dtype == jnp.bfloat16
