@@ -27,8 +27,8 @@ U(+-1/sqrt(d_conv)); projections PyTorch's Linear default U(+-1/sqrt(fan_in)) wi
 scaled by 1/sqrt(n_layers); norms 1, eps 1e-5. The stack's own input/output Dense layers (not in the
 reference) use the Linear default with zero bias, as the reference does for every Linear bias.
 
-Parameters (their names decide weight decay in `optim.decay_mask`: `kernel`s decay, the rest do not, as in the
-reference, which exempts A_log, D, dt_bias, biases and norms):
+Parameters (their names decide weight decay in `optim.decay_mask`: `kernel`s decay, the rest do not; the
+reference marks A_log, D and dt_bias `_no_weight_decay`):
   in_proj/{kernel,bias}, layer_{i}/{norm/scale, in_zx/kernel, in_bc/kernel, in_dt/kernel, conv_x/{kernel,bias},
   conv_bc/{kernel,bias}, dt_bias, A_log, D, gate_norm/scale, out/kernel}, final_norm/scale, out_proj/{kernel,bias}.
 Logical axis names: "ssm_in" (the stack's input width), "ssm_embed" (d_model), "ssm_inner" (d_inner = expand *
