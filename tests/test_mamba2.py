@@ -81,6 +81,16 @@ def test_ssd_forms_match_numpy_loop():
   np.testing.assert_allclose(np.asarray(got_s), want_s, atol=1e-5, rtol=0)
 
 
+def test_ssd_matmuls_ask_for_full_fp32_precision():
+  """TPUs (one bf16 pass) and NVIDIA GPUs (TF32) multiply fp32 at reduced precision by default; the CPU this suite
+  runs on does not, so the request itself is what can be checked here: every SSD matmul in the lowered program."""
+  inputs = _ssd_inputs()
+  for form, static in ((mamba2.ssd_chunked, dict(chunk_size=4)), (mamba2.ssd_recurrent, {})):
+    text = jax.jit(form, static_argnames=tuple(static)).lower(**inputs, **static).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert dots and all("precision = [HIGHEST, HIGHEST]" in line for line in dots), form.__name__
+
+
 def test_chunked_gradients_match_recurrent_and_finite_differences():
   inputs = {k: jnp.asarray(v) for k, v in _ssd_inputs(seed=2, length=7).items()}
   rng = np.random.default_rng(3)

@@ -111,6 +111,13 @@ def validate_config(cfg: ml_collections.ConfigDict, where: str = "config.model.m
 # d (H,), state (B, H, P, N). Heads are grouped contiguously: head h reads group h // (H / G), as in the reference.
 
 
+def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """An SSD matmul at full fp32 precision: by default TPUs multiply fp32 in one bf16 pass and recent NVIDIA GPUs
+  in TF32 (10-bit mantissas), which would break the chunked = recurrent equality and the fp32 SSM the stack
+  promises. At the default config the SSD's matmuls are ~10% of the stack's FLOPs (`stack_flops`, 370 patches)."""
+  return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _segsum(a: jax.Array) -> jax.Array:
   """a (..., Q) -> (..., Q, Q): [i, j] = a[j+1] + ... + a[i] for i >= j, -inf above the diagonal.
 
@@ -158,11 +165,11 @@ def ssd_chunked(
   decay_in = jnp.exp(jnp.cumsum(log_decay, axis=-1))  # decay from the chunk's entry state to position i
   within = jnp.exp(_segsum(log_decay))  # (B, C, G, R, Q, Q): decay from position j to position i >= j
   # 1. Within each chunk: y_i = sum_{j <= i} (C_i . B_j) decay(j -> i) dt_j x_j, as a masked (Q x Q) matmul.
-  scores = jnp.einsum("bcign,bcjgn->bcgij", cc, bc)[:, :, :, None] * within
-  y = jnp.einsum("bcgrij,bcjgrp->bcigrp", scores, xdt)
+  scores = _einsum("bcign,bcjgn->bcgij", cc, bc)[:, :, :, None] * within
+  y = _einsum("bcgrij,bcjgrp->bcigrp", scores, xdt)
   # 2. The state each chunk adds by its end: sum_j decay(j -> end) dt_j x_j B_j^T.
   to_end = jnp.moveaxis(within[..., -1, :], -1, 2)  # (B, C, Q, G, R): the last row of `within`
-  chunk_states = jnp.einsum("bcjgn,bcjgrp->bcgrpn", bc, xdt * to_end[..., None])
+  chunk_states = _einsum("bcjgn,bcjgrp->bcgrpn", bc, xdt * to_end[..., None])
   # 3. Across chunks: the state entering chunk k is decay(chunk k-1) * state entering k-1 + what k-1 added.
   chunk_decay = decay_in[..., -1]  # (B, C, G, R)
   if initial_state is None:
@@ -176,7 +183,7 @@ def ssd_chunked(
   final, entering = jax.lax.scan(across, s0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
   entering = jnp.moveaxis(entering, 0, 1)  # (B, C, G, R, P, N)
   # 4. The entry state's contribution at each position: decay(entry -> i) * (state C_i).
-  y = y + jnp.einsum("bcign,bcgrpn->bcigrp", cc, entering) * jnp.moveaxis(decay_in, -1, 2)[..., None]
+  y = y + _einsum("bcign,bcgrpn->bcigrp", cc, entering) * jnp.moveaxis(decay_in, -1, 2)[..., None]
   y = y.reshape(bsz, n_chunks * q, n_heads, head_dim)[:, :length]
   return y + d[:, None] * x, final.reshape(bsz, n_heads, head_dim, d_state)
 
@@ -209,7 +216,7 @@ def ssd_recurrent(
     b_h = jnp.repeat(b_t, per_group, axis=1)  # (B, H, N)
     c_h = jnp.repeat(c_t, per_group, axis=1)
     s_new = jnp.exp(dt_t * a)[..., None, None] * s + (dt_t[..., None] * x_t)[..., None] * b_h[:, :, None, :]
-    y_t = jnp.einsum("bhpn,bhn->bhp", s_new, c_h) + d[:, None] * x_t
+    y_t = _einsum("bhpn,bhn->bhp", s_new, c_h) + d[:, None] * x_t
     return jnp.where(ok, s_new, s), y_t
 
   time_major = lambda t: jnp.moveaxis(t, 1, 0)
