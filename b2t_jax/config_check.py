@@ -16,6 +16,8 @@ import ml_collections
 import numpy as np
 
 from b2t_jax.data.t15 import SPLITS
+from b2t_jax.models import mamba2, transformer
+from b2t_jax.models.encoders import ENCODERS
 
 ENUMS = {
   "mode": ("train", "eval", "infer", "calibrate", "summary"),
@@ -23,6 +25,7 @@ ENUMS = {
   "data.on_bad_trial": ("error", "skip"),
   "data.synthetic.length_profile": ("demo", "t15"),
   "model.kind": ("gru", "triple"),
+  "model.encoder": ENCODERS,
   "model.dtype": ("float32", "bfloat16", "float16"),
   "model.gru_backward": ("custom", "autodiff"),
   "infer.split": SPLITS,
@@ -50,6 +53,7 @@ POSITIVE = (
   "optim.decay_steps",
   "optim.grad_accum_steps",
   "stream.chunk_bins",
+  "aug.time_mask_max_bins",
   "train.num_steps",
   "train.n_models",
   "train.eval_every",
@@ -77,6 +81,8 @@ NON_NEGATIVE = (
   "aug.smooth_kernel_std",
   "aug.smooth_kernel_size",
   "aug.smooth_threshold",
+  "aug.time_jitter_shift_bins",
+  "loss.intermediate_ctc_weight",
   "loss.noisy_weight",
   "loss.noise_l2_weight",
   "loss.adversarial_warmup_steps",
@@ -96,7 +102,17 @@ NON_NEGATIVE = (
   "calibrate.lr_rest",
 )
 # [0, 1)
-UNIT_INTERVAL = ("model.input_dropout", "model.rnn_dropout", "optim.b1", "optim.b2", "calibrate.holdout_fraction")
+UNIT_INTERVAL = (
+  "model.input_dropout",
+  "model.rnn_dropout",
+  "optim.b1",
+  "optim.b2",
+  "calibrate.holdout_fraction",
+  "aug.time_jitter_stretch",
+  "aug.time_mask_fraction",
+)
+# The check of each encoder's sub-config (config.model.<encoder>), run for the encoder in use only.
+ENCODER_CHECKS = {"transformer": transformer.check_config, "mamba2": mamba2.validate_config}
 MAY_BE_INFINITE = ("decode.unk_score",)  # -inf = never emit an out-of-lexicon word
 
 
@@ -197,6 +213,7 @@ def problems(
       f"config.model.patch_stride={m.patch_stride}"
     )
   out += _calibrate_problems(config)
+  out += _encoder_problems(config)
   if not 0.0 < d.length_window <= 1.0:
     out.append(f"config.data.length_window={d.length_window}: give a fraction of each day's trials in (0, 1]")
   buckets = tuple(d.time_buckets)
@@ -236,6 +253,30 @@ def problems(
   for field in ("batch_size", "eval_batch_size"):
     if d[field] % n_processes:
       out.append(f"config.data.{field}={d[field]} must be a multiple of the {n_processes} processes")
+  return out
+
+
+def _encoder_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The encoder's own sub-config, and intermediate CTC layers that exist in the speech stack."""
+  m, out = config.model, []
+  if m.encoder in ENCODER_CHECKS:
+    try:
+      ENCODER_CHECKS[m.encoder](m[m.encoder])
+    except ValueError as e:
+      out.append(str(e))
+  depth_field = "n_layers" if m.kind == "gru" else "clean_layers"
+  layers = list(m.intermediate_ctc)
+  last = m[depth_field] - 1
+  if any(not isinstance(i, int) or not 0 <= i < last for i in layers) or len(set(layers)) != len(layers):
+    out.append(
+      f"config.model.intermediate_ctc={tuple(layers)}: give distinct layer indices of the speech stack before its "
+      f"last layer (0..{last - 1}: config.model.{depth_field}={m[depth_field]})"
+    )
+  if layers and m.encoder == "gru" and m.gru_wavefront:
+    out.append(
+      "config.model.intermediate_ctc needs the layer-by-layer GRU: config.model.gru_wavefront=True runs every layer "
+      "in one scan"
+    )
   return out
 
 

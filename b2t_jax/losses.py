@@ -52,26 +52,34 @@ def decoder_loss(
   *,
   noisy_weight: float,
   noise_l2_weight: float,
+  intermediate_weight: float = 0.0,
   denom: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
-  """Mean CTC over trials with weight > 0 (after masking infeasible ones); the triple objective when
-  `outputs` is (clean_logits, noisy_logits, noise): CTC(clean) + w_noisy * CTC(noisy) + w_l2 * mean(noise^2).
+  """Mean CTC over trials with weight > 0 (after masking infeasible ones) of a model's 'full' outputs
+  ({'logits', 'intermediate', and for the triple model 'noisy_logits', 'noise'}):
+
+    CTC(logits) + intermediate_weight * mean_k CTC(intermediate_k)
+                [triple] + noisy_weight * CTC(noisy_logits) + noise_l2_weight * mean(noise^2)
 
   `weights` (B,) is 1 for real trials and 0 for padding rows. Returns (loss, aux metrics).
   """
-  triple = isinstance(outputs, tuple)
-  clean = outputs[0] if triple else outputs
-  nll, feasible = ctc_per_trial(clean, input_lens, labels, label_lens)
+  nll, feasible = ctc_per_trial(outputs["logits"], input_lens, labels, label_lens)
   w = weights * feasible.astype(jnp.float32)
   ctc = masked_mean(nll, w, denom)
   aux = {"ctc": ctc, "n_infeasible": jnp.sum((weights > 0) & ~feasible), "n_trials": jnp.sum(w)}
   loss = ctc
-  if triple:
-    _, noisy, noise = outputs
-    noisy_nll, _ = ctc_per_trial(noisy, input_lens, labels, label_lens)
+  intermediate = outputs.get("intermediate", ())
+  if intermediate:
+    # the same trials as the final head: every head reads the same patches
+    aux["ctc_intermediate"] = sum(
+      masked_mean(ctc_per_trial(lg, input_lens, labels, label_lens)[0], w, denom) for lg in intermediate
+    ) / len(intermediate)
+    loss = loss + intermediate_weight * aux["ctc_intermediate"]
+  if "noisy_logits" in outputs:
+    noisy_nll, _ = ctc_per_trial(outputs["noisy_logits"], input_lens, labels, label_lens)
     aux["ctc_noisy"] = masked_mean(noisy_nll, w, denom)
     loss = loss + noisy_weight * aux["ctc_noisy"]
     if noise_l2_weight:
-      aux["noise_l2"] = jnp.mean(jnp.square(noise.astype(jnp.float32)))
+      aux["noise_l2"] = jnp.mean(jnp.square(outputs["noise"].astype(jnp.float32)))
       loss = loss + noise_l2_weight * aux["noise_l2"]
   return loss, aux

@@ -106,6 +106,7 @@ def train_step(
       mb["weight"],
       noisy_weight=config.loss.noisy_weight,
       noise_l2_weight=config.loss.noise_l2_weight / n_micro,
+      intermediate_weight=config.loss.intermediate_ctc_weight,
       denom=denom,
     )
 

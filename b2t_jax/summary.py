@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from b2t_jax.models import create_model
+from b2t_jax.models import create_model, encoders
+from b2t_jax.models.decoders import model_hparams
 
 
 def abstract_params(config: ml_collections.ConfigDict):
@@ -26,32 +27,33 @@ def parameter_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
   return counts
 
 
-def _gru_flops(n_layers: int, d_in: int, hidden: int) -> int:
-  """Matmul FLOPs of a GRU stack per time step and trial: input projection + recurrent projection."""
-  flops = 0
-  for i in range(n_layers):
-    flops += 2 * (d_in if i == 0 else hidden) * 3 * hidden + 2 * hidden * 3 * hidden
-  return flops
-
-
 def forward_flops(config: ml_collections.ConfigDict, time_bins: int) -> int:
   """Matmul FLOPs of one trial's training forward pass ('full' mode for the triple model) over `time_bins`.
 
-  Counts the day layers and the optional projection (per bin), the GRU input and recurrent projections and
-  the output heads (per patch); elementwise work (gates, softsign, CTC) is left out, as MFU conventions do.
+  Counts the day layers and the optional projection (per bin), each encoder stack's own count
+  (`encoders.stack_flops`: a GRU's input and recurrent projections, a transformer's projections and attention, a
+  Mamba-2 stack's projections, conv and SSD matmuls), the intermediate CTC heads and the output heads (per patch);
+  elementwise work (gates, softsign, norms, CTC) is left out, as MFU conventions do.
   """
   m = config.model
-  f = config.data.n_features // config.data.feature_pool
+  hp = model_hparams(config)
+  f = hp.n_input_features
   patches = (time_bins - m.patch_size) // m.patch_stride + 1
   patch_dim = (m.patch_features or f) * m.patch_size
   day = 2 * f * f * time_bins + 2 * f * m.patch_features * time_bins  # day layer (+ projection, when on)
-  head = 2 * m.hidden * m.n_classes * patches
+
+  def stack(n_layers: int, width: int, d_in: int = patch_dim, keep_width: bool = False) -> int:
+    return encoders.stack_flops(hp, n_layers, d_in, width, patches, keep_width=keep_width)
+
+  width = encoders.output_width(hp, m.hidden, keep_width=False)  # what the heads read
+  head = 2 * width * m.n_classes * patches
+  ictc = len(hp.intermediate_ctc) * 2 * (2 * encoders.stream_width(hp, m.hidden) * m.n_classes) * patches
   if m.kind == "gru":
-    return day + _gru_flops(m.n_layers, patch_dim, m.hidden) * patches + head
-  noise = _gru_flops(m.noise_layers, patch_dim, patch_dim)
-  clean = _gru_flops(m.clean_layers, patch_dim, m.hidden)
-  noisy = _gru_flops(m.noisy_layers, patch_dim, m.hidden)
-  return 2 * day + (noise + clean + noisy) * patches + 2 * head
+    return day + stack(m.n_layers, m.hidden) + ictc + head
+  noise = stack(m.noise_layers, patch_dim, keep_width=True)
+  clean = stack(m.clean_layers, m.hidden)
+  noisy = stack(m.noisy_layers, m.hidden)
+  return 2 * day + noise + clean + noisy + ictc + 2 * head
 
 
 def train_step_flops(config: ml_collections.ConfigDict, batch: int, time_bins: int) -> int:

@@ -66,8 +66,21 @@ SAFE_TO_CHANGE = (
 )
 # Fields under a SAFE_TO_CHANGE section that change the checkpointed state's shapes all the same.
 NEVER_SAFE = ("train.n_models",)
-# Fields added after config.json existed, with the value every older workdir implicitly ran with.
-ADDED_LATER = {"train.n_models": 1, "data.length_aware": False, "data.length_window": 0.1}
+# Fields added after config.json existed, with the value every older workdir implicitly ran with (JSON values).
+ADDED_LATER = {
+  "train.n_models": 1,
+  "data.length_aware": False,
+  "data.length_window": 0.1,
+  "model.encoder": "gru",
+  "model.intermediate_ctc": [],
+  "loss.intermediate_ctc_weight": 0.3,
+  "aug.time_jitter_shift_bins": 0,
+  "aug.time_jitter_stretch": 0.0,
+  "aug.time_mask_fraction": 0.0,
+  "aug.time_mask_max_bins": 20,
+}
+# Each encoder's sub-config: compared only when the run uses that encoder (model.encoder, itself compared).
+ENCODER_SECTIONS = {"transformer": "model.transformer.", "mamba2": "model.mamba2."}
 _ABSENT = "<absent>"
 
 
@@ -115,13 +128,21 @@ def is_safe_to_change(field: str) -> bool:
   return any(field.startswith(s) if s.endswith(".") else field == s for s in SAFE_TO_CHANGE)
 
 
+def _unused_encoder_field(field: str, encoder: str) -> bool:
+  return any(field.startswith(prefix) for name, prefix in ENCODER_SECTIONS.items() if name != encoder)
+
+
 def config_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """'field: recorded -> current' for every field that differs and may not change on resume."""
+  """'field: recorded -> current' for every field that differs and may not change on resume (the sub-configs of
+  encoders the run does not use are not compared)."""
   recorded = {**ADDED_LATER, **recorded}
+  encoder = current.get("model.encoder", ADDED_LATER["model.encoder"])
   return [
     f"{k}: {recorded.get(k, _ABSENT)!r} (workdir) -> {current.get(k, _ABSENT)!r} (now)"
     for k in sorted(set(recorded) | set(current))
-    if not is_safe_to_change(k) and recorded.get(k, _ABSENT) != current.get(k, _ABSENT)
+    if not is_safe_to_change(k)
+    and not _unused_encoder_field(k, encoder)
+    and recorded.get(k, _ABSENT) != current.get(k, _ABSENT)
   ]
 
 

@@ -6,6 +6,7 @@ Launch: python -m b2t_jax.main --config=configs/default.py --workdir=DIR --confi
 import ml_collections
 
 from b2t_jax.data.t15 import T15_SESSIONS
+from b2t_jax.models import mamba2, transformer
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,6 +26,23 @@ def get_config() -> ml_collections.ConfigDict:
     ("features_out", None),
     ("patch_features", None),
     ("classes", None),
+    ("ictc_width", None),  # intermediate CTC heads (model.intermediate_ctc)
+    # transformer stacks (model.encoder='transformer'): input, residual, heads, head width, MLP, output widths
+    ("tfm_in", None),
+    ("tfm_embed", None),
+    ("tfm_heads", None),
+    ("tfm_kv", None),
+    ("tfm_mlp", None),
+    ("tfm_out", None),
+    # Mamba-2 stacks (model.encoder='mamba2'): input, residual, inner, heads, B/C groups, state, conv, output
+    ("ssm_in", None),
+    ("ssm_embed", None),
+    ("ssm_inner", None),
+    ("ssm_heads", None),
+    ("ssm_groups", None),
+    ("ssm_state", None),
+    ("ssm_conv", None),
+    ("ssm_out", None),
     ("members", None),  # ensemble member axis (train.n_models > 1); ("members", "model") first in this list puts
     # each member on its own 'model' slice (rules listed earlier win a mesh axis)
   )
@@ -71,6 +89,12 @@ def get_config() -> ml_collections.ConfigDict:
   a.smooth_kernel_std = 2.0  # Gaussian smoothing sigma in bins (train and eval)
   a.smooth_kernel_size = 100  # support of the sampled Gaussian before thresholding
   a.smooth_threshold = 0.01  # taps at or below this are dropped, the rest renormalised
+  # Time-domain augmentations (not in SPEC; opt-in, train only; data/augment.py). Jitter runs first, on the raw bins;
+  # masking runs last, after smoothing, so that masked bins are exact zeros.
+  a.time_jitter_shift_bins = 0  # per-trial shift by U{-N..N} bins (delay: leading zeros; advance: drops bins); 0 = off
+  a.time_jitter_stretch = 0.0  # per-trial time stretch by a factor U[1-s, 1+s] (lengths follow); 0 = off
+  a.time_mask_fraction = 0.0  # expected fraction of each trial's bins zeroed in spans (Feghhi et al.: > 0.5); 0 = off
+  a.time_mask_max_bins = 20  # time masking: spans are U{1..N} bins long
 
   c.model = m = ml_collections.ConfigDict()
   m.kind = "gru"  # gru (NEJM baseline) | triple (noise/clean/noisy)
@@ -91,11 +115,18 @@ def get_config() -> ml_collections.ConfigDict:
   m.gru_backward = "custom"  # custom (weight gradients as one matmul after the reverse scan) | autodiff
   m.gru_remat = False  # recompute each GRU layer's forward in the backward (measured: no saving with custom)
   m.gru_wavefront = False  # all GRU layers in one scan of P+L-1 steps (latency-bound accelerators; slower on CPU)
+  # The sequence stacks (models/encoders.py): gru (SPEC) | transformer | mamba2. Depths are n_layers (kind gru) and
+  # noise/clean/noisy_layers (triple) for every kind; `hidden` is the GRU width; the other kinds' widths are below.
+  m.encoder = "gru"
+  m.transformer = transformer.default_config()  # encoder='transformer': one comment per knob in models/transformer.py
+  m.mamba2 = mamba2.default_config()  # encoder='mamba2': one comment per knob in models/mamba2.py
+  m.intermediate_ctc = ()  # layer indices of the speech stack followed by a self-conditioned CTC head; () = off
 
   c.loss = l = ml_collections.ConfigDict()
   l.noisy_weight = 0.2  # triple: weight of the adversarial CTC term
   l.noise_l2_weight = 0.0  # triple: weight of mean(noise^2)
   l.adversarial_warmup_steps = 0  # triple: GRL lambda ramps linearly from 0 over this many steps
+  l.intermediate_ctc_weight = 0.3  # model.intermediate_ctc: loss + w * mean CTC of the intermediate heads
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr_peak = 0.005  # peak learning rate

@@ -15,6 +15,14 @@ def get_config():
   c.model.kind = "triple"
   c.model.patch_features = 16  # Dense(512 -> 16) before patching: noise GRU width 14 * 16 = 224
   c.model.hidden = 128  # clean and noisy decoder width
+  # Demo-size stacks of the other encoders (--config.model.encoder=transformer|mamba2), about the GRU's cost
+  c.model.transformer.d_model = 128  # residual width
+  c.model.transformer.n_heads = 4  # heads of width 32
+  c.model.transformer.d_ff = 352  # SwiGLU width (~8/3 d_model)
+  c.model.mamba2.d_model = 128  # residual width
+  c.model.mamba2.d_state = 32  # state size per head
+  c.model.mamba2.head_dim = 32  # 8 heads over the 256-wide inner stream
+  c.model.mamba2.chunk_size = 32  # SSD chunk: demo trials have 15-50 patches
   c.data.batch_size = 16  # 4 days x 4 trials: the 512 x 512 day layers cost per trial-bin
   c.data.days_per_batch = 4
   c.data.eval_batch_size = 32

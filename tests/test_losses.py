@@ -70,7 +70,7 @@ def test_infeasible_trials_are_masked_counted_and_get_no_gradient():
 
   def loss(lg):
     return losses.decoder_loss(
-      lg,
+      {"logits": lg},
       jnp.asarray(input_lens),
       jnp.asarray(labels),
       jnp.asarray(label_lens),
@@ -99,11 +99,10 @@ def test_triple_objective_combines_terms():
   noisy = rng.standard_normal(logits.shape).astype(np.float32)
   noise = rng.standard_normal((4, 12, 3)).astype(np.float32)
   args = (jnp.asarray(input_lens), jnp.asarray(labels), jnp.asarray(label_lens), jnp.ones(4))
-  clean_only, _ = losses.decoder_loss(jnp.asarray(logits), *args, noisy_weight=0.2, noise_l2_weight=0.0)
-  noisy_only, _ = losses.decoder_loss(jnp.asarray(noisy), *args, noisy_weight=0.2, noise_l2_weight=0.0)
-  total, aux = losses.decoder_loss(
-    (jnp.asarray(logits), jnp.asarray(noisy), jnp.asarray(noise)), *args, noisy_weight=0.2, noise_l2_weight=0.5
-  )
+  clean_only, _ = losses.decoder_loss({"logits": jnp.asarray(logits)}, *args, noisy_weight=0.2, noise_l2_weight=0.0)
+  noisy_only, _ = losses.decoder_loss({"logits": jnp.asarray(noisy)}, *args, noisy_weight=0.2, noise_l2_weight=0.0)
+  outputs = {"logits": jnp.asarray(logits), "noisy_logits": jnp.asarray(noisy), "noise": jnp.asarray(noise)}
+  total, aux = losses.decoder_loss(outputs, *args, noisy_weight=0.2, noise_l2_weight=0.5)
   np.testing.assert_allclose(
     float(total), float(clean_only) + 0.2 * float(noisy_only) + 0.5 * np.mean(noise**2), rtol=1e-6
   )
@@ -180,7 +179,8 @@ def test_train_step_loss_is_the_triple_objective_with_the_lambda_ramp():
   sharded = sharding.shard_batch(batch, exp.mesh)
   for step in range(6):
     lam = grl * min(step / warm, 1.0)
-    grads, (clean, noisy, noise) = jax.device_get(reference(state.params, jnp.float32(lam)))
+    grads, out = jax.device_get(reference(state.params, jnp.float32(lam)))
+    clean, noisy, noise = out["logits"], out["noisy_logits"], out["noise"]
     state, m = exp.train_step(state, sharded)
     m = jax.device_get(m)
     ctc = [

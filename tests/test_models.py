@@ -106,13 +106,15 @@ def test_triple_modes_shapes_and_dtypes(tiny, dtype):
   p = n_patches(40, 14, 4)
   logits = model.apply({"params": params}, x, day, mode="inference")
   assert logits.shape == (2, p, 41) and logits.dtype == jnp.float32
-  clean, noisy, noise = model.apply(
+  full = model.apply(
     {"params": params}, x, day, mode="full", train=True, grl_lambda=0.3, rngs={"dropout": jax.random.PRNGKey(1)}
   )
+  assert sorted(full) == ["intermediate", "logits", "noise", "noisy_logits"] and full["intermediate"] == ()
+  clean, noisy, noise = full["logits"], full["noisy_logits"], full["noise"]
   assert clean.shape == noisy.shape == (2, p, 41) and clean.dtype == noisy.dtype == jnp.float32
   assert noise.shape == (2, p, 14 * 8) and noise.dtype == jnp.dtype(dtype)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(params))
-  np.testing.assert_allclose(model.apply({"params": params}, x, day, mode="full")[0], logits, atol=1e-6)
+  np.testing.assert_allclose(model.apply({"params": params}, x, day, mode="full")["logits"], logits, atol=1e-6)
   with pytest.raises(ValueError, match="unknown mode"):
     model.apply({"params": params}, x, day, mode="bogus")
 
@@ -129,7 +131,8 @@ def test_triple_noise_gets_reversed_gradient_from_noisy_branch(tiny):
 
   @jax.jit
   def branches(p, lam, mix):  # mix @ (clean, noisy) weighted logit sums: one compile serves both branches
-    clean, noisy, _ = model.apply({"params": p}, x, day, mode="full", grl_lambda=lam)
+    out = model.apply({"params": p}, x, day, mode="full", grl_lambda=lam)
+    clean, noisy = out["logits"], out["noisy_logits"]
     return mix @ jnp.stack([jnp.sum(clean @ weights), jnp.sum(noisy @ weights)])
 
   grad = jax.jit(jax.grad(branches))

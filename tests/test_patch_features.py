@@ -30,7 +30,7 @@ def test_projection_narrows_patches_and_costs_exactly_its_dense(kind):
   assert front["proj"]["kernel"].shape == (512, f)  # every one of the 512 columns feeds it
   out = create_model(on).apply({"params": params}, x, day, mode="full" if kind == "triple" else "inference")
   if kind == "triple":
-    clean, noisy, noise = out
+    clean, noisy, noise = out["logits"], out["noisy_logits"], out["noise"]
     assert noise.shape == (2, 5, 14 * f) and clean.shape == noisy.shape == (2, 5, 41)
   else:
     assert out.shape == (2, 5, 41)

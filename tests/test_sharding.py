@@ -7,6 +7,7 @@ import pytest
 from conftest import jaxpr_eqns, scan_carries, tiny_config
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
+from test_encoders import tiny_encoder
 from test_train import _batches, _updates, assert_same_updates, live_lr
 
 from b2t_jax import experiment, losses
@@ -104,7 +105,7 @@ def test_bf16_train_step_has_no_fp64_and_no_upcast_matmuls(tiny):
   assert len(bf16) >= 40  # day layers, GRU projections and recurrences, heads: forward and backward
   # the fp32 ones are CTC's (policy: log-softmax/CTC in fp32): as many as in the loss alone
   b, p, c = 8, 61, tiny.model.n_classes
-  outputs = (jnp.zeros((b, p, c)), jnp.zeros((b, p, c)), jnp.zeros((b, p, 112)))
+  outputs = {"logits": jnp.zeros((b, p, c)), "noisy_logits": jnp.zeros((b, p, c)), "noise": jnp.zeros((b, p, 112))}
   loss_only = jax.make_jaxpr(
     jax.grad(
       lambda o: losses.decoder_loss(
@@ -170,3 +171,22 @@ def test_fsdp_splits_params_and_moments_over_data_and_trains_as_replicated(tiny)
   moment = mu["noise_model"]["gru"]["layer_0"]["cell"]["w_hh"]
   assert moment.sharding.spec == P("data", None, "model")
   assert moment.addressable_shards[0].data.shape == (28, 3, 56)  # an eighth of the moment per device
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", ["transformer", "mamba2"])
+def test_every_encoder_updates_alike_on_one_device_and_on_the_meshes(prepared_dir, encoder):
+  """Three steps at the peak LR of a tiny decoder of each encoder, with an intermediate CTC head: one device, (8, 1)
+  and (4, 2) with fsdp give the same losses and parameter updates."""
+  c = live_lr(tiny_encoder(encoder, "gru", intermediate=(0,)))
+  c.data.data_dir, c.fsdp_min_size = prepared_dir, 256
+  batches = _batches(c, 3)
+  one = _updates(experiment.Experiment(c, mesh=create_mesh((1, 1), jax.devices()[:1])), batches)
+  eight = _updates(experiment.Experiment(c, mesh=create_mesh((8, 1))), batches)
+  c.fsdp = True
+  exp = experiment.Experiment(c, mesh=create_mesh((4, 2)))
+  assert any("data" in s.spec for s in jax.tree.leaves(exp.param_shardings))  # fsdp split some parameter
+  split = _updates(exp, batches)
+  for got in (eight, split):
+    np.testing.assert_allclose(got[0], one[0], rtol=2e-5)
+    assert_same_updates(one[1], got[1])

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_config
 from flax import linen as nn
+from test_encoders import tiny_encoder
 
 from b2t_jax.data.augment import preprocess
 from b2t_jax.decoding.streaming import StreamingDecoder, geometry
@@ -23,13 +23,13 @@ from b2t_jax.steps import merge_log_probs
 ATOL = 2e-5
 
 
-@functools.cache  # one init per (kind, seed) for the whole module
-def _model_and_params(kind: str, seed: int = 0, patch_features: int = 0):
-  c = tiny_config()
-  c.model.kind = kind
+@functools.cache  # one init per (kind, seed, ...) for the whole module
+def _model_and_params(kind: str, seed: int = 0, patch_features: int = 0, encoder: str = "gru"):
+  c = tiny_encoder(encoder, kind, intermediate=(0,) if encoder != "gru" else ())
   c.model.patch_features = patch_features
   c.data.sessions = c.data.sessions[:3]
   c.model.n_layers = 2  # fewer layers compile faster; the layer loop is the same code
+  c.model.transformer.max_len = 40  # streaming KV cache of 40 patches: the 100-bin trial (22 patches) fits
   model = create_model(c)
   x = jnp.zeros((1, 64, c.data.n_features // c.data.feature_pool))
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), x, jnp.zeros((1,), jnp.int32))["params"])
@@ -67,9 +67,14 @@ def _stream(decoder, raw, sizes):
   return np.concatenate(rows)
 
 
-@pytest.mark.parametrize("kind,patch_features", [("gru", 0), ("triple", 0), ("triple", 5)])
-def test_streaming_equals_offline(kind, patch_features):
-  c, model, params = _model_and_params(kind, patch_features=patch_features)
+@pytest.mark.parametrize(
+  "kind,patch_features,encoder",
+  [("gru", 0, "gru"), ("triple", 0, "gru"), ("triple", 5, "gru"), ("gru", 0, "transformer"), ("triple", 0, "mamba2")],
+)
+def test_streaming_equals_offline(kind, patch_features, encoder):
+  """Every encoder streams (a transformer's KV cache, a Mamba-2 stack's conv and SSM states; both with an
+  intermediate CTC head conditioning the stream) to the offline logits."""
+  c, model, params = _model_and_params(kind, patch_features=patch_features, encoder=encoder)
   if kind == "triple":  # the projection exists exactly when asked for
     assert ("proj" in params["noise_model"]["frontend"]) == bool(patch_features)
   rng = np.random.default_rng(1)

@@ -290,7 +290,7 @@ def test_stack_flops_by_hand():
 def test_config_errors_name_the_field():
   check_config(default_config())
   for changes, words in (
-    ({"n_heads": 3}, r"transformer\.n_heads=3: must divide d_model=512"),
+    ({"n_heads": 3}, r"transformer\.n_heads=3: must divide d_model=640"),
     ({"d_model": 48, "n_heads": 16}, r"transformer\.n_heads=16: .* heads of even width"),
     ({"window": -1}, r"transformer\.window=-1"),
     ({"d_ff": 0}, r"transformer\.d_ff=0: expected a positive integer"),

@@ -146,6 +146,7 @@ def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[s
       batch["weight"],
       noisy_weight=cfg.loss.noisy_weight,
       noise_l2_weight=cfg.loss.noise_l2_weight,
+      intermediate_weight=cfg.loss.intermediate_ctc_weight,
     )[0]
 
   grad = jax.jit(jax.grad(loss))
@@ -162,7 +163,7 @@ def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[s
     "forward_ctc_backward": (grad, (state.params, x)),
     "optimizer": (jax.jit(optimizer), (grads, state.opt_state, state.params)),
   }
-  gru = _gru_layers(state.params)
+  gru = _gru_layers(state.params) if cfg.model.encoder == "gru" else []
   if gru:
     b, t = batch["features"].shape[:2]
     p = int(n_patches(jnp.asarray(t), cfg.model.patch_size, cfg.model.patch_stride))

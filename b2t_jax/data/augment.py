@@ -86,11 +86,73 @@ def augment(key: jax.Array, x: jax.Array, lengths: jax.Array, cfg: ml_collection
   return apply(x, lengths, draw(key, x.shape, cfg), cfg)
 
 
+# Streams of the time-domain transforms (not in SPEC): folded into the step's augmentation key, so the SPEC
+# transforms keep the draws of `draw`'s five-way split (every earlier run's numbers are unchanged).
+_JITTER_STREAM, _MASK_STREAM = 5, 6
+
+
+def time_jitter(key: jax.Array, x: jax.Array, lengths: jax.Array, shift_bins: int, stretch: float):
+  """A random shift k ~ U{-shift_bins..shift_bins} and stretch f ~ U[1 - stretch, 1 + stretch] per trial (0 = off).
+
+  Output bin t reads input position u = (t - k) / f by linear interpolation: a delay (k > 0) puts k zero bins
+  before the trial, an advance drops its first -k / f bins, a stretch f > 1 slows it down. The new length is
+  the last output bin whose u lies in the trial, + 1 (at most the padded length T; 0 if nothing is left);
+  later bins are zero. Static shapes: one gather per trial. Returns (x, lengths)."""
+  b, t, _ = x.shape
+  k_shift, k_stretch = jax.random.split(key)
+  shift = jax.random.randint(k_shift, (b,), -shift_bins, shift_bins + 1).astype(jnp.float32)
+  factor = 1.0 + stretch * jax.random.uniform(k_stretch, (b,), minval=-1.0, maxval=1.0)
+  last = lengths.astype(jnp.float32) - 1.0  # the trial's last input position
+  new_len = jnp.clip(jnp.floor(shift + factor * last) + 1.0, 0, t).astype(lengths.dtype)
+  u = (jnp.arange(t, dtype=jnp.float32)[None, :] - shift[:, None]) / factor[:, None]  # (B, T)
+  inside = (u >= 0.0) & (jnp.arange(t)[None, :] < new_len[:, None])
+  lo = jnp.clip(jnp.floor(u), 0, t - 1).astype(jnp.int32)
+  hi = jnp.clip(lo + 1, 0, t - 1)
+  w = (u - jnp.floor(u))[..., None]
+  take = lambda idx: jnp.take_along_axis(x, idx[..., None], axis=1)
+  out = (1.0 - w) * take(lo) + w * take(hi)
+  return jnp.where(inside[..., None], out, 0.0), new_len
+
+
+def mask_start_probability(fraction: float, max_bins: int) -> float:
+  """The per-bin probability p of a mask starting there such that a bin is masked with probability `fraction`,
+  spans being U{1..max_bins} long: bin t escapes every span that could cover it with probability
+  prod_{d=0}^{max_bins-1} (1 - p (max_bins - d) / max_bins) (a start d bins earlier covers it if its span > d);
+  solved for p by bisection (host side: a static number)."""
+  covers = (max_bins - np.arange(max_bins)) / max_bins
+  lo, hi = 0.0, 1.0
+  for _ in range(60):
+    p = 0.5 * (lo + hi)
+    lo, hi = (p, hi) if 1.0 - np.prod(1.0 - p * covers) < fraction else (lo, p)
+  return 0.5 * (lo + hi)
+
+
+def time_mask_spans(key: jax.Array, shape: tuple[int, int], fraction: float, max_bins: int) -> jax.Array:
+  """(B, T) bool, True on masked bins: spans of U{1..max_bins} bins start at each bin independently with the
+  probability that masks `fraction` of the bins in expectation (`mask_start_probability`)."""
+  k_start, k_span = jax.random.split(key)
+  starts = jax.random.bernoulli(k_start, mask_start_probability(fraction, max_bins), shape)
+  spans = jax.random.randint(k_span, shape, 1, max_bins + 1)
+  # A bin is masked when a span that starts at or before it ends after it: the running max of span ends.
+  ends = jnp.where(starts, jnp.arange(shape[1])[None, :] + spans, 0)
+  return jax.lax.cummax(ends, axis=1) > jnp.arange(shape[1])[None, :]
+
+
 def preprocess(key: jax.Array | None, x: jax.Array, lengths: jax.Array, cfg: ml_collections.ConfigDict):
-  """Augment (when `key` is given, i.e. training) then smooth; the eval path passes key=None."""
+  """Training (`key` given): time jitter (opt-in), the SPEC augmentations, smoothing, time masking (opt-in).
+  Eval (key=None): smoothing only. Returns (x, lengths)."""
   x = x.astype(jnp.float32)
+  if key is not None and (cfg.time_jitter_shift_bins > 0 or cfg.time_jitter_stretch > 0):
+    x, lengths = time_jitter(
+      jax.random.fold_in(key, _JITTER_STREAM), x, lengths, cfg.time_jitter_shift_bins, cfg.time_jitter_stretch
+    )
   if key is not None:
     x, lengths = augment(key, x, lengths, cfg)
   if cfg.smooth_kernel_std > 0:
     x = smooth(x, gaussian_kernel(cfg.smooth_kernel_std, cfg.smooth_kernel_size, cfg.smooth_threshold))
+  if key is not None and cfg.time_mask_fraction > 0:
+    masked = time_mask_spans(
+      jax.random.fold_in(key, _MASK_STREAM), x.shape[:2], cfg.time_mask_fraction, cfg.time_mask_max_bins
+    )
+    x = jnp.where(masked[..., None], 0.0, x)
   return x, lengths

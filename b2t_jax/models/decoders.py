@@ -1,26 +1,28 @@
 """The two decoders: the NEJM `GRUDecoder` (SPEC §3.3) and the `TripleGRUDecoder` (SPEC §3.4).
 
 Each decoder defines its topology once (`_decode` of every sub-model) and runs it two ways: over whole trials
-(`__call__`, training and evaluation) and a few patch slots at a time from carried GRU states (the streaming
+(`__call__`, training and evaluation) and a few patch slots at a time from carried stack states (the streaming
 pair `initial_carry` / `step`, with `frames` for the day layers: `decoding/streaming.py` cuts the patches).
+The stacks are `config.model.encoder`'s kind (GRU, transformer or Mamba-2: `encoders.py`); nothing here depends
+on which.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from b2t_jax.models.encoders import IntermediateCTC, make_stack, stream_width
 from b2t_jax.models.frontend import DayFrontEnd
-from b2t_jax.models.gru import GRUStack
 
-# Runs a GRUStack on its input: (stack, x) -> (outputs, new carry or None).
-StackRun = Callable[[GRUStack, jax.Array], tuple[jax.Array, jax.Array | None]]
+# Runs a stack on its input: (stack, x, interlayer=None) -> (outputs, new carry or None).
+StackRun = Callable[..., tuple[jax.Array, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +48,26 @@ class ModelHParams:
   gru_backward: str
   gru_remat: bool
   gru_wavefront: bool
+  encoder: str  # gru | transformer | mamba2 (models/encoders.py)
+  transformer: ml_collections.FrozenConfigDict  # config.model.transformer
+  mamba2: ml_collections.FrozenConfigDict  # config.model.mamba2
+  intermediate_ctc: tuple[int, ...]  # layers of the speech stack followed by an intermediate CTC head
   n_days: int  # len(config.data.sessions)
   n_input_features: int  # config.data.n_features // config.data.feature_pool
 
 
 _DERIVED = ("n_days", "n_input_features")
+_SUB_CONFIGS = ("transformer", "mamba2")
 
 
 def model_hparams(config: ml_collections.ConfigDict) -> ModelHParams:
   """`config.model` plus the sizes it derives from the data config (days, features per bin)."""
   given = config.model.to_dict()
+  for name in _SUB_CONFIGS:
+    if name in given:
+      given[name] = ml_collections.FrozenConfigDict(given[name])
+  if "intermediate_ctc" in given:
+    given["intermediate_ctc"] = tuple(int(i) for i in given["intermediate_ctc"])
   known = {f.name for f in dataclasses.fields(ModelHParams)} - set(_DERIVED)
   if set(given) != known:
     raise ValueError(
@@ -96,13 +108,13 @@ gradient_reversal.defvjp(_grl_fwd, _grl_bwd)
 
 
 def _whole(deterministic: bool) -> StackRun:
-  """Runs a stack over whole sequences from its h0."""
-  return lambda stack, x: (stack(x, deterministic=deterministic), None)
+  """Runs a stack over whole sequences from its initial state."""
+  return lambda stack, x, interlayer=None: (stack(x, deterministic=deterministic, interlayer=interlayer), None)
 
 
-def _stepping(valid: jax.Array, carry: jax.Array) -> StackRun:
+def _stepping(valid: jax.Array, carry: Any) -> StackRun:
   """Advances a stack over a few slots from `carry` (inference)."""
-  return lambda stack, x: stack.step(x, valid, carry)
+  return lambda stack, x, interlayer=None: stack.step(x, valid, carry, interlayer=interlayer)
 
 
 class _Parts:
@@ -120,19 +132,10 @@ class _Parts:
       dtype=self.dtype,
     )
 
-  def stack(self, n_layers: int, hidden: int, hidden_axis: str = "hidden") -> GRUStack:
-    m = self.hp
-    return GRUStack(
-      n_layers=n_layers,
-      hidden=hidden,
-      dropout_rate=m.rnn_dropout,
-      dtype=self.dtype,
-      unroll=m.gru_unroll,
-      hidden_axis=hidden_axis,
-      backward=m.gru_backward,
-      remat=m.gru_remat,
-      wavefront=m.gru_wavefront,
-    )
+  def stack(self, n_layers: int, width: int, hidden_axis: str = "hidden", keep_width: bool = False) -> nn.Module:
+    """A `config.model.encoder` stack (`encoders.make_stack`): `width` is a GRU's hidden width, or the output width
+    another kind projects back to when `keep_width`."""
+    return make_stack(self.hp, n_layers, width, keep_width=keep_width, hidden_axis=hidden_axis, dtype=self.dtype)
 
   def head(self) -> nn.Dense:
     return nn.Dense(
@@ -144,51 +147,76 @@ class _Parts:
 
 
 class _SpeechDecoder(nn.Module, _Parts):
-  """Own front end -> patches (minus a noise estimate, when given) -> GRU stack of width `hidden` -> Dense."""
+  """Own front end -> patches (minus a noise estimate, when given) -> encoder stack (a GRU of width `hidden`)
+  -> Dense; intermediate CTC heads after the layers `model.intermediate_ctc` names."""
 
   hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
-  layers_field: ClassVar[str]  # the ModelHParams field with this decoder's GRU depth
+  layers_field: ClassVar[str]  # the ModelHParams field with this decoder's stack depth
 
   def setup(self):
     self.frontend = self.front_end()
+    # 'gru' is the stack's name whatever its kind: checkpoints and the PyTorch import address `gru/...`.
     self.gru = self.stack(getattr(self.hp, self.layers_field), self.hp.hidden)
     self.out = self.head()
+    width = stream_width(self.hp, self.hp.hidden)
+    self.ictc = [IntermediateCTC(self.hp.n_classes, width, self.dtype) for _ in self.hp.intermediate_ctc]
 
   def _decode(self, patches: jax.Array, run: StackRun, noise: jax.Array | None = None):
-    """(fp32 logits, new carry or None) of `patches` (B, P, patch width)."""
+    """(fp32 logits, new carry or None, intermediate CTC logits) of `patches` (B, P, patch width)."""
     if noise is not None:
       patches = patches - noise.astype(patches.dtype)
-    h, carry = run(self.gru, patches)
-    return self.out(h).astype(jnp.float32), carry
+    intermediate: list[jax.Array] = []
+    h, carry = run(self.gru, patches, self._interlayer(intermediate))
+    return self.out(h).astype(jnp.float32), carry, tuple(intermediate)
+
+  def _interlayer(self, collected: list):
+    """The stack's `interlayer`: after each layer of `model.intermediate_ctc`, its head's logits are collected
+    and its posteriors condition the stream."""
+    if not self.hp.intermediate_ctc:
+      return None
+    heads = dict(zip(self.hp.intermediate_ctc, self.ictc))
+
+    def interlayer(i: int, h: jax.Array) -> jax.Array:
+      if i not in heads:
+        return h
+      logits, h = heads[i](h)
+      collected.append(logits)
+      return h
+
+    return interlayer
 
 
 class GRUDecoder(_SpeechDecoder):
-  """Day layers -> patches -> n_layers x GRU(H) -> Dense(n_classes). Returns fp32 logits (B, P, C)."""
+  """Day layers -> patches -> n_layers-deep encoder stack (SPEC: GRU(H)) -> Dense(n_classes); fp32 logits."""
 
   layers_field = "n_layers"
 
   def __call__(self, x, day, *, train: bool = False, mode: str = "inference", grl_lambda=None):
-    del mode, grl_lambda  # one output in every mode
-    return self._decode(self.frontend(x, day, deterministic=not train), _whole(not train))[0]
+    """mode='inference' -> logits (B, P, C); mode='full' (training) -> {'logits', 'intermediate'} (the
+    intermediate CTC heads' logits, a tuple)."""
+    del grl_lambda  # no adversarial branch
+    logits, _, intermediate = self._decode(self.frontend(x, day, deterministic=not train), _whole(not train))
+    return {"logits": logits, "intermediate": intermediate} if mode == "full" else logits
 
   def frames(self, x: jax.Array, day: jax.Array) -> dict[str, jax.Array]:
     """Inference frames (B, T, F') of each front end, by name; patches of them are `step`'s input."""
     return {"frontend": self.frontend.frames(x, day)}
 
   def initial_carry(self, batch: int = 1) -> dict[str, jax.Array]:
-    """The GRU states before a trial's first patch: {stack: (n_layers, batch, H)}."""
+    """The stack state before a trial's first patch: {stack: its carry (a GRU: (n_layers, batch, H))}."""
     return {"gru": self.gru.initial_carry(batch)}
 
   def step(self, patches: dict[str, jax.Array], valid: jax.Array, carry: dict[str, jax.Array]):
     """patches {front end: (B, S, patch width)} of S slots, valid (S,), carry -> (new carry, logits (B, S, C)).
     An invalid slot leaves every state as it was; its logits are meaningless."""
-    logits, h = self._decode(patches["frontend"], _stepping(valid, carry["gru"]))
+    logits, h, _ = self._decode(patches["frontend"], _stepping(valid, carry["gru"]))
     return {"gru": h}, logits
 
 
 class NoiseModel(nn.Module, _Parts):
-  """Own front end -> GRU stack of width size*features (no projection) -> the noise estimate (B, P, size*F)."""
+  """Own front end -> stack of output width size*features (a GRU that wide; other kinds project back to it) ->
+  the noise estimate (B, P, size*F)."""
 
   hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
@@ -196,7 +224,8 @@ class NoiseModel(nn.Module, _Parts):
   def setup(self):
     m = self.hp
     self.frontend = self.front_end()
-    self.gru = self.stack(m.noise_layers, m.patch_size * (m.patch_features or m.n_input_features), "noise_hidden")
+    width = m.patch_size * (m.patch_features or m.n_input_features)
+    self.gru = self.stack(m.noise_layers, width, "noise_hidden", keep_width=True)
 
   def _decode(self, patches: jax.Array, run: StackRun):
     return run(self.gru, patches)
@@ -206,7 +235,7 @@ class NoiseModel(nn.Module, _Parts):
 
 
 class CleanSpeechModel(_SpeechDecoder):
-  """Own front end; subtracts the noise estimate, then GRU stack -> Dense -> clean logits."""
+  """Own front end; subtracts the noise estimate, then encoder stack -> Dense -> clean logits."""
 
   layers_field = "clean_layers"
 
@@ -215,7 +244,7 @@ class CleanSpeechModel(_SpeechDecoder):
 
 
 class NoisySpeechModel(nn.Module, _Parts):
-  """GRU stack -> Dense on the (gradient-reversed) noise: an adversary that tries to read speech from noise."""
+  """Encoder stack -> Dense on the (gradient-reversed) noise: an adversary that tries to read speech from noise."""
 
   hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
@@ -231,7 +260,8 @@ class NoisySpeechModel(nn.Module, _Parts):
 class TripleGRUDecoder(nn.Module):
   """Noise + clean + adversarial noisy decoders (SPEC §3.4).
 
-  mode='inference' -> clean logits (B, P, C); mode='full' -> (clean_logits, noisy_logits, noise). The noisy
+  mode='inference' -> clean logits (B, P, C); mode='full' -> {'logits': clean logits, 'intermediate': the clean
+  stack's intermediate CTC logits, 'noisy_logits', 'noise'}. The noisy
   (adversarial) branch is training-only: streaming (`step`) runs the noise and clean models.
   """
 
@@ -244,10 +274,11 @@ class TripleGRUDecoder(nn.Module):
     self.noisy_model = NoisySpeechModel(self.hp, self.dtype)
 
   def _decode(self, patches: dict[str, jax.Array], runs: dict[str, StackRun]):
-    """The inference topology: noise stack, clean = clean patches - noise, clean stack, head."""
+    """The inference topology: noise stack, clean = clean patches - noise, clean stack, head. Returns (clean
+    logits, noise, new carries, the clean stack's intermediate CTC logits)."""
     noise, h_noise = self.noise_model._decode(patches["noise"], runs["noise"])
-    clean_logits, h_clean = self.clean_model._decode(patches["clean"], runs["clean"], noise)
-    return clean_logits, noise, {"noise": h_noise, "clean": h_clean}
+    clean_logits, h_clean, intermediate = self.clean_model._decode(patches["clean"], runs["clean"], noise)
+    return clean_logits, noise, {"noise": h_noise, "clean": h_clean}, intermediate
 
   def __call__(self, x, day, *, train: bool = False, mode: str = "inference", grl_lambda=None):
     if mode not in ("inference", "full"):
@@ -256,27 +287,29 @@ class TripleGRUDecoder(nn.Module):
       "noise": self.noise_model.frontend(x, day, deterministic=not train),
       "clean": self.clean_model.frontend(x, day, deterministic=not train),
     }
-    clean_logits, noise, _ = self._decode(patches, {"noise": _whole(not train), "clean": _whole(not train)})
+    clean_logits, noise, _, intermediate = self._decode(
+      patches, {"noise": _whole(not train), "clean": _whole(not train)}
+    )
     if mode == "inference" and not self.is_initializing():
       return clean_logits
     lam = jnp.asarray(self.hp.grl_lambda if grl_lambda is None else grl_lambda, jnp.float32)
     noisy_logits = self.noisy_model(gradient_reversal(noise, lam), train=train)
     if mode == "inference":  # initialising: build every sub-model, return what inference returns
       return clean_logits
-    return clean_logits, noisy_logits, noise
+    return {"logits": clean_logits, "intermediate": intermediate, "noisy_logits": noisy_logits, "noise": noise}
 
   def frames(self, x: jax.Array, day: jax.Array) -> dict[str, jax.Array]:
     """Inference frames (B, T, F') of each front end, by name; patches of them are `step`'s input."""
     return {"noise": self.noise_model.frontend.frames(x, day), "clean": self.clean_model.frontend.frames(x, day)}
 
   def initial_carry(self, batch: int = 1) -> dict[str, jax.Array]:
-    """The GRU states before a trial's first patch: {stack: (n_layers, batch, H)}."""
+    """The stack states before a trial's first patch: {stack: its carry}."""
     return {"noise": self.noise_model.gru.initial_carry(batch), "clean": self.clean_model.gru.initial_carry(batch)}
 
   def step(self, patches: dict[str, jax.Array], valid: jax.Array, carry: dict[str, jax.Array]):
     """As GRUDecoder.step; the clean logits are emitted."""
     runs = {name: _stepping(valid, carry[name]) for name in ("noise", "clean")}
-    clean_logits, _, new_carry = self._decode(patches, runs)
+    clean_logits, _, new_carry, _ = self._decode(patches, runs)
     return new_carry, clean_logits
 
 

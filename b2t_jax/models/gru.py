@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,20 @@ from flax import linen as nn
 from b2t_jax.models.cell import BACKWARDS, gate_grads, gru_cell, matmul, project_inputs
 from b2t_jax.models.wavefront import gru_wavefront
 
-__all__ = ["BACKWARDS", "GRULayer", "GRUStack", "LayerParams", "gru_layer", "gru_recurrence", "gru_steps", "matmul"]
+__all__ = [
+  "BACKWARDS",
+  "GRULayer",
+  "GRUStack",
+  "LayerParams",
+  "gru_layer",
+  "gru_recurrence",
+  "gru_steps",
+  "matmul",
+  "stack_flops",
+]
+
+# (layer index, that layer's outputs) -> what the next layer reads (intermediate CTC; models/encoders.py).
+Interlayer = Callable[[int, jax.Array], jax.Array]
 
 
 def _bias_init(hidden: int):
@@ -249,16 +263,21 @@ class GRUStack(nn.Module):
   def _weights(self, d_in: int) -> list[tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
     return [layer(d_in if i == 0 else self.hidden) for i, layer in enumerate(self.layer)]
 
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-    """(B, P, in) -> the last layer's outputs (B, P, H) in `dtype`, every layer starting from h0."""
+  def __call__(self, x: jax.Array, *, deterministic: bool, interlayer: Interlayer | None = None) -> jax.Array:
+    """(B, P, in) -> the last layer's outputs (B, P, H) in `dtype`, every layer starting from h0. `interlayer(i, y)`,
+    when given, maps layer i's outputs before the dropout that feeds layer i + 1 (intermediate CTC)."""
     weights = self._weights(x.shape[-1])
     if self.wavefront:
+      if interlayer is not None:
+        raise ValueError("model.gru_wavefront runs all layers in one scan: nothing can act between two layers")
       return self._wavefront(x, weights, deterministic)
     run = functools.partial(gru_layer, dtype=self.dtype, unroll=self.unroll, backward=self.backward)
     if self.remat:
       run = jax.checkpoint(run)
     for i, w in enumerate(weights):
       x = run(x, self.h0, *w)
+      if interlayer is not None:
+        x = interlayer(i, x)
       if i < self.n_layers - 1:
         x = self.Dropout[i](x, deterministic=deterministic)
     return x
@@ -292,12 +311,24 @@ class GRUStack(nn.Module):
     """Every layer's state before the first time step: h0 broadcast to (n_layers, batch, H), fp32."""
     return jnp.broadcast_to(self.h0.astype(jnp.float32), (self.n_layers, batch, self.hidden))
 
-  def step(self, x: jax.Array, valid: jax.Array, carry: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def step(
+    self, x: jax.Array, valid: jax.Array, carry: jax.Array, *, interlayer: Interlayer | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     """A few time steps (inference, no dropout): x (B, S, in), valid (S,), carry (n_layers, B, H) from
     `initial_carry` or an earlier step -> (last layer's outputs (B, S, H), new carry). Invalid steps leave
-    every layer's state as it was."""
+    every layer's state as it was. `interlayer` as in `__call__`."""
     states = []
     for i, w in enumerate(self._weights(x.shape[-1])):
       x, h = gru_steps(x, carry[i], valid, *w, dtype=self.dtype)
+      if interlayer is not None:
+        x = interlayer(i, x)
       states.append(h)
     return x, jnp.stack(states)
+
+
+def stack_flops(n_layers: int, d_in: int, hidden: int) -> int:
+  """Matmul FLOPs of a GRU stack per time step and trial: input projection + recurrent projection."""
+  flops = 0
+  for i in range(n_layers):
+    flops += 2 * (d_in if i == 0 else hidden) * 3 * hidden + 2 * hidden * 3 * hidden
+  return flops

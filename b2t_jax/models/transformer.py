@@ -58,14 +58,14 @@ def default_config() -> ml_collections.ConfigDict:
   """`config.model.transformer`: the transformer stack's hyper-parameters (the layer count, output width and the
   MLP dropout come from the decoder: model.n_layers etc.).
 
-  Full-size suggestion (to be confirmed by experiment): these values with n_layers = 9 hold 32.6M parameters in
-  the stack on the 7168-wide patches (14 x 512), 44.4M with the 11.8M of day layers and the 41-class head: the
-  GRU baseline's 44.3M. At n_layers = 5, d_model = 640, n_heads = 10, d_ff = 1792 gives 30.0M (41.8M in all).
+  The defaults are the full-size setting: with the baseline's model.n_layers = 5 on the 7168-wide patches (14 x
+  512) the GRUDecoder layout holds 41.8M parameters (the stack 30.0M, day layers 11.8M, the head): the range of the
+  44.3M-parameter GRU baseline (tests/test_encoders.py checks the count). configs/demo.py sets a demo-size one.
   """
   c = ml_collections.ConfigDict()
-  c.d_model = 512  # width of the residual stream
-  c.n_heads = 8  # attention heads; the head width d_model / n_heads must be even (RoPE rotates pairs)
-  c.d_ff = 1408  # SwiGLU hidden width (~8/3 d_model: the parameters of a 4x GELU MLP)
+  c.d_model = 640  # width of the residual stream
+  c.n_heads = 10  # attention heads; the head width d_model / n_heads must be even (RoPE rotates pairs)
+  c.d_ff = 1792  # SwiGLU hidden width (~8/3 d_model: the parameters of a 4x GELU MLP)
   c.window = 0  # attention span in patches: t attends to (t - window, t]; 0 = every earlier patch
   c.rope_base = 10000.0  # RoPE frequency base: wavelengths 2*pi .. 2*pi*rope_base patches
   c.max_len = 512  # streaming KV-cache slots if window = 0 (30 s = 372 patches); past it: the last max_len only
@@ -259,9 +259,9 @@ class TransformerStack(nn.Module):
   d_out: int | None
   dropout_rate: float  # MLP-branch dropout
   dtype: jnp.dtype = jnp.float32
-  d_model: int = 512
-  n_heads: int = 8
-  d_ff: int = 1408
+  d_model: int = 640
+  n_heads: int = 10
+  d_ff: int = 1792
   window: int = 0
   rope_base: float = 10000.0
   max_len: int = 512
