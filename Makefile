@@ -4,8 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= /tmp/b2t_demo
-# Default test parallelism: the suite is CPU bound and this machine has 2 cores.
-PYTEST_ARGS ?= -n 2
+# Default test parallelism: the suite is CPU bound and this machine has 2 cores. Tests marked
+# xdist_group(NAME) share a module-scoped fixture and run in one worker (--dist loadgroup).
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: setup demo test lint format bench clean
 

@@ -255,3 +255,30 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, prepar
   stops = [re.findall(r"stopped at step (\d+) on SIGTERM", out) for out in outs]
   assert len(stops[0]) == 1 and stops[0] == stops[1], outs
   assert int(stops[0][0]) < 1000 and os.listdir(work / "checkpoints") == [stops[0][0]]
+
+
+@pytest.mark.parametrize(
+  "flags,message",
+  [
+    (["--config.data.on_bad_trial=skpi"], "error: invalid config (fix these flags or the config file):"),
+    (["--config.data.data_dir=/nonexistent/t15"], "error: "),
+  ],
+  ids=["bad-config", "missing-data"],
+)
+def test_user_errors_exit_1_with_one_error_line_and_no_traceback(tmp_path, flags, message):
+  """What a scheduler and a user see of a fault b2t_jax knows: status 1 (not a crash's), one `error:` line on
+  stderr naming the problem, no traceback, and nothing written into the workdir."""
+  work = tmp_path / "work"
+  p = subprocess.run(
+    [sys.executable, "-m", "b2t_jax.main", "--config=configs/demo.py", f"--workdir={work}", *flags],
+    cwd=ROOT,
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert p.returncode == 1, p.stderr[-2000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(message), p.stderr[-2000:]
+  assert "Traceback" not in p.stderr and p.stdout == ""
+  assert not work.exists() or not any(work.iterdir()) or sorted(os.listdir(work)) == []

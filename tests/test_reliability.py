@@ -6,18 +6,22 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import best_meta, tiny_config
+from test_train import assert_same_updates
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import config_check, evaluation, experiment, train
+from b2t_jax.data import pipeline
 from b2t_jax.steps import NonFiniteError, TrainState
-from b2t_jax.workdir import CONFIG_FILE, LOCK_FILE, ConfigMismatch, WorkdirLock, WorkdirLocked
+from b2t_jax.workdir import ADDED_LATER, CONFIG_FILE, LOCK_FILE, ConfigMismatch, WorkdirLock, WorkdirLocked
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +189,141 @@ def test_config_problems_name_the_field_and_what_is_allowed(tiny):
     "config.data.batch_size=8 must be a multiple of the 3 processes",
     "config.data.eval_batch_size=8 must be a multiple of the 3 processes",
   ]
+
+
+def _nan_features_at(monkeypatch, steps):
+  """Training batches `steps` get NaN features (every gradient of that step non-finite); the others are read as
+  usual."""
+  real = pipeline.train_host_batch
+
+  def patched(split, config, step, **kw):
+    batch = real(split, config, step, **kw)
+    return {**batch, "features": np.full_like(batch["features"], np.nan)} if step in steps else batch
+
+  monkeypatch.setattr(pipeline, "train_host_batch", patched)
+
+
+def _saved_states(config, workdir):
+  """step -> state of every latest checkpoint kept in `workdir`."""
+  exp = experiment.Experiment(config)
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, exp.abstract_state())
+  ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
+  try:
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    return {s: jax.device_get(ckpts.latest.restore(s, args=args)["state"]) for s in ckpts.latest.all_steps()}
+  finally:
+    ckpts.close()
+
+
+def test_a_finite_step_resets_the_nonfinite_count_and_training_recovers(tiny, tmp_path, monkeypatch):
+  """NaN batches at steps 1, 2, 4, 5 with max_nonfinite_steps=3: never 3 in a row, so the run completes; each NaN
+  step leaves params and Adam moments as they were, each finite step after one updates them again. Steps 1-3 in a
+  row stop the run (the same limit counts consecutive steps, not all of them)."""
+  tiny.model.kind, tiny.model.n_layers = "gru", 1  # the guard does not depend on the decoder
+  tiny.optim.warmup_steps = tiny.optim.day_warmup_steps = 0
+  tiny.train.num_steps, tiny.train.checkpoint_every, tiny.train.max_checkpoints = 7, 1, 10
+  tiny.train.max_nonfinite_steps = 3
+  _nan_features_at(monkeypatch, {1, 2, 4, 5})
+  result = train.train_and_evaluate(tiny, str(tmp_path / "ok"))
+  assert result["step"] == 7 and np.isfinite(result["val_loss"]) and np.isfinite(result["train"]["loss"])
+  saved = _saved_states(tiny, str(tmp_path / "ok"))
+  assert sorted(saved) == list(range(1, 8))
+  assert int(saved[7].opt_state.total_notfinite) == 4 and int(saved[7].opt_state.notfinite_count) == 0
+  equal = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  for done in range(2, 8):  # checkpoint `done` holds the state after step done - 1
+    before, after = saved[done - 1], saved[done]
+    skipped = done - 1 in (1, 2, 4, 5)
+    # a skipped step keeps params and Adam moments bit for bit; a finite step after skipped ones updates them again
+    assert equal(before.params, after.params) == skipped, done
+    assert equal(before.opt_state.inner_state, after.opt_state.inner_state) == skipped, done
+  assert all(np.isfinite(a).all() for a in jax.tree.leaves(saved[7].params))
+
+  monkeypatch.undo()
+  _nan_features_at(monkeypatch, {1, 2, 3})
+  with pytest.raises(NonFiniteError, match="3 consecutive non-finite training steps .* up to step 4"):
+    train.train_and_evaluate(tiny, str(tmp_path / "stops"))
+
+
+def _gru(config):
+  """The tiny config with the one-stack GRU decoder: resume and locking do not depend on the decoder."""
+  config.model.kind, config.model.n_layers = "gru", 1
+  config.optim.warmup_steps = config.optim.day_warmup_steps = 0
+  return config
+
+
+def test_resume_refuses_a_changed_member_count_and_reads_older_workdirs(tiny, tmp_path):
+  work = str(tmp_path / "work")
+  _gru(tiny).train.num_steps = 2
+  train.train_and_evaluate(tiny, work)
+  more = tiny.copy_and_resolve_references()
+  more.train.num_steps, more.train.n_models = 3, 2  # train.* may change on resume, but not the member count
+  with pytest.raises(ConfigMismatch, match=r"train.n_models: 1 \(workdir\) -> 2 \(now\)"):
+    train.train_and_evaluate(more, work)
+
+  # A workdir of an older b2t_jax has no record of the fields added since: each reads as the value that version
+  # ran with (workdir.ADDED_LATER), so the same run resumes and a real change of one of them is still refused.
+  path = os.path.join(work, CONFIG_FILE)
+  recorded = json.load(open(path))
+  assert set(ADDED_LATER) <= set(recorded)
+  json.dump({k: v for k, v in recorded.items() if k not in ADDED_LATER}, open(path, "w"))
+  changed = tiny.copy_and_resolve_references()
+  changed.data.length_aware = True
+  with pytest.raises(ConfigMismatch, match=r"data.length_aware: False \(workdir\) -> True \(now\)"):
+    train.train_and_evaluate(changed, work)
+  tiny.train.num_steps = 3
+  assert train.train_and_evaluate(tiny, work)["step"] == 3
+
+
+@pytest.mark.parametrize("n_models", [1, 2])
+def test_resume_on_another_mesh_with_fsdp_follows_the_straight_run(tiny, tmp_path, n_models):
+  """Two steps on (8, 1), then resumed to four on (4, 2) with fsdp: the same losses and parameter updates as four
+  steps on (8, 1) (checkpoints hold global arrays; only fp32 reduction orders differ). An ensemble resumes the
+  same way, every member."""
+  _gru(tiny).train.n_models = n_models
+  tiny.train.num_steps = 4
+  straight = train.train_and_evaluate(tiny, str(tmp_path / "straight"))
+  tiny.train.num_steps = 2
+  train.train_and_evaluate(tiny, str(tmp_path / "resumed"))
+  tiny.train.num_steps, tiny.mesh_shape, tiny.fsdp, tiny.fsdp_min_size = 4, (4, 2), True, 64
+  resumed = train.train_and_evaluate(tiny, str(tmp_path / "resumed"))
+  assert resumed["step"] == straight["step"] == 4
+  assert resumed["train"]["loss"] == pytest.approx(straight["train"]["loss"], rel=1e-5)
+  assert resumed["val_per"] == pytest.approx(straight["val_per"], abs=1e-6)
+  exp = experiment.Experiment(tiny)
+  init = jax.device_get(exp.init_state().params)
+  moved = {}
+  for run in ("straight", "resumed"):
+    ckpts = ckpt_lib.Checkpoints(str(tmp_path / run), read_only=True)
+    params = jax.device_get(ckpts.restore(exp.abstract_state()).params)
+    ckpts.close()
+    moved[run] = jax.tree.map(lambda a, a0: np.asarray(a) - a0, params, init)
+  assert_same_updates(moved["straight"], moved["resumed"])
+
+
+_RACER = """
+import os, sys, time
+from b2t_jax.workdir import WorkdirLock, WorkdirLocked
+workdir, go = sys.argv[1], sys.argv[2]
+while not os.path.exists(go):
+  time.sleep(0.001)
+try:
+  WorkdirLock(workdir, heartbeat_s=30, stale_s=600).acquire()
+  print("won", flush=True)
+  time.sleep(2)  # hold it (alive) while the other process tries
+except WorkdirLocked as e:
+  print("lost", e, flush=True)
+"""
+
+
+def test_two_runs_racing_for_one_workdir_lock_let_exactly_one_in(tmp_path):
+  for round_ in range(2):
+    work, go = tmp_path / f"w{round_}", tmp_path / f"go{round_}"
+    procs = [
+      subprocess.Popen([sys.executable, "-c", _RACER, str(work), str(go)], stdout=subprocess.PIPE, text=True)
+      for _ in range(2)
+    ]
+    time.sleep(1.0)  # both waiting for the start signal
+    go.touch()
+    outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outs[0].startswith("lost") and outs[1] == "won", outs
+    assert "is locked by host" in outs[0]
