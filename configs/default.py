@@ -139,7 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
   dc.lm_path = ""  # word n-gram LM (ARPA from tools/build_lm.py, or KenLM binary); "" = no LM
   dc.vocabulary = "auto"  # auto (= lm if lm_path else train) | lm | train | cmudict | FILE: the decoder's words
   dc.lexicon_path = ""  # extra/overriding pronunciations, lines 'word PH PH ...' (CMUdict style)
-  dc.lexicon_variants = False  # also add the training trials' pronunciations of words CMUdict knows (after CMUdict's)
+  dc.lexicon_variants = True  # also spell CMUdict's words as the training labels do (after CMUdict's spellings)
   dc.nbest = 1  # distinct word sequences kept per trial from the beam (trials.jsonl 'nbest'); >= 2 to rescore
   dc.beam_size = 100  # hypotheses kept per frame
   dc.beam_size_token = 41  # classes tried per frame (41 = all)
