@@ -68,6 +68,7 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
       "--config.decode.rescore.kind=ngram",
       f"--config.decode.rescore.path={lm}",
       "--config.decode.rescore.weight=0.5",
+      "--config.decode.rescore.word_bonus=10",  # the longest hypothesis wins: the rescored words differ
     ],
     cwd=ROOT,
     capture_output=True,
@@ -106,8 +107,11 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
     assert [h["total"] for h in nbest] == sorted((h["total"] for h in nbest), reverse=True)
     for h in nbest:
       assert h["rescore_lm"] == pytest.approx(np.log(10) * h["lm"], abs=1e-3)
-      assert h["rescore_total"] == pytest.approx(h["total"] + 0.5 * h["rescore_lm"], abs=1e-3)
+      assert h["rescore_total"] == pytest.approx(
+        h["total"] + 0.5 * h["rescore_lm"] + 10 * len(h["words"].split()), abs=1e-3
+      )
     assert rec["words_lm"] == max(nbest, key=lambda h: h["rescore_total"])["words"]
+  assert any(rec["words_lm"] != rec["words_lm_first_pass"] for rec in recs)
 
   logits = np.load(os.path.join(out, "logits.npz"))
   assert sorted(logits.files) == sorted(f"{t.session}/trial_{t.index_in_file:04d}" for t in val.trials)

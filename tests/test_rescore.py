@@ -156,6 +156,8 @@ def test_tune_decode_measures_each_point_as_a_fresh_decoder_would(lms, trials):
       lex, lm_path=weak, lm_weight=row["lm_weight"], blank_penalty=row["blank_penalty"]
     )
     nbests = [fresh.decode_nbest(lg, 5) for lg in logits]
+    retuned = dec.retuned(lm_weight=row["lm_weight"], word_score=row["word_score"], blank_penalty=row["blank_penalty"])
+    assert [retuned.decode_nbest(lg, 5) for lg in logits] == nbests  # same words and scores as a fresh decoder
     if row["rescore_weight"] is None:
       texts = [nb[0].text for nb in nbests]
     else:
