@@ -191,3 +191,32 @@ def test_benchmark_decode_times_every_pass(trials, lms):
   assert out["beam, lm + rescore zero"]["mean_ms"] == pytest.approx(
     out["beam, lm"]["mean_ms"] + out["rescore zero"]["mean_ms"]
   )
+
+
+def test_config_check_names_the_rescoring_fields_that_cannot_work():
+  from b2t_jax import config_check
+  from configs import default
+
+  c = default.get_config()
+  assert config_check.problems(c, n_devices=1, n_processes=1) == []
+  c.decode.rescore.kind = "ngram"
+  c.decode.beam_size = 5
+  c.decode.nbest = 6
+  c.decode.rescore.gate_margin = -1.0
+  assert config_check.problems(c, n_devices=1, n_processes=1) == [
+    "config.decode.rescore.gate_margin=-1.0: must be >= 0",
+  ]
+  c.decode.rescore.gate_margin = 0.0
+  assert config_check.problems(c, n_devices=1, n_processes=1) == [
+    "config.decode.nbest=6 exceeds config.decode.beam_size=5: the list comes from the beam",
+    "config.decode.rescore.kind='ngram' needs config.decode.rescore.path (an LM file)",
+  ]
+  c.decode.nbest, c.decode.rescore.kind, c.decode.rescore.path = 1, "callable", "no_colon"
+  assert config_check.problems(c, n_devices=1, n_processes=1) == [
+    "config.decode.rescore.path='no_colon': a callable rescorer is given as 'module:function'",
+    "config.decode.rescore.kind='callable' rescores the n-best list: set config.decode.nbest >= 2 (it is 1)",
+  ]
+  c.decode.rescore.kind = "llm"
+  assert config_check.problems(c, n_devices=1, n_processes=1)[0].startswith(
+    "config.decode.rescore.kind='llm': expected one of none, ngram, causal_lm, callable"
+  )
