@@ -232,3 +232,25 @@ def test_infer_counts_oov_words_and_keeps_per_when_no_word_can_be_spelled(
   assert len(recs) == len(val) and all(r["greedy_phonemes"] is not None and r["words_no_lm"] is None for r in recs)
   assert "greedy_per=" in infer.metrics_line(result) and "wer_no_lm=n/a" in infer.metrics_line(result)
   assert [r[1] for r in _rows(tmp_path / "none" / "submission.csv")[1:]] == [""] * len(val)
+
+
+def test_split_scores_hold_the_val_trials_in_order_for_the_decoding_tools(trained, synthetic_dir, prepared_dir):
+  """What tools/tune_decode.py and benchmark_decode.py decode: the first N val trials' logits (as mode=infer's
+  forward pass gives them) and true words, in split order; the workdir is not written to."""
+  from conftest import tiny_config
+
+  from b2t_jax import infer
+
+  work, _ = trained
+  config = tiny_config(prepared_dir)
+  before = sorted(os.listdir(work))
+  scores = infer.split_scores(config, work, "val", max_trials=5)
+  assert sorted(os.listdir(work)) == before
+  val = load_hdf5_split(synthetic_dir, t15.T15_SESSIONS, "val", feature_pool=TINY_SIZES["data.feature_pool"])
+  assert scores.refs == [metrics_lib.sentence_words(t.sentence) for t in val.trials[:5]]
+  assert scores.days == [t.day for t in val.trials[:5]] and scores.step == 0
+  split = experiment.open_data(config, str(os.path.join(work, "..", "scores_check")), ("val",))["val"]
+  full, _ = infer.ensemble_logits(config, work, split)
+  for got, record in zip(scores.logits, np.flatnonzero(split.keep)[:5]):
+    np.testing.assert_array_equal(got, full[int(record)])
+    assert got.shape[1] == 41
