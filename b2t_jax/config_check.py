@@ -31,6 +31,7 @@ ENUMS = {
   "infer.split": SPLITS,
   "infer.checkpoint": ("best", "latest"),
   "calibrate.init": ("identity", "last", "mean"),
+  "decode.rescore.kind": ("none", "ngram", "causal_lm", "callable"),
 }
 POSITIVE = (
   "data.n_features",
@@ -69,6 +70,8 @@ POSITIVE = (
   "calibrate.eval_every",
   "calibrate.patience",
   "calibrate.steps_without_holdout",
+  "decode.nbest",
+  "decode.rescore.batch_size",
 )
 NON_NEGATIVE = (
   "data.prefetch",
@@ -98,6 +101,7 @@ NON_NEGATIVE = (
   "decode.beam_size",
   "decode.beam_size_token",
   "decode.beam_threshold",
+  "decode.rescore.gate_margin",
   "calibrate.lr",
   "calibrate.lr_rest",
 )
@@ -250,6 +254,7 @@ def problems(
     out.append(f"config.infer.member={config.infer.member}: -1 (all members, merged) or a member index")
   if config.infer.member >= 0 and config.infer.ensemble_workdirs:
     out.append("config.infer.member and config.infer.ensemble_workdirs exclude each other: decode one member, or merge")
+  out += _decode_problems(config.decode)
   for field in ("batch_size", "eval_batch_size"):
     if d[field] % n_processes:
       out.append(f"config.data.{field}={d[field]} must be a multiple of the {n_processes} processes")
@@ -277,6 +282,26 @@ def _encoder_problems(config: ml_collections.ConfigDict) -> list[str]:
       "config.model.intermediate_ctc needs the layer-by-layer GRU: config.model.gru_wavefront=True runs every layer "
       "in one scan"
     )
+  return out
+
+
+def _decode_problems(dc: ml_collections.ConfigDict) -> list[str]:
+  out, rs = [], dc.rescore
+  if dc.nbest > dc.beam_size:
+    out.append(
+      f"config.decode.nbest={dc.nbest} exceeds config.decode.beam_size={dc.beam_size}: the list comes from the beam"
+    )
+  if rs.kind != "none":
+    if not rs.path:
+      what = {"ngram": "an LM file", "causal_lm": "a model directory", "callable": "'module:function'"}[rs.kind]
+      out.append(f"config.decode.rescore.kind={rs.kind!r} needs config.decode.rescore.path ({what})")
+    if rs.kind == "callable" and rs.path and ":" not in rs.path:
+      out.append(f"config.decode.rescore.path={rs.path!r}: a callable rescorer is given as 'module:function'")
+    if dc.nbest < 2:
+      out.append(
+        f"config.decode.rescore.kind={rs.kind!r} rescores the n-best list: set config.decode.nbest >= 2 "
+        f"(it is {dc.nbest})"
+      )
   return out
 
 

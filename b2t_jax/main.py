@@ -116,8 +116,7 @@ def run(config: ml_collections.FrozenConfigDict, workdir: str | None) -> int:
       )
       if result["labelled"]:
         print(infer.format_metrics_table(result))
-        lm = "n/a" if result["wer_lm"] is None else f"{result['wer_lm']:.4f}"
-        print(f"greedy_per={result['greedy_per']:.4f} wer_no_lm={result['wer_no_lm']:.4f} wer_lm={lm}")
+        print(infer.metrics_line(result))
   elif config.mode == "calibrate":
     from b2t_jax import calibrate
 

@@ -78,6 +78,14 @@ ADDED_LATER = {
   "aug.time_jitter_stretch": 0.0,
   "aug.time_mask_fraction": 0.0,
   "aug.time_mask_max_bins": 20,
+  "decode.lexicon_variants": False,
+  "decode.nbest": 1,
+  "decode.rescore.kind": "none",
+  "decode.rescore.path": "",
+  "decode.rescore.weight": 1.0,
+  "decode.rescore.word_bonus": 0.0,
+  "decode.rescore.gate_margin": 0.0,
+  "decode.rescore.batch_size": 16,
 }
 # Each encoder's sub-config: compared only when the run uses that encoder (model.encoder, itself compared).
 ENCODER_SECTIONS = {"transformer": "model.transformer.", "mamba2": "model.mamba2."}
@@ -292,16 +300,17 @@ def config_source(config: ml_collections.ConfigDict, base: ml_collections.Config
   return "\n".join([*lines, "  return c"]) + "\n"
 
 
-def recorded_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config recorded in WORKDIR/config.json, as a ConfigDict on top of configs/default.py (JSON lists become
-  tuples where the default holds a tuple; fields added since take their defaults)."""
+def recorded_config(workdir: str, overrides: dict[str, Any] | None = None) -> ml_collections.FrozenConfigDict:
+  """The config recorded in WORKDIR/config.json, built on top of configs/default.py (JSON lists become tuples
+  where the default holds a tuple; fields added since take their defaults), with `overrides` ({'section.field':
+  value}, e.g. this machine's launch settings) applied while it is built. Returned frozen: nothing writes to it."""
   from configs import default  # the installed configs package
 
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: {workdir} is not a b2t_jax training workdir")
   config = default.get_config()
-  for key, value in json.loads(path.read_text()).items():
+  for key, value in {**json.loads(path.read_text()), **(overrides or {})}.items():
     *sections, field = key.split(".")
     node = config
     for section in sections:
@@ -309,4 +318,21 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
     if isinstance(node.get(field), tuple) and isinstance(value, list):
       value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
     node[field] = value
-  return config
+  return ml_collections.FrozenConfigDict(config)
+
+
+def with_overrides(
+  config: ml_collections.ConfigDict | ml_collections.FrozenConfigDict, overrides: dict[str, Any]
+) -> ml_collections.FrozenConfigDict:
+  """A new, frozen config: `config` with `overrides` ({'section.field': value}); `config` is not written to."""
+  if isinstance(config, ml_collections.FrozenConfigDict):
+    out = config.as_configdict()
+  else:
+    out = ml_collections.ConfigDict(config.to_dict())
+  for key, value in overrides.items():
+    *sections, field = key.split(".")
+    node = out
+    for section in sections:
+      node = node[section]
+    node[field] = value
+  return ml_collections.FrozenConfigDict(out)

@@ -161,7 +161,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ev = ml_collections.ConfigDict()
   ev.out_dir = ""  # mode=eval writes metrics.json and skipped_trials.json here; "" = WORKDIR/eval
 
-  # Word decoding (b2t_jax/decoding/lexicon_lm.py): flashlight-text LexiconDecoder over a CMUdict phoneme trie.
+  # Word decoding (b2t_jax/decoding/): flashlight-text LexiconDecoder over a phoneme trie of the lexicon (CMUdict,
+  # lexicon_path, pronunciations learned from the labelled training trials), then optional n-best rescoring.
   # Emissions are natural-log CTC posteriors, KenLM scores are log10: a hypothesis scores
   # Σ log p(frame) + lm_weight·log10 P_LM + word_score·#words + sil_score·#silence frames. The reference's
   # WFST decoder (acoustic scale 0.325 on natural-log LM costs) corresponds roughly to lm_weight ≈ ln(10)/0.325 ≈ 7.
@@ -169,6 +170,8 @@ def get_config() -> ml_collections.ConfigDict:
   dc.lm_path = ""  # word n-gram LM (ARPA from tools/build_lm.py, or KenLM binary); "" = no LM
   dc.vocabulary = "auto"  # auto (= lm if lm_path else train) | lm | train | cmudict | FILE: the decoder's words
   dc.lexicon_path = ""  # extra/overriding pronunciations, lines 'word PH PH ...' (CMUdict style)
+  dc.lexicon_variants = True  # also spell CMUdict's words as the training labels do (after CMUdict's spellings)
+  dc.nbest = 1  # distinct word sequences kept per trial from the beam (trials.jsonl 'nbest'); >= 2 to rescore
   dc.beam_size = 100  # hypotheses kept per frame
   dc.beam_size_token = 41  # classes tried per frame (41 = all)
   dc.beam_threshold = 25.0  # drop hypotheses scoring this far below the best
@@ -179,6 +182,14 @@ def get_config() -> ml_collections.ConfigDict:
   dc.unk_score = float("-inf")  # score of an out-of-lexicon word; -inf = never emit one
   dc.log_add = False  # merge equal hypotheses by log-add (True) or max (Viterbi)
   dc.blank_penalty = 0.0  # subtracted from the blank's log-probability (the reference used log(90) ≈ 4.5)
+  # Second pass (b2t_jax/decoding/rescore.py): hypothesis h scores total(h) + weight·ln P(h) + word_bonus·#words.
+  dc.rescore = rs = ml_collections.ConfigDict()
+  rs.kind = "none"  # none | ngram (ARPA or KenLM binary) | causal_lm (local HuggingFace directory, JAX) | callable
+  rs.path = ""  # ngram: the LM file; causal_lm: the model directory; callable: 'module:function'
+  rs.weight = 1.0  # weight of the rescoring LM's natural-log sentence probability
+  rs.word_bonus = 0.0  # added per word of a rescored hypothesis
+  rs.gate_margin = 0.0  # > 0: rescore only trials whose first-pass best-minus-second total is below it; 0 = all
+  rs.batch_size = 16  # causal_lm: sentences per forward pass (padded to a power of two in tokens)
 
   # mode=calibrate (b2t_jax/calibrate.py): fit day layers for new sessions on a trained workdir's network.
   c.calibrate = cal = ml_collections.ConfigDict()

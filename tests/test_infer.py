@@ -12,6 +12,7 @@ from conftest import TINY_SIZES, as_flags, load_hdf5_split
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import evaluation, experiment, vocab
+from b2t_jax import metrics as metrics_lib
 from b2t_jax.data import pipeline, t15
 from b2t_jax.decoding import ngram
 from b2t_jax.patching import n_patches
@@ -63,6 +64,11 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
       f"--config.decode.lm_path={lm}",
       "--config.infer.save_logits=True",
       "--config.decode.beam_size=20",
+      "--config.decode.nbest=3",
+      "--config.decode.rescore.kind=ngram",
+      f"--config.decode.rescore.path={lm}",
+      "--config.decode.rescore.weight=0.5",
+      "--config.decode.rescore.word_bonus=10",  # the longest hypothesis wins: the rescored words differ
     ],
     cwd=ROOT,
     capture_output=True,
@@ -73,6 +79,7 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
   assert p.returncode == 0, p.stderr[-3000:]
   last = p.stdout.strip().splitlines()[-1]
   assert last.startswith("greedy_per=") and " wer_no_lm=" in last and " wer_lm=" in last, p.stdout[-1000:]
+  assert " wer_lm_first_pass=" in last and " oov_rate=" in last
   assert "WER+LM" in p.stdout
 
   val = load_hdf5_split(synthetic_dir, t15.T15_SESSIONS, "val", feature_pool=TINY_SIZES["data.feature_pool"])
@@ -94,6 +101,17 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
     assert rec["true_phonemes"].split() == [vocab.PHONEMES[i].strip() for i in trial.labels]
     assert set(rec["greedy_phonemes"].split()) <= {p.strip() for p in vocab.PHONEMES[1:]}
     assert row[1] == rec["words_lm"] and isinstance(rec["words_no_lm"], str)
+    # the first pass's n-best list, rescored by 0.5 ln P of the same LM (natural log of its log10 score)
+    nbest = rec["nbest"]
+    assert 1 <= len(nbest) <= 3 and nbest[0]["words"] == rec["words_lm_first_pass"] and rec["rescored"]
+    assert [h["total"] for h in nbest] == sorted((h["total"] for h in nbest), reverse=True)
+    for h in nbest:
+      assert h["rescore_lm"] == pytest.approx(np.log(10) * h["lm"], abs=1e-3)
+      assert h["rescore_total"] == pytest.approx(
+        h["total"] + 0.5 * h["rescore_lm"] + 10 * len(h["words"].split()), abs=1e-3
+      )
+    assert rec["words_lm"] == max(nbest, key=lambda h: h["rescore_total"])["words"]
+  assert any(rec["words_lm"] != rec["words_lm_first_pass"] for rec in recs)
 
   logits = np.load(os.path.join(out, "logits.npz"))
   assert sorted(logits.files) == sorted(f"{t.session}/trial_{t.index_in_file:04d}" for t in val.trials)
@@ -101,13 +119,19 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
   assert logits[f"{t0.session}/trial_0000"].shape == (int(n_patches(np.array(t0.n_time_steps), 14, 4)), 41)
 
   per_day = _rows(os.path.join(out, "per_day.csv"))
-  assert per_day[0] == ["session", "day", "trials", "greedy_per", "wer_no_lm", "wer_lm"]
+  assert per_day[0] == ["session", "day", "trials", "greedy_per", "wer_no_lm", "wer_lm", "wer_lm_first_pass"]
   assert [int(r[1]) for r in per_day[1:]] == sorted({t.day for t in val.trials})
   assert sum(int(r[2]) for r in per_day[1:]) == len(val)
   with open(os.path.join(out, "per_day.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   metrics = json.load(open(os.path.join(out, "metrics.json")))
   assert metrics["n_trials"] == len(val) and metrics["step"] == 0
+  assert metrics["rescore"] == "ngram" and metrics["rescored_fraction"] == 1.0
+  # the vocabulary is the LM's, i.e. the training words: the OOV rate is the share of val words never trained on
+  train_words = {w for s in ngram.dataset_sentences(synthetic_dir) for w in metrics_lib.sentence_words(s)}
+  refs = [metrics_lib.sentence_words(t.sentence) for t in val.trials]
+  oov = sum(w not in train_words for r in refs for w in r) / sum(len(r) for r in refs)
+  assert metrics["oov_rate"] == pytest.approx(oov) and f"oov_rate={oov:.4f}" in last
 
   # greedy PER of infer (its own forward pass) equals the val PER that eval_step measured for the best
   # checkpoint, which infer restored
@@ -170,3 +194,63 @@ def test_infer_refuses_a_test_split_with_skipped_trials(tmp_path, synthetic_dir)
   config.infer.split = "test"
   with pytest.raises(t15.DataError, match=r"test split had trials skipped \({'prepare:non_finite': 1}\)"):
     infer.run_inference(config, str(tmp_path / "work"))
+
+
+def test_infer_counts_oov_words_and_keeps_per_when_no_word_can_be_spelled(
+  trained, synthetic_dir, prepared_dir, tmp_path
+):
+  """A vocabulary file missing some of the val words: their share of the val words is the OOV rate. One whose
+  words no source can spell: no word decoding, yet the greedy phonemes and PER are written."""
+  from conftest import tiny_config
+
+  from b2t_jax import infer
+
+  work, _ = trained
+  val = load_hdf5_split(synthetic_dir, t15.T15_SESSIONS, "val", feature_pool=TINY_SIZES["data.feature_pool"])
+  refs = [metrics_lib.sentence_words(t.sentence) for t in val.trials]
+  known = sorted({w for r in refs for w in r})[::2]
+  vocab_file = tmp_path / "words.txt"
+  vocab_file.write_text("\n".join([*known, "qzxvbn"]) + "\n")
+  config = tiny_config(prepared_dir)
+  config.infer.out_dir = str(tmp_path / "some")
+  config.decode.beam_size = 20
+  config.decode.vocabulary = str(vocab_file)
+  result = infer.run_inference(config, work)
+  expect = sum(w not in known for r in refs for w in r) / sum(len(r) for r in refs)
+  assert 0 < expect < 1 and result["oov_rate"] == pytest.approx(expect)
+  assert result["missing_words"] == ["qzxvbn"] and (tmp_path / "some" / "missing_words.txt").read_text() == "qzxvbn\n"
+  # the decoder can only emit words of the vocabulary
+  recs = [json.loads(line) for line in open(tmp_path / "some" / "trials.jsonl")]
+  assert {w for r in recs for w in r["words_no_lm"].split()} <= set(known)
+
+  vocab_file.write_text("qzxvbn\nflurpt\n")
+  config.infer.out_dir = str(tmp_path / "none")
+  result = infer.run_inference(config, work)
+  assert "no word of the" in result["word_decoding_error"] and result["oov_rate"] == 1.0
+  assert result["wer_no_lm"] is None and result["wer_lm"] is None and 0 < result["greedy_per"] <= 1.5
+  recs = [json.loads(line) for line in open(tmp_path / "none" / "trials.jsonl")]
+  assert len(recs) == len(val) and all(r["greedy_phonemes"] is not None and r["words_no_lm"] is None for r in recs)
+  assert "greedy_per=" in infer.metrics_line(result) and "wer_no_lm=n/a" in infer.metrics_line(result)
+  assert [r[1] for r in _rows(tmp_path / "none" / "submission.csv")[1:]] == [""] * len(val)
+
+
+def test_split_scores_hold_the_val_trials_in_order_for_the_decoding_tools(trained, synthetic_dir, prepared_dir):
+  """What tools/tune_decode.py and benchmark_decode.py decode: the first N val trials' logits (as mode=infer's
+  forward pass gives them) and true words, in split order; the workdir is not written to."""
+  from conftest import tiny_config
+
+  from b2t_jax import infer
+
+  work, _ = trained
+  config = tiny_config(prepared_dir)
+  before = sorted(os.listdir(work))
+  scores = infer.split_scores(config, work, "val", max_trials=5)
+  assert sorted(os.listdir(work)) == before
+  val = load_hdf5_split(synthetic_dir, t15.T15_SESSIONS, "val", feature_pool=TINY_SIZES["data.feature_pool"])
+  assert scores.refs == [metrics_lib.sentence_words(t.sentence) for t in val.trials[:5]]
+  assert scores.days == [t.day for t in val.trials[:5]] and scores.step == 0
+  split = experiment.open_data(config, str(os.path.join(work, "..", "scores_check")), ("val",))["val"]
+  full, _ = infer.ensemble_logits(config, work, split)
+  for got, record in zip(scores.logits, np.flatnonzero(split.keep)[:5]):
+    np.testing.assert_array_equal(got, full[int(record)])
+    assert got.shape[1] == 41

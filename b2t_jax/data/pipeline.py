@@ -102,6 +102,21 @@ def split_sentences(dataset_dir: str, split: str):
     yield _text(records[i]["sentence"])
 
 
+def split_transcripts(dataset_dir: str, split: str):
+  """(trial, sentence, phoneme ids) of every record of one labelled split of a prepared dataset, in record order
+  (the records hold the features, so this reads them too)."""
+  import tensorflow_datasets as tfds
+
+  builder = tfds.builder_from_directory(dataset_dir)
+  if split not in builder.info.splits:
+    raise t15.DataError(f"{dataset_dir} has no {split} split")
+  records = builder.as_data_source(split)
+  for i in range(len(records)):
+    r = records[i]
+    where = f"{_text(r['session'])}/{t15.TRIAL_FMT.format(int(r['index_in_file']))}"
+    yield where, _text(r["sentence"]), np.asarray(r["phonemes"], np.int32)
+
+
 def _text(v) -> str:
   return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
