@@ -40,6 +40,7 @@ SAFE_TO_CHANGE = (
   "logical_axis_rules",
   "fsdp",
   "fsdp_min_size",
+  "reference_yaml",
   "data.data_dir",
   "data.cache_dir",
   "data.prefetch",
@@ -67,7 +68,7 @@ SAFE_TO_CHANGE = (
 # Fields under a SAFE_TO_CHANGE section that change the checkpointed state's shapes all the same.
 NEVER_SAFE = ("train.n_models",)
 # Fields added after config.json existed, with the value every older workdir implicitly ran with.
-ADDED_LATER = {"train.n_models": 1, "data.length_aware": False, "data.length_window": 0.1}
+ADDED_LATER = {"train.n_models": 1, "data.length_aware": False, "data.length_window": 0.1, "reference_yaml": ""}
 _ABSENT = "<absent>"
 
 
