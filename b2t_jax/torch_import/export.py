@@ -176,8 +176,9 @@ def export_workdir(workdir: str, out: str, *, key_prefix: str = "") -> dict[str,
   path = os.path.join(folder, CHECKPOINT_FILE)
   if os.path.exists(path):
     raise CheckpointExportError(f"{path} already exists; pass a new --out directory")
-  # Checkpoints hold global arrays: restore them onto this machine's devices, whatever mesh trained them.
-  exp = Experiment(config, mesh=sharding.create_mesh((-1, 1)))
+  # Checkpoints hold global arrays: restore them whole onto one device, whatever mesh trained them (the arrays go
+  # to the host next; the triple model's params and moments are ~8 GB).
+  exp = Experiment(config, mesh=sharding.create_mesh((1, 1), jax.local_devices()[:1]))
   ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
   try:
     state, meta = ckpts.restore(exp.abstract_state(), "best"), ckpts.best_meta()
