@@ -45,6 +45,8 @@ class Checkpoints:
 
   def __init__(self, workdir: str, max_to_keep: int = 2, *, read_only: bool = False):
     """`read_only` (eval, infer): nothing under `workdir` is created or written."""
+    if "://" not in workdir:  # orbax restores only from absolute paths (a relative --workdir failed on resume)
+      workdir = os.path.abspath(workdir)
 
     def options(keep: int) -> ocp.CheckpointManagerOptions:
       if read_only:
