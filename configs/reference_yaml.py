@@ -1,6 +1,7 @@
 """A reference rnn_args.yaml (the NEJM 2024 release's, or its TPU variant's) as a b2t_jax config.
 
-Launch: python -m b2t_jax.main --config=configs/reference_yaml.py:PATH/rnn_args.yaml --workdir=DIR [--config.x.y=v]
+Launch: python -m b2t_jax.main --config=configs/reference_yaml.py:PATH/rnn_args.yaml --workdir=DIR \
+    [--config.train.num_steps=5000]
 (`tools/train_model.py --config_path PATH/rnn_args.yaml` does the same with the YAML's output_dir as DIR.)
 
 Every key of the file is copied to a config field, turned into fields by its own rule, checked, or ignored with a
