@@ -1,4 +1,5 @@
-"""PyTorch checkpoints -> our params, config and orbax checkpoint (SPEC §6).
+"""PyTorch checkpoints -> our params, config and orbax checkpoint (SPEC §6), and back (`export.py`: a workdir ->
+the reference's checkpoint folder, tools/export_torch_checkpoint.py).
 
 A reference checkpoint is `torch.save({'model_state_dict', 'optimizer_state_dict', 'scheduler_state_dict',
 'val_PER', 'val_loss'})` with `args.yaml` (the training arguments, OmegaConf YAML) in the same folder. Keys may
