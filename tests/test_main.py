@@ -12,11 +12,7 @@ import sys
 import time
 
 import pytest
-import yaml
 from conftest import TINY_SIZES, as_flags
-
-from b2t_jax import reference_args
-from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -148,6 +144,11 @@ def _placeholder_free(arg: str, tmp_path) -> str:
   if eq and (value == "DIR" or value.startswith("gs://") or "..." in value):
     return f"{flag}={tmp_path / flag.lstrip('-').replace('.', '_')}"
   if flag == "--config" and value.startswith("configs/reference_yaml.py:"):
+    import yaml
+
+    from b2t_jax import reference_args
+    from configs import default
+
     path = tmp_path / "rnn_args.yaml"
     path.write_text(yaml.safe_dump(reference_args.to_args(default.get_config(), str(tmp_path)), sort_keys=False))
     return f"{flag}=configs/reference_yaml.py:{path}"
