@@ -45,6 +45,8 @@ class Checkpoints:
 
   def __init__(self, workdir: str, max_to_keep: int = 2, *, read_only: bool = False):
     """`read_only` (eval, infer): nothing under `workdir` is created or written."""
+    if "://" not in workdir:  # orbax restores only from absolute paths (a relative --workdir failed on resume)
+      workdir = os.path.abspath(workdir)
 
     def options(keep: int) -> ocp.CheckpointManagerOptions:
       if read_only:
@@ -55,12 +57,16 @@ class Checkpoints:
     self.best = ocp.CheckpointManager(os.path.join(workdir, "best"), options=options(1))
     self.best_key = self._stored_best_key()
 
-  def _stored_best_key(self) -> tuple[float, float] | None:
+  def best_meta(self) -> dict[str, Any] | None:
+    """{'step', 'val_per', 'val_loss'} of the best checkpoint; None when there is none."""
     step = self.best.latest_step()
     if step is None:
       return None
-    meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return _best_key(meta["val_per"], meta["val_loss"])
+    return self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def _stored_best_key(self) -> tuple[float, float] | None:
+    meta = self.best_meta()
+    return None if meta is None else _best_key(meta["val_per"], meta["val_loss"])
 
   def save_latest(self, state: Any, *, force: bool = False) -> None:
     step = int(jax.device_get(state.step))

@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from b2t_jax import checkpoint as ckpt_lib
-from b2t_jax import config_check, evaluation, train
+from b2t_jax import config_check, evaluation, reference_args, train
 from b2t_jax import workdir as workdir_lib
 from b2t_jax.data import t15
 from b2t_jax.steps import NonFiniteError
@@ -38,6 +38,7 @@ USER_ERRORS = (
   NonFiniteError,
   ckpt_lib.CheckpointError,
   t15.DataError,
+  reference_args.ReferenceArgsError,
   FileNotFoundError,
 )
 
@@ -78,7 +79,9 @@ def run(config: ml_collections.FrozenConfigDict, workdir: str | None) -> int:
   """Runs `config.mode` (the config already validated and frozen: nothing downstream writes to it); returns
   the exit status."""
   if config.mode == "summary":
-    print(json.dumps(parameter_counts(config)))
+    if config.reference_yaml:  # built from a reference rnn_args.yaml: what each of its keys became
+      print(reference_args.mapping_table(config))
+    print(json.dumps(parameter_counts(config)))  # the last line: tools and tests parse it
     return 0
   if not workdir:
     raise app.UsageError("--workdir is required for mode train/eval/infer/calibrate")
@@ -134,13 +137,11 @@ def run(config: ml_collections.FrozenConfigDict, workdir: str | None) -> int:
   return 0
 
 
-def main(argv):
+def launch(config: ml_collections.ConfigDict, workdir: str | None) -> int:
+  """Validates `config` (joining the job's processes first, except for a summary), freezes it and runs its mode;
+  returns the exit status. A fault with a message for the user prints `error: ...` and returns 1. The tools that
+  keep the reference's command lines (tools/train_model.py, launch_tpu_training.py, evaluate_model.py) call this."""
   _quiet_library_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config=configs/NAME.py is required")
   try:
     if config.mode == "summary":
       # Shapes only: no processes to join, and the mesh is checked as if its devices were there (a pod
@@ -150,12 +151,46 @@ def main(argv):
     else:
       init_distributed(config)
       config_check.validate(config)  # before anything compiles or touches the workdir
-    return run(ml_collections.FrozenConfigDict(config), _WORKDIR.value)
+    return run(ml_collections.FrozenConfigDict(config), workdir)
   except USER_ERRORS as e:
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1
 
 
+def _user_error(e: BaseException) -> BaseException | None:
+  """The innermost of USER_ERRORS in `e`'s chain of causes (a config file's own error, which the flags library
+  wraps twice with a traceback), or None."""
+  found = None
+  while e is not None:
+    if isinstance(e, USER_ERRORS):
+      found = e
+    e = e.__cause__ or e.__context__
+  return found
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that an error a config file raised for the user (e.g. an unknown key of a
+  reference rnn_args.yaml) prints as one `error: ...` line, like every other user error, and exits 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    user = _user_error(e)
+    if user is not None:
+      print(f"error: {user}", file=sys.stderr, flush=True)
+    else:  # as absl reports it
+      print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config=configs/NAME.py is required")
+  return launch(config, _WORKDIR.value)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

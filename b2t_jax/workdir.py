@@ -40,6 +40,7 @@ SAFE_TO_CHANGE = (
   "logical_axis_rules",
   "fsdp",
   "fsdp_min_size",
+  "reference_yaml",
   "data.data_dir",
   "data.cache_dir",
   "data.prefetch",
@@ -86,6 +87,7 @@ ADDED_LATER = {
   "decode.rescore.word_bonus": 0.0,
   "decode.rescore.gate_margin": 0.0,
   "decode.rescore.batch_size": 16,
+  "reference_yaml": "",
 }
 # Each encoder's sub-config: compared only when the run uses that encoder (model.encoder, itself compared).
 ENCODER_SECTIONS = {"transformer": "model.transformer.", "mamba2": "model.mamba2."}

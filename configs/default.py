@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_processes = 0  # with coordinator_address: total processes
   c.process_id = -1  # with coordinator_address: this process's index
   c.cpu_collectives = "gloo"  # cross-process collectives of the CPU backend (ignored on TPU/GPU)
+  c.reference_yaml = ""  # the reference rnn_args.yaml this config was built from (configs/reference_yaml.py); "" = none
 
   c.data = d = ml_collections.ConfigDict()
   d.data_dir = ""  # prepared TFDS dir (tools/prepare_data.py, local or gs://) or an hdf5_data_final root

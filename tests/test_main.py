@@ -169,11 +169,21 @@ def _documented_commands(text: str) -> list[str]:
 
 
 def _placeholder_free(arg: str, tmp_path) -> str:
-  """`--flag=DIR`, `--flag=gs://...` and `--flag=.../x` name no real place: a temp path stands in."""
+  """`--flag=DIR`, `--flag=gs://...` and `--flag=.../x` name no real place: a temp path stands in; a config file's
+  reference rnn_args.yaml (`configs/reference_yaml.py:PATH`) is one b2t_jax writes (the export's, default config)."""
   arg = arg.strip("[]")  # [--optional=flag]
   flag, eq, value = arg.partition("=")
   if eq and (value == "DIR" or value.startswith("gs://") or "..." in value):
     return f"{flag}={tmp_path / flag.lstrip('-').replace('.', '_')}"
+  if flag == "--config" and value.startswith("configs/reference_yaml.py:"):
+    import yaml
+
+    from b2t_jax import reference_args
+    from configs import default
+
+    path = tmp_path / "rnn_args.yaml"
+    path.write_text(yaml.safe_dump(reference_args.to_args(default.get_config(), str(tmp_path)), sort_keys=False))
+    return f"{flag}=configs/reference_yaml.py:{path}"
   return arg
 
 

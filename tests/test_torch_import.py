@@ -331,7 +331,7 @@ def test_wrong_args_yaml_size_is_a_shape_error(tmp_path):
   del args["model"]["n_units"]
   with open(tmp_path / "ckpt" / "args.yaml", "w") as f:
     yaml.safe_dump(args, f)
-  with pytest.raises(CheckpointImportError, match="field 'model.n_units' is missing"):
+  with pytest.raises(CheckpointImportError, match="missing model.n_units"):
     import_checkpoint(path, str(tmp_path / "work"), default.get_config())
 
 

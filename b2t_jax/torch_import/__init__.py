@@ -1,4 +1,5 @@
-"""PyTorch checkpoints -> our params, config and orbax checkpoint (SPEC §6).
+"""PyTorch checkpoints -> our params, config and orbax checkpoint (SPEC §6), and back (`export.py`: a workdir ->
+the reference's checkpoint folder, tools/export_torch_checkpoint.py).
 
 A reference checkpoint is `torch.save({'model_state_dict', 'optimizer_state_dict', 'scheduler_state_dict',
 'val_PER', 'val_loss'})` with `args.yaml` (the training arguments, OmegaConf YAML) in the same folder. Keys may
@@ -21,9 +22,10 @@ what a torch module holding `noise_model`, `clean_model`, `noisy_model` attribut
   clean_model.gru.* (layer 0 input W, then H); clean_model.out.weight (C, H); clean_model.out.bias (C,)
   noisy_model.h0 (1, 1, H); noisy_model.gru.* (layer 0 input W, then H); noisy_model.out.{weight,bias}
 
-Its args.yaml has the reference's keys plus `model.kind: triple` and, optionally, `model.noise_layers`,
-`model.clean_layers`, `model.noisy_layers` (defaults 2, 3, 2); `model.n_units` is the clean/noisy width and
-`model.n_layers` is ignored.
+Its args.yaml has the reference's keys plus `model.kind: triple` (or the TPU variant's `adversarial.enabled: true`)
+and, optionally, `model.noise_layers`, `model.clean_layers`, `model.noisy_layers` (defaults 2, 3, 2);
+`model.n_units` is the clean/noisy width and `model.n_layers` is ignored. Which config field each args.yaml key
+sets is b2t_jax/reference_args.py's table (the one configs/reference_yaml.py trains from).
 
 Conversions (rows of every GRU tensor are [r; z; n], like our gate axis): day weights are used as `x @ W` on
 both sides (no transpose), day biases (1, F) are concatenated, `h0` (1, 1, H) -> (H,), `weight_ih_l{k}`
@@ -42,11 +44,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from b2t_jax.torch_import.config_map import apply_overrides, config_overrides, config_source, detect_kind
+from b2t_jax import reference_args
+from b2t_jax.torch_import.config_map import config_source, kind_from_keys
 from b2t_jax.torch_import.reading import ARGS_FILE, CheckpointImportError, load_torch_checkpoint, read_args_yaml
-from b2t_jax.torch_import.weights import state_dict_to_params
+from b2t_jax.torch_import.weights import params_to_state_dict, state_dict_to_params
 
-__all__ = ["CheckpointImportError", "detect_kind", "import_checkpoint", "state_dict_to_params"]
+__all__ = ["CheckpointImportError", "import_checkpoint", "params_to_state_dict", "state_dict_to_params"]
 
 
 def import_checkpoint(
@@ -68,9 +71,14 @@ def import_checkpoint(
   args_path = args_path or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), ARGS_FILE)
   args = read_args_yaml(args_path)
   state_dict, meta = load_torch_checkpoint(checkpoint)
-  kind = detect_kind(state_dict, args)
-  overrides, warnings = config_overrides(args, kind, base_config)
-  config = apply_overrides(copy.deepcopy(base_config), overrides)
+  try:  # the weights are trained: settings b2t_jax would not reproduce in training are warnings here
+    mapping = reference_args.build(
+      args, args_path, base_config, strict=False, default_kind=kind_from_keys(state_dict), paths=False
+    )
+  except reference_args.ReferenceArgsError as e:
+    raise CheckpointImportError(str(e)) from e
+  kind, overrides, warnings = mapping.kind, mapping.overrides, mapping.warnings
+  config = reference_args.apply(copy.deepcopy(base_config), overrides)
   params = state_dict_to_params(state_dict, config, source=checkpoint)
 
   tx = guarded_optimizer(config.optim)

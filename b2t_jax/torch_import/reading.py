@@ -86,15 +86,14 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_args_yaml(path: str) -> dict[str, Any]:
-  """The reference's args.yaml as a dict (plain YAML as OmegaConf writes it)."""
-  import yaml  # noqa: PLC0415 - only the import tool needs YAML
+  """The reference's args.yaml as a dict (reference_args.read_args), its errors as CheckpointImportError."""
+  from b2t_jax import reference_args  # noqa: PLC0415 - keeps this module free of the config machinery
 
   if not os.path.isfile(path):
     raise CheckpointImportError(
       f"{path}: missing; the reference writes args.yaml beside its checkpoint (pass --args=PATH if it lives elsewhere)"
     )
-  with open(path) as f:
-    args = yaml.safe_load(f)
-  if not isinstance(args, dict):
-    raise CheckpointImportError(f"{path}: expected a YAML mapping, got {type(args).__name__}")
-  return args
+  try:
+    return reference_args.read_args(path)
+  except reference_args.ReferenceArgsError as e:
+    raise CheckpointImportError(str(e)) from e

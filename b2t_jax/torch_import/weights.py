@@ -1,8 +1,9 @@
-"""The reference's state-dict layout (see the package docstring) -> our params pytree, checked key by key."""
+"""The reference's state-dict layout (see the package docstring) <-> our params pytree, checked key by key."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +157,50 @@ def state_dict_to_params(
     diff = sorted(set(got_paths.items()) ^ set(want_paths.items()))
     raise CheckpointImportError(f"internal: converted params differ from the model's layout: {diff[:10]}")
   return jax.tree.map(jnp.asarray, params)
+
+
+def _torch_kernel(w: np.ndarray) -> np.ndarray:
+  """Ours (in, 3, H) -> torch (3H, in) with rows [r; z; n]: the inverse of `_gate_kernel`."""
+  return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+
+
+def _module_state(p: dict, prefix: str, n_layers: int) -> dict[str, np.ndarray]:
+  """One sub-module's entries in torch's order: its own parameter h0 first, then its child modules in registration
+  order: day layers, GRU (per layer: weight_ih, weight_hh, bias_ih, bias_hh), head. That is the order of
+  `state_dict()` and `named_parameters()` of the reference's GRUDecoder, and so of its optimizer's parameter
+  indices."""
+  sd = {f"{prefix}h0": p["gru"]["h0"].reshape(1, 1, -1)}
+  if "frontend" in p:
+    sd.update({f"{prefix}day_weights.{d}": w for d, w in enumerate(p["frontend"]["day_weights"])})
+    sd.update({f"{prefix}day_biases.{d}": b[None, :] for d, b in enumerate(p["frontend"]["day_biases"])})
+  for k in range(n_layers):
+    layer = p["gru"][f"layer_{k}"]
+    sd[f"{prefix}gru.weight_ih_l{k}"] = _torch_kernel(layer["w_ih"])
+    sd[f"{prefix}gru.weight_hh_l{k}"] = _torch_kernel(layer["cell"]["w_hh"])
+    sd[f"{prefix}gru.bias_ih_l{k}"] = layer["b_ih"].reshape(-1)
+    sd[f"{prefix}gru.bias_hh_l{k}"] = layer["cell"]["b_hh"].reshape(-1)
+  if "out" in p:
+    sd[f"{prefix}out.weight"] = np.ascontiguousarray(p["out"]["kernel"].T)
+    sd[f"{prefix}out.bias"] = p["out"]["bias"]
+  return sd
+
+
+def params_to_state_dict(params: Any, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """Our params pytree (or any tree of its structure, e.g. Adam moments) for `config`'s model -> the reference's
+  state dict (fp32 numpy arrays, torch's key order, no prefix): the inverse of `state_dict_to_params`, exact."""
+  from b2t_jax.models.decoders import model_hparams  # noqa: PLC0415 - keeps module import light
+
+  hp = model_hparams(config)
+  p = jax.tree.map(lambda a: np.array(jax.device_get(a), np.float32), params)  # writable copies (torch.from_numpy)
+  if hp.kind == "gru":
+    sd = _module_state(p, "", hp.n_layers)
+  elif hp.kind == "triple":
+    sd = {
+      **_module_state(p["noise_model"], "noise_model.", hp.noise_layers),
+      **_module_state(p["clean_model"], "clean_model.", hp.clean_layers),
+      **_module_state(p["noisy_model"], "noisy_model.", hp.noisy_layers),
+    }
+  else:
+    raise CheckpointImportError(f"model kind {hp.kind!r}: expected 'gru' or 'triple'")
+  check_layout(sd, expected_layout(hp), "the exported state dict")  # our own layout: a failure here is a bug
+  return sd
