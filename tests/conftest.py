@@ -103,14 +103,11 @@ def tiny_config(data_dir: str = ""):
 
 def best_meta(workdir: str) -> dict:
   """What training recorded beside WORKDIR/best: {'step', 'val_per', 'val_loss'} of the chosen checkpoint."""
-  import orbax.checkpoint as ocp
-
   from b2t_jax import checkpoint as ckpt_lib
 
   ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
   try:
-    step = ckpts.best.latest_step()
-    return ckpts.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return ckpts.best_meta()
   finally:
     ckpts.close()
 
