@@ -6,13 +6,17 @@ STAMP  := $(VENV)/.installed
 DEMO_DIR ?= /tmp/b2t_demo
 # Default test parallelism: the suite is CPU bound and this machine has 2 cores.
 PYTEST_ARGS ?= -n 2
+# The demo and the tests run on the CPU. With libtpu installed (the tpu extra) JAX would otherwise probe for a TPU
+# at start-up and log errors where there is none; `make demo JAX_PLATFORMS=` lets JAX pick an accelerator.
+JAX_PLATFORMS ?= cpu
+export JAX_PLATFORMS
 
 .PHONY: setup demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,tpu]'
 	touch $(STAMP)
 
 setup: $(STAMP)
