@@ -44,6 +44,8 @@ SAFE_TO_CHANGE = (
   "data.cache_dir",
   "data.prefetch",
   "data.prefetch_workers",
+  "data.loader",
+  "data.grain_workers",
   "data.eval_batch_size",
   "data.on_bad_trial",
   "model.gru_unroll",
@@ -67,7 +69,14 @@ SAFE_TO_CHANGE = (
 # Fields under a SAFE_TO_CHANGE section that change the checkpointed state's shapes all the same.
 NEVER_SAFE = ("train.n_models",)
 # Fields added after config.json existed, with the value every older workdir implicitly ran with.
-ADDED_LATER = {"train.n_models": 1, "data.length_aware": False, "data.length_window": 0.1}
+ADDED_LATER = {
+  "train.n_models": 1,
+  "data.length_aware": False,
+  "data.length_window": 0.1,
+  "data.loader": "threads",
+  "data.grain_workers": 2,
+  "train.profile_steps": 0,
+}
 _ABSENT = "<absent>"
 
 
