@@ -351,3 +351,26 @@ def shortfall(summary: dict[str, Any]) -> str:
         f"{hbm / GIB:.2f} GiB of HBM: {(s['per_chip_bytes'] - hbm) / GIB:.2f} GiB short"
       )
   return "; ".join(lines) + ". " + LEVERS
+
+
+def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
+  """The README's table of tools/aot_compile.py JSON summaries (with 'config' and 'fsdp'): per chip, the train
+  step's argument and temporary bytes (or the compiler's refusal), the total against HBM, and the lower bound."""
+  out = [
+    "| config | slice (chips) | fsdp | arguments | temporaries | per chip | HBM | fits | compile | lower bound |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in summaries:
+    t = r["steps"].get("train") or next(iter(r["steps"].values()))
+    if t["compiled"]:
+      figures = f"{t['argument'] / GIB:.2f} GiB | {t['temp'] / GIB:.2f} GiB | **{r['per_chip_bytes'] / GIB:.2f} GiB**"
+    else:
+      need = f"{t['required_bytes'] / GIB:.2f} GiB" if t["required_bytes"] else "?"
+      figures = f"{t['arg_bytes'] / GIB:.2f} GiB | refused: needs {need} | —"
+    bound = f"{r['roofline_step_s'] * 1e3:.1f} ms" if r.get("roofline_step_s") else "—"
+    out.append(
+      f"| {r['config'].removesuffix('.py')} | {r['topology']} ({r['chips']}) | {'on' if r['fsdp'] else 'off'} | "
+      f"{figures} | {r['hbm_bytes'] / GIB:.0f} GiB | {'yes' if r['fits'] else '**no**'} | {t['seconds']:.0f} s | "
+      f"{bound} |"
+    )
+  return "\n".join(out)

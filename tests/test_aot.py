@@ -55,6 +55,20 @@ def test_train_eval_and_stream_steps_compile_for_a_tpu_slice_with_consistent_fig
   message = aot.shortfall(small)
   assert f"the train step needs {train['per_chip_bytes'] / aot.GIB:.2f} GiB per chip on {SLICE}" in message
   assert "--config.fsdp=True" in message and "grad_accum_steps" in message
+  # The README table's rows: a fitting one with its figures, a refused one with the compiler's requirement.
+  refused = {**small, "fits": False, "per_chip_bytes": None, "config": "demo.py", "fsdp": True}
+  refused["steps"] = {"train": {**train, "compiled": False, "required_bytes": 20 * aot.GIB}}
+  rows = aot.markdown_table([{**s, "config": "demo.py", "fsdp": False}, refused]).splitlines()
+  gib = aot.GIB
+  assert rows[2] == (
+    f"| demo | v5e-4 (4) | off | {train['argument'] / gib:.2f} GiB | {train['temp'] / gib:.2f} GiB | "
+    f"**{train['per_chip_bytes'] / gib:.2f} GiB** | 16 GiB | yes | {train['seconds']:.0f} s | "
+    f"{s['roofline_step_s'] * 1e3:.1f} ms |"
+  )
+  assert rows[3].startswith(
+    f"| demo | v5e-4 (4) | on | {train['arg_bytes'] / gib:.2f} GiB | refused: needs 20.00 GiB |"
+  )
+  assert "| **no** |" in rows[3]
 
 
 def test_fsdp_lowers_the_compilers_argument_bytes_as_the_shardings_predict():

@@ -8,6 +8,7 @@ chip's HBM, the compile time, and the step's FLOPs and bytes accessed. The last 
 shortfall and the levers on stderr, when a step does not fit (or the compiler refuses it: RESOURCE_EXHAUSTED).
 
   python tools/aot_compile.py --config=configs/tpu_v4.py --topology=v4-8 [--time_bins=768] [--config.fsdp=True]
+  python tools/aot_compile.py --table=aot.jsonl     # the README table of collected JSON lines (compiles nothing)
 
 Topologies: v4-8, v4-16, v4-32, v5e-4, v5e-8, v5e-16, v5p-8, v5p-16, v6e-8 (Cloud TPU accelerator types), or a
 raw topology such as v5e:2x2. The full tpu_v4 train step takes minutes to compile on a small CPU; progress is
@@ -32,11 +33,16 @@ _T = flags.DEFINE_integer("time_bins", 768, "padded trial length in 20 ms bins f
 _STEPS = flags.DEFINE_list("steps", list(aot.STEPS), "steps to compile: train, eval, stream")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "HBM budget per chip in GiB (0 = the chip's; lower it to keep headroom)")
 _PROGRESS = flags.DEFINE_float("progress_s", 30.0, "seconds between 'still compiling' lines (0 = none)")
+_TABLE = flags.DEFINE_string("table", "", "compile nothing: print the README table of a file of this tool's JSON lines")
 
 
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if _TABLE.value:
+    with open(_TABLE.value) as f:
+      print(aot.markdown_table([json.loads(line) for line in f if line.strip().startswith("{")]))
+    return 0
   config = _CONFIG.value
   try:
     report = aot.compile_for_topology(config, _TOPOLOGY.value, _T.value, _STEPS.value, _PROGRESS.value)
