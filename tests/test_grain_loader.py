@@ -37,6 +37,7 @@ def test_grain_batches_equal_the_thread_pipelines_byte_for_byte(tiny, length_awa
       _assert_same(batch, ref, (pi, pc, step))
 
 
+@pytest.mark.slow
 def test_training_on_grain_takes_the_same_steps_and_writes_a_profile(prepared_dir, tmp_path):
   """A run fed by Grain (two worker processes, building alternate batches) ends on the loss of the same steps taken
   by hand on the thread pipeline's batches, exactly; with train.profile_steps=1 it leaves an XPlane trace under
