@@ -368,7 +368,7 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
     else:
       need = f"{t['required_bytes'] / GIB:.2f} GiB" if t["required_bytes"] else "?"
       figures = f"{t['arg_bytes'] / GIB:.2f} GiB | refused: needs {need} | —"
-    bound = f"{r['step_lower_bound_s'] * 1e3:.0f} ms" if r.get("step_lower_bound_s") else "—"
+    bound = f"{r['step_lower_bound_s'] * 1e3:.3g} ms" if r.get("step_lower_bound_s") else "—"
     out.append(
       f"| {r['config'].removesuffix('.py')} | {r['topology']} ({r['chips']}) | {'on' if r['fsdp'] else 'off'} | "
       f"{figures} | {r['hbm_bytes'] / GIB:.0f} GiB | {'yes' if r['fits'] else '**no**'} | {t['seconds']:.0f} s | "
