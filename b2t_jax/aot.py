@@ -46,6 +46,9 @@ TOPOLOGIES = {
   "v5p-16": ("v5p:2x2x2", "megacore"),
   "v6e-8": ("v6e:2x4", "default"),
 }
+# Chips per host where a slice's VMs hold more than libtpu's default 2x2x1 (a v5e-8 or v6e-8 is one VM of 8 chips);
+# the hosts count in the report and in the per-process batch checks.
+CHIPS_PER_HOST = {"v5e-8": (2, 4, 1), "v6e-8": (2, 4, 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +107,9 @@ def topology_devices(name: str) -> list[jax.Device]:
   topology, chip_config = resolve_topology(name)
   _quiet_libtpu(name if name in TOPOLOGIES else "v4-8")
   try:
-    return list(
-      topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=chip_config).devices
-    )
+    hosts = {"chips_per_host_bounds": list(CHIPS_PER_HOST[name])} if name in CHIPS_PER_HOST else {}
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=chip_config, **hosts)
+    return list(desc.devices)
   except (RuntimeError, ValueError) as e:
     if any(w in str(e).lower() for w in ("libtpu", "not installed", "backend")):
       raise RuntimeError(

@@ -122,5 +122,7 @@ def test_topology_names_map_to_cloud_tpu_slices():
   assert aot.resolve_topology("v4-8") == ("v4:2x2x1", "megacore")
   assert aot.resolve_topology("v5e-16") == ("v5e:4x4", "default")
   assert aot.resolve_topology("v5p:2x2x2") == ("v5p:2x2x2", "megacore")
+  hosts = lambda name: len({d.process_index for d in aot.topology_devices(name)})
+  assert (hosts("v4-8"), hosts("v5e-8"), hosts("v5e-16")) == (1, 1, 4)  # as Cloud TPU's VMs hold the chips
   with pytest.raises(ValueError, match="--topology='v9-8'"):
     aot.resolve_topology("v9-8")
