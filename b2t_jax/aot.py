@@ -344,10 +344,12 @@ def shortfall(summary: dict[str, Any]) -> str:
   for name, s in summary["steps"].items():
     if not s["compiled"]:
       need = s["required_bytes"]
-      short = f"; {(need - s['available_bytes']) / GIB:.2f} GiB short" if need else ""
+      over = (
+        f"the temporaries alone exceed the chip by {(need - s['available_bytes']) / GIB:.2f} GiB, and " if need else ""
+      )
       lines.append(
-        f"the TPU compiler refused the {name} step on {summary['topology']}: {s['error']}{short} "
-        f"(its arguments alone: {s['arg_bytes'] / GIB:.2f} GiB per chip)"
+        f"the TPU compiler refused the {name} step on {summary['topology']} ({s['error'].rstrip('.')}): {over}"
+        f"the arguments add {s['arg_bytes'] / GIB:.2f} GiB per chip"
       )
     elif s["per_chip_bytes"] > hbm:
       lines.append(

@@ -101,7 +101,8 @@ def test_cli_reports_a_step_the_compiler_refuses_and_exits_1():
   batch = rows * (512 * 8 * 4 + 4 + 64 * 4 + 4 + 4 + 4)  # features, n_time_steps, labels, label_lens, day, weight
   assert batch < s["arg_bytes"] == r["arg_bytes"] < batch + 10 * 2**20
   assert "error: the TPU compiler refused the eval step on v5e-4" in p.stderr
-  assert "GiB short" in p.stderr and "--config.fsdp=True" in p.stderr
+  over = (r["required_bytes"] - r["available_bytes"]) / aot.GIB
+  assert f"the temporaries alone exceed the chip by {over:.2f} GiB" in p.stderr and "--config.fsdp=True" in p.stderr
 
 
 def test_refusal_messages_of_both_forms_are_parsed():
