@@ -7,6 +7,10 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite runs on the CPU. With libtpu installed (the tpu extra, for tools/aot_compile.py) JAX would probe for a
+# TPU in every process, this one and the command-line runs it starts, and log errors where there is none; the
+# TPU compiler of tests/test_aot.py is reached through jax.experimental.topologies all the same.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same small programs, in-process and in the command-line runs they start (which inherit
 # this environment): JAX's persistent compilation cache compiles each of them once per machine, not once per test.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "b2t_jax_tests_xla_cache"))
