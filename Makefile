@@ -12,7 +12,7 @@ PYTEST_ARGS ?= -n 2 --dist loadgroup
 JAX_PLATFORMS ?= cpu
 export JAX_PLATFORMS
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,16 @@ format: $(STAMP)
 # b2t_jax vs the PyTorch reference step on the same shapes (alternating runs), then the triple model.
 bench: $(STAMP)
 	$(PY) tools/bench_compare.py $(BENCH_ARGS)
+
+# Re-takes the README's CPU tables (tools/figures.py) and pastes each between its README markers. It takes HOURS
+# on 2 CPU cores (training runs, make bench, the full-size memory compiles, the encoder comparison, ~4 h alone):
+# run it on a quiet machine. `FIGURES=bench,levers make figures` re-takes a subset; `python tools/figures.py --list`
+# names the jobs. Data, runs and logs go to FIGURES_DIR, emptied first.
+FIGURES ?=
+FIGURES_DIR ?= /tmp/b2t_figures
+figures: $(STAMP)
+	rm -rf $(FIGURES_DIR)
+	$(PY) tools/figures.py --workdir=$(FIGURES_DIR) --readme $(if $(FIGURES),--only=$(FIGURES))
 
 clean:
 	rm -rf $(VENV) build *.egg-info
