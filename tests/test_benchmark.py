@@ -68,16 +68,27 @@ def test_benchmark_scripts_agree_on_shapes_and_flops():
     "--matmul_n=256",
     "--label_len=4",
   ] + [f"--{k}={v}" for k, v in sizes.items()]
-  out = {}
+  out, stdout_jax = {}, ""
   for name, cmd in (("jax", jax_cmd), ("torch", torch_cmd)):
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     out[name] = _json_line(p.stdout)
+    stdout_jax = p.stdout if name == "jax" else stdout_jax
   j, t = out["jax"], out["torch"]
   assert j["n_devices"] == 2 and j["global_batch"] == 4 and j["per_device_batch"] == 2 and j["time_bins"] == 40
   ph = j["phases_ms"]
   assert min(v for k, v in ph.items() if not k.endswith("_share")) > 0 and "gru_step_matmuls_only_forward" in ph
   assert ph["backward_share"] == pytest.approx(ph["forward_ctc_backward"] - ph["forward_ctc"], abs=0.02)
+  # tools/figures.py reads this output format for the README's phases table (its rows: the parts, then the step).
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import figures
+
+  rows = figures.table_phases({"phases": figures.Record("", stdout_jax, "", 0.0)}).splitlines()[2:]
+  assert [r.split(" | ")[0].lstrip("| ") for r in rows][:2] == [
+    figures.PHASES["augment_smooth"],
+    figures.PHASES["forward"],
+  ]
+  assert rows[1].endswith(f"| {ph['forward']:.0f} |") and rows[-1].endswith(f"| **{j['step_ms_median']:.0f}** |")
   # Two independently written FLOP formulas (ours and the torch script's) agree on the same sizes.
   assert j["model_flops_per_step"] == t["model_flops_per_step"] > 0
   for r in (j, t):

@@ -145,6 +145,12 @@ def test_benchmark_tool_runs():
   # The streamed rows of whole trials against the offline pass: the figure the README's streaming table shows.
   diff = re.search(r"streamed vs offline logits: max \|diff\| (\S+) over 2 trial\(s\) of 500 bins", p.stdout)
   assert diff and 0 <= float(diff.group(1)) <= ATOL, p.stdout
+  # tools/figures.py reads this output format for the README's streaming table.
+  sys.path.insert(0, os.path.join(root, "tools"))
+  import figures
+
+  row = figures.table_streaming({"streaming": figures.Record("", p.stdout, "", 0.0)}).splitlines()[2]
+  assert row.startswith("| gru, 10,193 params, float32 | 4 bins = 80 ms | 5 |") and diff.group(1) in row
 
 
 def test_streaming_an_ensemble_gives_its_merged_log_probabilities():

@@ -59,6 +59,13 @@ def test_memory_report_fsdp_rows_spread_the_train_state(tmp_path):
   # Each array of >= 512 elements is split 8 ways; the small ones (biases, h0, the Adam count) stay whole.
   assert replicated["state_bytes"] / 8 < split["state_bytes"] < replicated["state_bytes"] / 4
   assert 0 < split["per_device_total_bytes"] < replicated["per_device_total_bytes"]
+  # tools/figures.py reads this output format for the README's memory table: one row per mesh and fsdp setting.
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import figures
+
+  table = figures.table_memory({"m": figures.Record(" ".join(cmd), p.stdout, "", 0.0)}).splitlines()
+  assert len(table) == 4 and table[2].startswith("| (8, 1) | off | 1 (accum 1) | custom |")
+  assert f"| **{split['per_device_total_gib']:.2f} GiB** |" in table[3] and table[3].startswith("| (8, 1) | **on** |")
   bad = subprocess.run([*cmd, "--fsdp=yes"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode != 0 and "each setting must be true or false, not 'yes'" in bad.stderr
 
