@@ -12,7 +12,9 @@ Expensive steps (the demo's data, its trained workdir, its LM, ...) run once per
 jobs that need them; every step starts from an empty folder, so nothing of an earlier invocation is reused.
 All jobs together take hours on 2 CPU cores (the training runs, `make bench`, the memory compiles and the
 encoder comparison). `--quick` shrinks every size to check the plumbing in minutes: its tables are not figures,
-and --readme refuses them. The TPU compiler's table (tools/aot_compile.py) is not a CPU table and is not re-taken.
+and --readme refuses them. Every job saves its commands' output to WORKDIR/records/NAME.json; `--from_records`
+renders the tables again from there without running anything (after fixing a parser, say). The TPU compiler's
+table (tools/aot_compile.py) is not a CPU table and is not re-taken.
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ class Ctx:
 
 def demo_data(ctx: Ctx) -> dict[str, Record]:
   hdf5, tfds = ctx.path("demo", "hdf5"), ctx.path("demo", "tfds")
-  data = ["--sessions=8", "--trials_per_session=80", "--seed=0"] if not ctx.quick else [*QUICK_DATA, "--seed=0"]
+  data = ctx.q(DEMO_DATA, [*QUICK_DATA, "--seed=0"])
   return {
     "demo_data": ctx.run(
       "demo_data", ["tools/make_synthetic_data.py", f"--out={hdf5}", *data], fresh=(ctx.path("demo"),)
@@ -301,7 +303,7 @@ def table_demo(r: dict[str, Record]) -> str:
 def run_permutation(ctx: Ctx) -> dict[str, Record]:
   recs = demo_train(ctx)
   shuf, indep = ctx.path("shuffled"), ctx.path("independent")
-  data = DEMO_DATA if not ctx.quick else [*QUICK_DATA, "--seed=0"]
+  data = ctx.q(DEMO_DATA, [*QUICK_DATA, "--seed=0"])
   recs["shuffled_data"] = ctx.run(
     "shuffled_data",
     ["tools/make_synthetic_data.py", f"--out={shuf}/hdf5", *data, "--permute_columns=1"],
@@ -606,9 +608,10 @@ def table_decode_speed(r: dict[str, Record]) -> str:
         rows.append([m.group(1), m.group(2), m.group(3), m.group(4)])
   if not rows:
     raise ValueError("no timing rows in tools/benchmark_decode.py's output")
-  first = r["ds_small"].stdout.splitlines()[0]
-  trials = re.match(r"(\d+) (\w+) trials", first)
-  return md(
+  firsts = [r[k].stdout.splitlines()[0] for k in ("ds_small", "ds_large")]  # trials, words, the load it ran under
+  trials = re.match(r"(\d+) (\w+) trials", firsts[0])
+  note = "; ".join(f"{name}: {line}" for name, line in zip(("first command", "second command"), firsts))
+  return f"{note}\n\n" + md(
     [f"per trial ({trials.group(1)} {trials.group(2)} trials, one at a time)", "p50 ms", "p99 ms", "mean ms"], rows
   )
 
