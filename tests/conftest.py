@@ -5,7 +5,25 @@ import dataclasses
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA's CPU collectives abort the whole process (LOG(FATAL) "Termination timeout ... exceeded") when one simulated
+# device reaches an all-reduce far later than the others. On 2 loaded cores the tests let them wait: only a real
+# deadlock fails a test, at the per-test timeout (pyproject.toml), with every thread's stack.
+CPU_COLLECTIVE_FLAGS = (
+  "--xla_cpu_collective_call_terminate_timeout_seconds=1800 --xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
+)
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for `devices` simulated CPU devices, with the collectives' patience above."""
+  return f"--xla_force_host_platform_device_count={devices} {CPU_COLLECTIVE_FLAGS}"
+
+
+def cpu_env(devices: int) -> dict:
+  """This process's environment for a command-line run on `devices` simulated CPU devices."""
+  return {**os.environ, "XLA_FLAGS": xla_flags(devices)}
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite runs on the CPU. With libtpu installed (the tpu extra, for tools/aot_compile.py) JAX would probe for a
 # TPU in every process, this one and the command-line runs it starts, and log errors where there is none; the
@@ -161,8 +179,27 @@ def tiny(prepared_dir):
   return tiny_config(prepared_dir)
 
 
+UNGROUPED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's, which gives grouped tests their '@GROUP' ids
 def pytest_collection_modifyitems(config, items):
   """Tests marked slow run first, so that both xdist workers start on them and the run does not end on one
-  long test while the other worker idles."""
-  del config
+  long test while the other worker idles.
+
+  Under `--dist loadgroup`, pytest-xdist sends the tests of one `xdist_group` to one worker by appending
+  '@GROUP' to their ids; where a pytest release stops honouring that (9.2 with xdist 3.8), the group's module
+  fixture (the permutation module's five training runs) is silently computed once per worker. Such tests fail."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  if getattr(config.option, "loadgroup", False):
+    for item in items:
+      item.stash[UNGROUPED] = bool(item.get_closest_marker("xdist_group")) and "@" not in item.nodeid
+
+
+def pytest_runtest_setup(item):
+  if item.stash.get(UNGROUPED, False):
+    pytest.fail(
+      f"--dist loadgroup does not group {item.nodeid} with the other tests of its xdist_group under pytest "
+      f"{pytest.__version__}: install the versions pyproject.toml's test extra allows",
+      pytrace=False,
+    )

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_SIZES, as_flags, best_meta
+from conftest import TINY_SIZES, as_flags, best_meta, cpu_env
 from test_train import assert_same_updates
 
 from b2t_jax import checkpoint as ckpt_lib
@@ -36,7 +36,7 @@ TINY = as_flags(TINY_OVERRIDES)
 
 
 def _env(devices: int, compilation_cache: bool = True):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = cpu_env(devices)
   if not compilation_cache:
     # Processes of one job must reach their first collective together: one that finds its programs in the cache
     # while the other compiles waits past gloo's 30 s key-value deadline on this 2-core machine.
