@@ -89,6 +89,7 @@ NON_NEGATIVE = (
   "aug.time_jitter_shift_bins",
   "loss.intermediate_ctc_weight",
   "loss.phoneme_ctc_weight",
+  "loss.marginal_ctc_weight",
   "loss.noisy_weight",
   "loss.noise_l2_weight",
   "loss.adversarial_warmup_steps",

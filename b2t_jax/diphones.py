@@ -16,6 +16,10 @@ phonemes' feasibility rule for every head, so the same trials train whatever the
 Marginalisation. p(cur = c) = sum over prev of p(prev, c) for c in 1..K, and p(blank) = p(blank): in log space a
 logsumexp over the prev axis of the (K, K) block of the diphone log-softmax. The N log-probabilities sum to one.
 Everything downstream of the model (PER, val loss, streaming, word decoding, ensembles, logits.npz) reads them.
+
+Objective (`losses.decoder_loss`): the diphone CTC plus `loss.marginal_ctc_weight` x the phoneme CTC of the
+marginals, both through the one diphone head (DCoND's joint loss, alpha * phoneme + (1 - alpha) * diphone); `both`
+adds `loss.phoneme_ctc_weight` x the CTC of a separate phoneme head.
 """
 
 from __future__ import annotations

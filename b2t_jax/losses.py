@@ -56,17 +56,21 @@ def decoder_loss(
   noise_l2_weight: float,
   intermediate_weight: float = 0.0,
   phoneme_weight: float = 0.0,
+  marginal_weight: float = 0.0,
   denom: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
   """Mean CTC over trials with weight > 0 (after masking infeasible ones) of a model's 'full' outputs
   ({'logits', 'intermediate', for diphone targets 'diphone_logits' (and 'phoneme_logits' for both), and for the
   triple model 'noisy_logits', 'noise'}):
 
-    CTC(main) [both] + phoneme_weight * CTC(phoneme_logits) + intermediate_weight * mean_k CTC(intermediate_k)
-                [triple] + noisy_weight * CTC(noisy_logits) + noise_l2_weight * mean(noise^2)
+    CTC(main) [diphone/both] + marginal_weight * CTC(logits) [both] + phoneme_weight * CTC(phoneme_logits)
+              + intermediate_weight * mean_k CTC(intermediate_k)
+              [triple] + noisy_weight * CTC(noisy_logits) + noise_l2_weight * mean(noise^2)
 
   The main CTC ('ctc' in the metrics) is that of 'diphone_logits' on the diphone labels (diphones.diphone_labels)
   when the model has a diphone head, else that of 'logits' on the phonemes; every other head is phoneme-level.
+  With a diphone head, 'logits' are its phoneme marginals: their CTC ('ctc_marginal', DCoND's joint objective)
+  trains the diphone head on the phonemes too.
   A trial is feasible when its phonemes fit its frames, for every head: diphone labels never need more frames.
   `weights` (B,) is 1 for real trials and 0 for padding rows. Returns (loss, aux metrics).
   """
@@ -81,6 +85,9 @@ def decoder_loss(
   ctc = masked_mean(nll, w, denom)
   aux = {"ctc": ctc, "n_infeasible": jnp.sum((weights > 0) & ~feasible), "n_trials": jnp.sum(w)}
   loss = ctc
+  if "diphone_logits" in outputs and marginal_weight:
+    aux["ctc_marginal"] = masked_mean(ctc_per_trial(outputs["logits"], input_lens, labels, label_lens)[0], w, denom)
+    loss = loss + marginal_weight * aux["ctc_marginal"]
   if "phoneme_logits" in outputs:
     aux["ctc_phoneme"] = masked_mean(
       ctc_per_trial(outputs["phoneme_logits"], input_lens, labels, label_lens)[0], w, denom

@@ -108,6 +108,7 @@ def train_step(
       noise_l2_weight=config.loss.noise_l2_weight / n_micro,
       intermediate_weight=config.loss.intermediate_ctc_weight,
       phoneme_weight=config.loss.phoneme_ctc_weight,
+      marginal_weight=config.loss.marginal_ctc_weight,
       denom=denom,
     )
 

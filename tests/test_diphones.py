@@ -70,8 +70,9 @@ def test_marginal_log_probs_sum_over_the_previous_phoneme():
 
 
 def test_diphone_ctc_loss_against_numpy():
-  """decoder_loss of diphone outputs: CTC of the diphone logits on the diphone labels, plus w * CTC of the
-  auxiliary phoneme head (both); infeasible trials by the phonemes' rule, padding rows out."""
+  """decoder_loss of diphone outputs: CTC of the diphone logits on the diphone labels, plus w_m * CTC of their
+  phoneme marginals, plus w_p * CTC of the auxiliary phoneme head (both); infeasible trials by the phonemes' rule,
+  padding rows out."""
   rng = np.random.default_rng(1)
   b, p = 4, 9
   dl = rng.normal(size=(b, p, 1601)).astype(np.float32) * 2
@@ -87,7 +88,8 @@ def test_diphone_ctc_loss_against_numpy():
     "phoneme_logits": jnp.asarray(pl),
   }
   args = (jnp.asarray(input_lens), jnp.asarray(labels), jnp.asarray(label_lens), jnp.asarray(weights))
-  loss_fn = jax.jit(functools.partial(losses.decoder_loss, noisy_weight=0.2, noise_l2_weight=0.0, phoneme_weight=0.3))
+  weights_of = functools.partial(losses.decoder_loss, noisy_weight=0.2, noise_l2_weight=0.0, phoneme_weight=0.3)
+  loss_fn = jax.jit(functools.partial(weights_of, marginal_weight=0.7))
   loss, aux = loss_fn(outputs, *args)
 
   def diphone_seq(row):
@@ -99,14 +101,18 @@ def test_diphone_ctc_loss_against_numpy():
     [numpy_ctc_nll(dl[i, : input_lens[i]], diphone_seq(labels[i, : label_lens[i]].tolist())) for i in rows]
   )
   want_p = np.mean([numpy_ctc_nll(pl[i, : input_lens[i]], labels[i, : label_lens[i]].tolist()) for i in rows])
+  marginal = numpy_marginal(dl)
+  want_m = np.mean([numpy_ctc_nll(marginal[i, : input_lens[i]], labels[i, : label_lens[i]].tolist()) for i in rows])
   assert int(aux["n_infeasible"]) == 1 and float(aux["n_trials"]) == 2.0
   np.testing.assert_allclose(float(aux["ctc"]), want_d, rtol=1e-5)
   np.testing.assert_allclose(float(aux["ctc_phoneme"]), want_p, rtol=1e-5)
-  np.testing.assert_allclose(float(loss), want_d + 0.3 * want_p, rtol=1e-5)
-  # without an auxiliary head (targets='diphone') the loss is the diphone CTC alone
+  np.testing.assert_allclose(float(aux["ctc_marginal"]), want_m, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), want_d + 0.7 * want_m + 0.3 * want_p, rtol=1e-5)
+  # without an auxiliary head (targets='diphone') and marginal weight 0: the diphone CTC alone
   del outputs["phoneme_logits"]
-  alone, _ = loss_fn(outputs, *args)
+  alone, aux = jax.jit(functools.partial(weights_of, marginal_weight=0.0))(outputs, *args)
   np.testing.assert_allclose(float(alone), want_d, rtol=1e-5)
+  assert "ctc_marginal" not in aux
 
 
 @functools.cache
@@ -195,7 +201,8 @@ def test_config_check_workdir_guard_and_export_know_the_targets(tmp_path):
     "config.loss.phoneme_ctc_weight=-1.0: must be >= 0",
   ]
   # A workdir written before targets existed trained phonemes: it still evaluates, and a diphone resume is refused.
-  old = {k: v for k, v in workdir.flat_config(tiny_encoder("gru")).items() if k not in workdir.ADDED_LATER}
+  new_fields = ("model.targets", "loss.phoneme_ctc_weight", "loss.marginal_ctc_weight")
+  old = {k: v for k, v in workdir.flat_config(tiny_encoder("gru")).items() if k not in new_fields}
   assert workdir.config_differences(old, workdir.flat_config(tiny_encoder("gru"))) == []
   c.model.targets, c.loss.phoneme_ctc_weight = "diphone", 0.3
   assert workdir.config_differences(old, workdir.flat_config(c)) == [
