@@ -7,13 +7,17 @@ DEMO_DIR ?= /tmp/b2t_demo
 # Default test parallelism: the suite is CPU bound and this machine has 2 cores. Tests marked
 # xdist_group(NAME) share a module-scoped fixture and run in one worker (--dist loadgroup).
 PYTEST_ARGS ?= -n 2 --dist loadgroup
+# The demo and the tests run on the CPU. With libtpu installed (the tpu extra) JAX would otherwise probe for a TPU
+# at start-up and log errors where there is none; `make demo JAX_PLATFORMS=` lets JAX pick an accelerator.
+JAX_PLATFORMS ?= cpu
+export JAX_PLATFORMS
 
 .PHONY: setup demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,lm]'
+	$(PY) -m pip install -q -e '.[test,lm,tpu]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -24,6 +24,7 @@ ENUMS = {
   "mode": ("train", "eval", "infer", "calibrate", "summary"),
   "cpu_collectives": ("gloo", "mpi"),
   "data.on_bad_trial": ("error", "skip"),
+  "data.loader": ("threads", "grain"),
   "data.synthetic.length_profile": ("demo", "t15"),
   "model.kind": ("gru", "triple"),
   "model.encoder": ENCODERS,
@@ -78,6 +79,8 @@ POSITIVE = (
 NON_NEGATIVE = (
   "data.prefetch",
   "data.prefetch_workers",
+  "data.grain_workers",
+  "train.profile_steps",
   "aug.static_gain_std",
   "aug.white_noise_std",
   "aug.constant_offset_std",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import time
@@ -18,7 +19,7 @@ from jax.experimental import multihost_utils
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import sharding
 from b2t_jax import workdir as workdir_lib
-from b2t_jax.data import batching, pipeline
+from b2t_jax.data import batching, grain_loader, pipeline
 from b2t_jax.evaluation import evaluate, format_per_day
 from b2t_jax.experiment import Experiment, open_data
 from b2t_jax.steps import COUNTER_METRICS, NonFiniteError
@@ -69,6 +70,41 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+PROFILE_WARMUP = 2  # steps of a run never traced: the first compiles the step, the second shows its dispatch settle
+
+
+class _Profile:
+  """config.train.profile_steps > 0: a trace of that many steps, from the run's step start + PROFILE_WARMUP on,
+  written by jax.profiler to WORKDIR/plugins/profile/<run>/ (TensorBoard's Profile tab and XProf read it there,
+  beside the metrics). Process 0 only: several processes on one host would write the same file name."""
+
+  def __init__(self, workdir: str, start: int, n_steps: int):
+    self.workdir, self.first, self.stop = workdir, start + PROFILE_WARMUP, start + PROFILE_WARMUP + n_steps
+    self.enabled = n_steps > 0 and jax.process_index() == 0
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.enabled and step == self.first:
+      logging.info("profiling steps %d..%d into %s/plugins/profile", self.first + 1, self.stop, self.workdir)
+      jax.profiler.start_trace(self.workdir)
+      self.active = True
+
+  def annotation(self, step: int):
+    """Marks the step in the trace (XProf's step view) while tracing."""
+    return jax.profiler.StepTraceAnnotation("train", step_num=step) if self.active else contextlib.nullcontext()
+
+  def after(self, step: int, outputs: Any) -> None:
+    if self.active and step + 1 >= self.stop:
+      self.end(outputs)
+
+  def end(self, outputs: Any = None) -> None:
+    if self.active:
+      jax.block_until_ready(outputs)  # the traced steps' device work belongs in the trace
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("profile written to %s/plugins/profile", self.workdir)
 
 
 def _window_metrics(history: list[dict]) -> tuple[dict[str, float], int]:
@@ -145,15 +181,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t_log, step_log = time.time(), start
   real_bins = padded_bins = 0  # this process's rows in the log window: trial bins, and bins after padding
   preempted = False
+  profile = _Profile(workdir, start, tc.profile_steps)
   try:
-    read = functools.partial(pipeline.train_host_batch, train_split, config)
-    prefetcher = batching.Prefetcher(read, range(start, tc.num_steps), d.prefetch, d.prefetch_workers)
-    with _Preemption(start) as preempt, prefetcher as batches:
+    if d.loader == "grain":  # the same batches, built by Grain transforms in worker processes
+      loader = grain_loader.TrainBatches(train_split, config, start, tc.num_steps)
+    else:
+      read = functools.partial(pipeline.train_host_batch, train_split, config)
+      loader = batching.Prefetcher(read, range(start, tc.num_steps), d.prefetch, d.prefetch_workers)
+    with _Preemption(start) as preempt, loader as batches:
       for step, batch in batches:
         shapes_seen.add(batch["features"].shape[1])
         real_bins += int(batch["n_time_steps"].sum())
         padded_bins += batch["features"].shape[0] * batch["features"].shape[1]
-        state, m = exp.train_step(state, sharding.shard_batch(batch, exp.mesh))
+        profile.before(step)
+        with profile.annotation(step):
+          state, m = exp.train_step(state, sharding.shard_batch(batch, exp.mesh))
+        profile.after(step, m)
         history.append(m)
         done = step + 1
         preempted = preempt.should_stop(done)
@@ -214,6 +257,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           logging.warning("stopped at step %d on SIGTERM; rerun the same command to resume", done)
           break
   finally:
+    profile.end()  # a run shorter than the window, or an error: stop the trace here
     ckpts.wait()
     writer.flush()
   ckpts.close()

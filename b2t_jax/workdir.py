@@ -45,6 +45,8 @@ SAFE_TO_CHANGE = (
   "data.cache_dir",
   "data.prefetch",
   "data.prefetch_workers",
+  "data.loader",
+  "data.grain_workers",
   "data.eval_batch_size",
   "data.on_bad_trial",
   "model.gru_unroll",
@@ -91,6 +93,9 @@ ADDED_LATER = {
   "decode.rescore.gate_margin": 0.0,
   "decode.rescore.batch_size": 16,
   "reference_yaml": "",
+  "data.loader": "threads",
+  "data.grain_workers": 2,
+  "train.profile_steps": 0,
 }
 # Each encoder's sub-config: compared only when the run uses that encoder (model.encoder, itself compared).
 ENCODER_SECTIONS = {"transformer": "model.transformer.", "mamba2": "model.mamba2."}

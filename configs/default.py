@@ -60,7 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (prepared on first use into cache_dir); "" = synthetic data in WORKDIR
   d.cache_dir = ""  # where HDF5 trees get prepared, keyed by their contents; "" = ~/.cache/b2t_jax/tfds
   d.prefetch = 4  # host batches prepared ahead in the background (0 = on the training thread)
-  d.prefetch_workers = 2  # threads decoding and padding host batches in parallel
+  d.prefetch_workers = 2  # threads decoding and padding host batches in parallel (per Grain worker process)
+  d.loader = "threads"  # threads (the prefetcher of data/batching.py) | grain (data/grain_loader.py): same batches
+  d.grain_workers = 2  # loader=grain: worker processes building batches (0 = threads of the training process)
   d.sessions = T15_SESSIONS  # session list: position = day index
   d.n_features = 512  # features per 20 ms bin in the files
   d.feature_pool = 1  # opt-in: average groups of this many adjacent columns (1 = off). Assumes neighbouring
@@ -166,6 +168,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.preempt_exit_code = 75  # exit status after saving on SIGTERM (EX_TEMPFAIL): a scheduler restarts on it
   t.lock_heartbeat_s = 30.0  # seconds between refreshes of WORKDIR/lock
   t.lock_stale_s = 600.0  # a lock not refreshed for this long is taken over (its run is dead)
+  t.profile_steps = 0  # trace this many steps (after the run's first 2, which compile) into WORKDIR/plugins/profile
 
   c.eval = ev = ml_collections.ConfigDict()
   ev.out_dir = ""  # mode=eval writes metrics.json and skipped_trials.json here; "" = WORKDIR/eval

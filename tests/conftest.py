@@ -7,6 +7,10 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite runs on the CPU. With libtpu installed (the tpu extra, for tools/aot_compile.py) JAX would probe for a
+# TPU in every process, this one and the command-line runs it starts, and log errors where there is none; the
+# TPU compiler of tests/test_aot.py is reached through jax.experimental.topologies all the same.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same small programs, in-process and in the command-line runs they start (which inherit
 # this environment): JAX's persistent compilation cache compiles each of them once per machine, not once per test.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "b2t_jax_tests_xla_cache"))
@@ -29,6 +33,9 @@ TINY_SIZES = {
   "data.days_per_batch": 2,
   "data.eval_batch_size": 8,
   "data.time_buckets": (256, 512),
+  # fewer GRU layers in the triple's clean and noisy decoders (3 and 2 in the demo): the same code, less to compile
+  "model.clean_layers": 2,
+  "model.noisy_layers": 1,
 }
 
 
@@ -103,14 +110,11 @@ def tiny_config(data_dir: str = ""):
 
 def best_meta(workdir: str) -> dict:
   """What training recorded beside WORKDIR/best: {'step', 'val_per', 'val_loss'} of the chosen checkpoint."""
-  import orbax.checkpoint as ocp
-
   from b2t_jax import checkpoint as ckpt_lib
 
   ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
   try:
-    step = ckpts.best.latest_step()
-    return ckpts.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return ckpts.best_meta()
   finally:
     ckpts.close()
 

@@ -1,112 +1,131 @@
-"""Input pipeline vs train step, in examples/s, side by side: is the host fast enough to feed the device?
+"""Host input pipelines side by side, in examples/s: the thread prefetcher (config.data.loader='threads') against
+Grain (loader='grain'), each with 0, 1 and 2 workers, on trials of the t15 length profile, and the demand a TPU
+step would place on the host.
 
-For each config, synthetic data in the t15 layout is written, prepared as the TFDS (ArrayRecord) dataset that
-training reads, and then
-  - input:  host batches as the train loop builds them (sampler -> random-access reads of this process's rows
-            -> feature pooling -> padding), on one thread with nothing else running;
-  - train:  the jitted train step on those batches (compiled first, then timed with block_until_ready).
+Synthetic data in the t15 layout (512 features, ~2-30 s trials) is written and prepared as the TFDS (ArrayRecord)
+dataset that training reads; each pipeline then builds the training batches of the gru_baseline/tpu_v4 recipe
+(--batch trials from --days days; this process's rows, padded to the batch's bucket) as the train loop would take
+them. Workers: threads for 'threads' (0 = built on the caller's thread), processes for 'grain' (0 = threads of this
+process); every pipeline keeps config.data.prefetch batches ahead. The first batch (worker start-up, file
+opening) is timed apart; the rate is over the next --steps batches.
 
-python tools/benchmark_input.py [--configs=demo,gru_baseline] [--gru_batch=8] [--out=/tmp/b2t_bench_input]
+Demand: the examples/s one host must deliver = (global batch / hosts) / step time. The step time is the lower
+bound tools/aot_compile.py reports for the slice (its JSON: `step_lower_bound_s`, the model FLOPs per chip at the
+chip's bf16 peak; `batch`, `hosts`), read from --aot_report, or --demand_step_s with --demand_batch and
+--demand_hosts.
 
-gru_baseline keeps its full model and 512 features but runs a batch of --gru_batch trials (2 days) with t15-like
-trial lengths (~2-30 s), because its full 64-trial step takes minutes on a small CPU.
+python tools/benchmark_input.py [--steps=20] [--rounds=2] [--batch=64] [--aot_report=aot_v4-8.json]
 """
 
-import functools
+import json
 import os
 import time
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 
-from b2t_jax import experiment, sharding
-from b2t_jax.data import batching, pipeline
-from configs import demo, gru_baseline
+from b2t_jax import experiment
+from b2t_jax.data import batching, grain_loader, pipeline
+from configs import gru_baseline
 
-_CONFIGS = flags.DEFINE_list("configs", ["demo", "gru_baseline"], "configs to measure")
 _OUT = flags.DEFINE_string("out", "/tmp/b2t_bench_input", "scratch folder for the synthetic data")
-_INPUT_STEPS = flags.DEFINE_integer("input_steps", 40, "host batches timed")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 20, "train steps timed (demo)")
-_GRU_STEPS = flags.DEFINE_integer("gru_steps", 2, "train steps timed (gru_baseline)")
-_GRU_BATCH = flags.DEFINE_integer("gru_batch", 8, "gru_baseline batch size for both measurements")
+_STEPS = flags.DEFINE_integer("steps", 20, "batches timed per pipeline, after the first")
+_BATCH = flags.DEFINE_integer("batch", 64, "trials per batch (this process reads them all)")
+_DAYS = flags.DEFINE_integer("days", 4, "days per batch")
+_SESSIONS = flags.DEFINE_integer("sessions", 4, "synthetic sessions")
+_TRIALS = flags.DEFINE_integer("trials_per_session", 32, "synthetic training trials per session")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "rounds over all pipelines (median per pipeline)")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "worker counts to measure")
+_AOT = flags.DEFINE_string("aot_report", "", "a file whose last line is tools/aot_compile.py's JSON (the demand)")
+_DEMAND_S = flags.DEFINE_float("demand_step_s", 0.0, "step time for the demand line (without --aot_report)")
+_DEMAND_BATCH = flags.DEFINE_integer("demand_batch", 512, "global batch for the demand line (tpu_v4: 512)")
+_DEMAND_HOSTS = flags.DEFINE_integer("demand_hosts", 1, "hosts sharing the batch for the demand line")
 
 
-def make_config(name: str):
-  if name == "demo":
-    c = demo.get_config()  # its own synthetic settings: 8 sessions x 80 trials, demo lengths
-  elif name == "gru_baseline":
-    c = gru_baseline.get_config()
-    c.data.batch_size = _GRU_BATCH.value
-    c.data.days_per_batch = 2
-    s = c.data.synthetic
-    s.n_sessions, s.trials_per_session, s.length_profile = 4, 24, "t15"
-  else:
-    raise app.UsageError(f"--configs: unknown config {name!r} (demo, gru_baseline)")
-  c.data.data_dir = ""  # synthetic, generated and prepared under the workdir
+def make_config():
+  c = gru_baseline.get_config()
+  c.data.data_dir = ""  # synthetic, generated and prepared under the scratch folder
+  c.data.batch_size, c.data.days_per_batch = _BATCH.value, _DAYS.value
+  s = c.data.synthetic
+  s.n_sessions, s.trials_per_session, s.length_profile = _SESSIONS.value, _TRIALS.value, "t15"
   return c
 
 
-def time_input(split, config, steps: int, depth: int, workers: int) -> tuple[float, set]:
-  """examples/s of building host batches through the train loop's prefetcher (depth 0: on this thread),
-  and the padded lengths seen."""
-  pipeline.train_host_batch(split, config, 0)  # open files, warm caches
-  shapes = set()
-  read = functools.partial(pipeline.train_host_batch, split, config)
-  t0 = time.perf_counter()
-  with batching.Prefetcher(read, range(1, steps + 1), depth, workers) as batches:
-    for _, b in batches:
-      shapes.add(b["features"].shape[1])
-  return steps * config.data.batch_size / (time.perf_counter() - t0), shapes
+def loader(split, config, loader_name: str, workers: int, start: int, stop: int):
+  """The train loop's iterator of (step, batch) for `loader_name` with `workers` workers."""
+  d = config.data
+  if loader_name == "threads":
+    read = lambda k: pipeline.train_host_batch(split, config, k)
+    return batching.Prefetcher(read, range(start, stop), d.prefetch if workers else 0, max(workers, 1))
+  c = config.copy_and_resolve_references()
+  c.data.grain_workers = workers
+  c.data.prefetch_workers = 1 if workers else d.prefetch_workers  # one thread per process; in-process: threads
+  return grain_loader.TrainBatches(split, c, start, stop)
 
 
-def time_train(split, config, steps: int) -> tuple[float, float]:
-  """examples/s of the jitted train step (after compiling every bucket used) and the compile seconds."""
-  exp = experiment.Experiment(config)
-  state = exp.init_state()
-  batches = [sharding.shard_batch(pipeline.train_host_batch(split, config, k), exp.mesh) for k in range(steps)]
+def time_loader(split, config, loader_name: str, workers: int, steps: int) -> tuple[float, float, float]:
+  """(seconds to the first batch, examples/s over the next `steps` batches, MB/s of padded features)."""
   t0 = time.perf_counter()
-  for t in sorted({b["features"].shape[1] for b in batches}):  # one warm-up step per bucket compiles it
-    state, m = exp.train_step(state, next(b for b in batches if b["features"].shape[1] == t))
-    jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for b in batches:
-    state, m = exp.train_step(state, b)
-  jax.block_until_ready((state, m))
-  return steps * config.data.batch_size / (time.perf_counter() - t0), compile_s
+  with loader(split, config, loader_name, workers, 0, steps + 1) as batches:
+    it = iter(batches)
+    next(it)
+    first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    nbytes = sum(b["features"].nbytes for _, b in it)
+  dt = time.perf_counter() - t1
+  return first, steps * config.data.batch_size / dt, nbytes / dt / 1e6
+
+
+def demand() -> tuple[float, str] | None:
+  if _AOT.value:
+    with open(_AOT.value) as f:
+      r = json.loads(f.read().strip().splitlines()[-1])
+    step_s, batch, hosts = r["step_lower_bound_s"], r["batch"], r["hosts"]
+    where = f"{r['config']} on {r['topology']} ({hosts} host(s)), batch {batch}, FLOP-bound step {step_s * 1e3:.0f} ms"
+  elif _DEMAND_S.value > 0:
+    step_s, batch, hosts = _DEMAND_S.value, _DEMAND_BATCH.value, _DEMAND_HOSTS.value
+    where = f"batch {batch} over {hosts} host(s) at {step_s * 1e3:.0f} ms per step"
+  else:
+    return None
+  return batch / hosts / step_s, where
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  rows = []
-  for name in _CONFIGS.value:
-    config = make_config(name)
-    workdir = os.path.join(_OUT.value, name)
-    t0 = time.perf_counter()
-    data = experiment.open_data(config, workdir, ("train",))["train"]
-    prep_s = time.perf_counter() - t0
-    input_1, shapes = time_input(data, config, _INPUT_STEPS.value, 0, 1)
-    input_rate, _ = time_input(data, config, _INPUT_STEPS.value, config.data.prefetch, config.data.prefetch_workers)
-    steps = _GRU_STEPS.value if name == "gru_baseline" else _TRAIN_STEPS.value
-    train_rate, compile_s = time_train(data, config, steps)
-    mean_len = float(np.mean(data.n_time_steps))
-    rows.append((name, config.data.batch_size, mean_len, input_1, input_rate, train_rate, compile_s, prep_s, shapes))
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores")
+  config = make_config()
+  t0 = time.perf_counter()
+  split = experiment.open_data(config, os.path.join(_OUT.value, "work"), ("train",))["train"]
+  prep_s = time.perf_counter() - t0
+  # Rounds interleave the pipelines (threads w, grain w, next w, ...), so load that comes and goes on a shared
+  # machine falls on both; each row reports its median over the rounds.
+  runs: dict[tuple[str, int], list] = {}
+  for _ in range(_ROUNDS.value):
+    for w in map(int, _WORKERS.value):
+      for name in ("threads", "grain"):
+        runs.setdefault((name, w), []).append(time_loader(split, config, name, w, _STEPS.value))
+  rows = [(name, w, *np.median(np.asarray(r), axis=0)) for (name, w), r in sorted(runs.items(), reverse=True)]
+  rows.sort(key=lambda r: (r[0] != "threads", r[1]))
+  load = os.getloadavg()[0]
+  lengths = split.n_time_steps[split.keep]
   print(
-    "input 1 thread: host batches built on the caller's thread; input prefetch: through the train loop's "
-    "prefetcher (config.data.prefetch, prefetch_workers); ratio = input prefetch / train"
+    f"{os.cpu_count()} CPU cores, load average {load:.1f} at the end; {len(split)} t15-profile trials "
+    f"(mean {lengths.mean():.0f} bins, max {lengths.max()}), batches of {config.data.batch_size} from "
+    f"{config.data.days_per_batch} days, prefetch {config.data.prefetch}; data prepared in {prep_s:.0f} s"
   )
+  print(f"median of {_ROUNDS.value} interleaved rounds of {_STEPS.value} batches after the first:")
+  print(f"{'loader':<9}{'workers':>8}{'first batch s':>15}{'examples/s':>12}{'MB/s':>8}")
+  for name, w, first, rate, mbs in rows:
+    print(f"{name:<9}{w:>8}{first:>15.2f}{rate:>12.1f}{mbs:>8.0f}")
+  best = max(rows, key=lambda r: r[3])
+  print(f"fastest: loader={best[0]} with {best[1]} workers, {best[3]:.1f} examples/s")
+  need = demand()
+  if need:
+    rate, where = need
+    print(f"demand: {rate:.0f} examples/s per host ({where}); fastest here / demand = {best[3] / rate:.2f}")
   print(
-    f"{'config':<14}{'batch':>6}{'mean bins':>10}{'input 1 thread':>16}{'input prefetch':>16}"
-    f"{'train step':>12}{'ratio':>8}{'compile s':>11}{'prepare s':>11}  buckets"
+    json.dumps({"load": load, "rows": [dict(zip(("loader", "workers", "first_s", "ex_s", "mb_s"), r)) for r in rows]})
   )
-  for name, b, mean_len, inp1, inp, tr, comp, prep, shapes in rows:
-    print(
-      f"{name:<14}{b:>6}{mean_len:>10.0f}{inp1:>11.1f} ex/s{inp:>11.1f} ex/s{tr:>7.2f} ex/s{inp / tr:>7.1f}x"
-      f"{comp:>11.1f}{prep:>11.1f}  {sorted(shapes)}"
-    )
 
 
 if __name__ == "__main__":

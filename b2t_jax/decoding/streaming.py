@@ -153,6 +153,22 @@ def stream_step(
   return new_state, logits[0].astype(jnp.float32), valid
 
 
+def step_fn(config: ml_collections.ConfigDict, model: nn.Module, geo: StreamGeometry):
+  """`stream_step` as the decoder runs it: (params, state, chunk, first, end, day) -> (state, logits, valid); for
+  an ensemble (config.train.n_models > 1, stacked params and states) every member steps on the same chunk and
+  their log-probabilities are merged. Jitted by StreamingDecoder, and compiled for a TPU by b2t_jax/aot.py."""
+  step = functools.partial(stream_step, model, geo=geo)
+  if config.train.n_models == 1:
+    return step
+  members = jax.vmap(step, in_axes=(0, 0, None, None, None, None), out_axes=(0, 0, None))
+
+  def ensemble_step(params, state, chunk, first, end, day):
+    state, logits, valid = members(params, state, chunk, first, end, day)
+    return state, merge_log_probs(logits, axis=0), valid
+
+  return ensemble_step
+
+
 # ------------------------------------------------------------------------------------------- host wrapper
 
 
@@ -185,15 +201,7 @@ class StreamingDecoder:
     # One trial is a batch of one: run on a single device even when `params` come sharded over a mesh.
     self.params = jax.device_put(params, jax.devices()[0])
     self.n_models = config.train.n_models
-    step = functools.partial(stream_step, self.model, geo=self.geo)
-    if self.n_models > 1:  # an ensemble: every member steps on the same chunk, their log-probabilities merged
-      members = jax.vmap(step, in_axes=(0, 0, None, None, None, None), out_axes=(0, 0, None))
-
-      def step(params, state, chunk, first, end, day):
-        state, logits, valid = members(params, state, chunk, first, end, day)
-        return state, merge_log_probs(logits, axis=0), valid
-
-    self._step = jax.jit(step, donate_argnums=1)
+    self._step = jax.jit(step_fn(config, self.model, self.geo), donate_argnums=1)
     self.reset()
 
   def reset(self) -> None:
