@@ -70,12 +70,29 @@ def test_summary_prints_parameter_counts_as_last_line(tmp_path):
 
 @pytest.mark.slow
 def test_train_then_eval_from_the_command_line(tmp_path, prepared_dir):
-  common = ["--config=configs/demo.py", f"--workdir={tmp_path}", f"--config.data.data_dir={prepared_dir}", *TINY]
+  """Train, eval and infer on diphone targets (the triple demo model with a 1601-way clean head; the phoneme
+  default runs the same commands in every other command-line test): what eval and infer decode are the 41
+  marginal phoneme log-probabilities."""
+  common = [
+    "--config=configs/demo.py",
+    f"--workdir={tmp_path}",
+    f"--config.data.data_dir={prepared_dir}",
+    *TINY,
+    "--config.model.targets=diphone",
+  ]
   final = _final(_run(*common)[-1])
   assert final["step"] == 3 and final["train_loss"] > 0
   last = _run(*common, "--config.mode=eval")[-1]
   # eval re-measures the best checkpoint: the PER that training recorded when it chose it, to the printed digit
-  assert last == f"val_per={best_meta(str(tmp_path))['val_per']:.4f}"
+  best = best_meta(str(tmp_path))
+  assert last == f"val_per={best['val_per']:.4f}"
+  _run(*common, "--config.mode=infer", "--config.infer.save_logits=True", "--config.infer.plot=False")
+  metrics = json.load(open(tmp_path / "infer_val" / "metrics.json"))
+  assert metrics["step"] == best["step"] and metrics["greedy_per"] == pytest.approx(best["val_per"], abs=1e-9)
+  logits = np.load(tmp_path / "infer_val" / "logits.npz")
+  for name in logits.files:
+    assert logits[name].shape[1] == 41
+    np.testing.assert_allclose(np.exp(logits[name]).sum(-1), 1.0, atol=1e-5)  # log-probabilities: marginals
 
 
 def test_synthetic_data_tool(tmp_path):
