@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -151,6 +152,9 @@ def test_benchmark_tool_runs():
   )
   assert p.returncode == 0, p.stderr[-3000:]
   assert "5 timed chunks, 6 logit rows emitted" in p.stdout and "per-chunk latency: median" in p.stdout
+  # The streamed rows of whole trials against the offline pass: the figure the README's streaming table shows.
+  diff = re.search(r"streamed vs offline logits: max \|diff\| (\S+) over 2 trial\(s\) of 500 bins", p.stdout)
+  assert diff and 0 <= float(diff.group(1)) <= ATOL, p.stdout
 
 
 def test_streaming_an_ensemble_gives_its_merged_log_probabilities():

@@ -5,7 +5,9 @@
   python tools/benchmark_streaming.py --config=WORKDIR/config.py --workdir=WORKDIR   # a trained / imported model
 
 Times `feed()` of one chunk (host -> device, the jitted step, logits back to the host), after a warm-up that
-covers compilation. A real-time BCI needs each chunk processed in less than the chunk's duration.
+covers compilation. A real-time BCI needs each chunk processed in less than the chunk's duration. Then streams
+--offline_trials whole random trials of --offline_bins bins and prints the largest difference between the streamed
+logit rows and the offline eval-mode forward pass of the same trial (steps.ensemble_logits, as mode=infer runs it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from absl import app, flags
 from flax import linen as nn
 from ml_collections import config_flags
 
+from b2t_jax import steps
+from b2t_jax.data.batching import pool_features
 from b2t_jax.decoding.streaming import StreamingDecoder
 from b2t_jax.models import create_model
 
@@ -37,6 +41,8 @@ _WORKDIR = flags.DEFINE_string(
 _CHUNKS = flags.DEFINE_integer("chunks", 500, "timed chunks")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "untimed chunks first (compilation, caches)")
 _DAY = flags.DEFINE_integer("day", 0, "day index whose day layer is used")
+_OFFLINE_TRIALS = flags.DEFINE_integer("offline_trials", 2, "whole trials streamed and compared with the offline pass")
+_OFFLINE_BINS = flags.DEFINE_integer("offline_bins", 500, "bins per compared trial")
 
 
 def _params(config):
@@ -54,6 +60,26 @@ def _params(config):
   model = create_model(config)
   x = jnp.zeros((1, config.model.patch_size, config.data.n_features // config.data.feature_pool))
   return nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(config.seed), x, jnp.zeros((1,), jnp.int32))["params"])
+
+
+def offline_max_diff(config, params, decoder: StreamingDecoder, rng: np.random.Generator) -> float:
+  """Largest |streamed - offline| logit over --offline_trials random trials fed in chunks of the decoder's size."""
+  fn = jax.jit(lambda p, b: steps.ensemble_logits(p, b, model=decoder.model, config=config)[0])
+  worst = 0.0
+  for _ in range(_OFFLINE_TRIALS.value):
+    raw = rng.normal(size=(_OFFLINE_BINS.value, config.data.n_features)).astype(np.float32)
+    rows = [decoder.feed(raw[i : i + decoder.geo.chunk]) for i in range(0, len(raw), decoder.geo.chunk)]
+    streamed = np.concatenate([*rows, decoder.finish()])
+    batch = {
+      "features": pool_features(raw, config.data.feature_pool)[None],
+      "n_time_steps": np.asarray([len(raw)], np.int32),
+      "day": np.asarray([_DAY.value], np.int32),
+    }
+    offline = np.asarray(fn(params, batch))[0]
+    if offline.shape != streamed.shape:
+      raise SystemExit(f"streamed rows {streamed.shape} and offline logits {offline.shape} differ in shape")
+    worst = max(worst, float(np.abs(streamed - offline).max()))
+  return worst
 
 
 def main(argv):
@@ -87,6 +113,13 @@ def main(argv):
     f"p99 {np.percentile(ms, 99):.2f} ms, max {ms.max():.2f} ms  "
     f"(real-time budget {budget:.0f} ms: {'met' if np.percentile(ms, 99) < budget else 'NOT met'} at p99)"
   )
+  if _OFFLINE_TRIALS.value > 0:
+    decoder.reset()
+    diff = offline_max_diff(config, params, decoder, rng)
+    print(
+      f"streamed vs offline logits: max |diff| {diff:.1e} over {_OFFLINE_TRIALS.value} trial(s) of "
+      f"{_OFFLINE_BINS.value} bins (dtype {config.model.dtype})"
+    )
 
 
 if __name__ == "__main__":
