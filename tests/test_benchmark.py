@@ -44,7 +44,7 @@ def _json_line(stdout: str) -> dict:
 
 @pytest.mark.slow
 def test_benchmark_scripts_agree_on_shapes_and_flops():
-  env = cpu_env(2)
+  env = cpu_env(2, fast_compile=False)
   sizes = dict(hidden=16, n_layers=2, batch=4, time_bins=40)
   jax_cmd = [
     sys.executable,

@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from conftest import compiled_for_runtime
 
 from b2t_jax import calibrate, config_check, evaluation, experiment, metrics, sharding
 from b2t_jax import checkpoint as ckpt_lib
@@ -88,6 +89,8 @@ def _train(root: str, workdir: str, transform, n_features: int = 512):
   c = _config(n_features)
   c.data.data_dir, c.data.cache_dir = files.data.data_dir, files.data.cache_dir
   exp = experiment.Experiment(c, mesh=sharding.create_mesh((1, 1), jax.devices()[:1]))
+  # minutes of steps: compiled for run time, not for the suite's fast compiles (conftest.FAST_COMPILE_FLAGS)
+  exp.train_step, exp.eval_step = compiled_for_runtime(exp.train_step), compiled_for_runtime(exp.eval_step)
   data = experiment.open_data(files, workdir)
   tr, val = data["train"], data["val"]
   state = exp.init_state()
