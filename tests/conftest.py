@@ -6,8 +6,13 @@ import os
 import tempfile
 
 # XLA's CPU collectives abort the whole process (LOG(FATAL) "Termination timeout ... exceeded") when one simulated
-# device reaches an all-reduce far later than the others. On 2 loaded cores the tests let them wait: only a real
-# deadlock fails a test, at the per-test timeout (pyproject.toml), with every thread's stack.
+# device reaches a collective far later than the others; on 2 loaded cores the tests let them wait. A real
+# deadlock was seen once in a full run (test_sharding's fsdp test, mesh (4, 2)): the 8 device threads waited in
+# three different collectives (6 in a collective-permute, one in an all-to-all, one in an all-gather) while
+# XLA:CPU's intra-op pool sat idle. That program runs while loops with collectives in their bodies beside top-level
+# collectives, which XLA:CPU's thunk executor orders by launch only ("scheduling" edges). 1,350 more steps of the
+# same program (alone, and beside a second copy) did not hang. The per-test timeout (pyproject.toml, thread
+# method) turns such a hang into a failure with every thread's stack instead of holding CI to its deadline.
 CPU_COLLECTIVE_FLAGS = (
   "--xla_cpu_collective_call_terminate_timeout_seconds=1800 --xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
 )
@@ -17,8 +22,18 @@ CPU_COLLECTIVE_FLAGS = (
 # test_sharding's Mamba-2 mesh test in 44 s instead of 75 s (cold cache). The same setting ran the permutation
 # module's training steps 3x slower, so programs that run for minutes compile at XLA's default level with
 # `FAST_RUNTIME` (compiler_options, which override these flags per program).
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-FAST_RUNTIME = {"xla_backend_optimization_level": 2, "xla_llvm_disable_expensive_passes": False}
+# XLA:CPU's MLIR fusion emitters and its XNNPACK rewrites cost compile time too: without them test_sharding's fsdp
+# test took 22 s instead of 29-36 s, the ensemble and wavefront tests 30 s instead of 42 s (one at a time, cold).
+FAST_COMPILE_FLAGS = (
+  "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  " --xla_cpu_use_fusion_emitters=false --xla_cpu_use_xnnpack=false"
+)
+FAST_RUNTIME = {
+  "xla_backend_optimization_level": 2,
+  "xla_llvm_disable_expensive_passes": False,
+  "xla_cpu_use_fusion_emitters": True,
+  "xla_cpu_use_xnnpack": True,
+}
 
 
 def xla_flags(devices: int, fast_compile: bool = True) -> str:
