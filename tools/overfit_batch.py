@@ -6,7 +6,7 @@
 The standard first check of a new objective or head: a correct one drives the PER of a batch it sees at every step
 towards 0; a fault in its labels, its loss or its decoding keeps it near chance (1.0) however long it trains. It
 uses the config's model, optimizer and learning-rate schedule (warm-up included) on one device; the batch is the
-one training would draw first (`pipeline.train_host_batch(split, config, 0)`); the config's augmentation and
+one training would draw first (`pipeline.train_batch_indices(split, config, 0)`); the config's augmentation and
 dropout still act inside each step, as in training (set them to 0 to see pure memorisation).
 Every `--every` steps a line `step N  per P  loss L  S s`; the last line is one JSON object with the PER curve.
 """
@@ -33,34 +33,25 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", "", "scratch folder for the prepared data's cache (default: a temp dir)")
 
 
-def batch_per(exp, params, batch, device_batch) -> float:
-  """Greedy PER of `params` on `batch` (the host copy; `device_batch` is it on the mesh)."""
-  from b2t_jax import metrics, sharding
-
-  out = sharding.to_host(exp.eval_step(params, device_batch))
-  per = metrics.ErrorRate()
-  for r in range(batch["features"].shape[0]):
-    hyp = metrics.greedy_decode(out["pred"][r], int(out["input_lens"][r]))
-    per.add(int(batch["day"][r]), hyp, batch["labels"][r, : batch["label_lens"][r]].tolist())
-  return per.rate()
-
-
 def overfit(config, steps: int, every: int, workdir: str) -> dict:
   """Trains `steps` steps on training batch 0 of `config`'s data -> {'per': [(step, PER)], 'losses': the training
   loss of every step (on that batch, before the step's update), 'seconds'}."""
   import jax
 
-  from b2t_jax import experiment, sharding
+  from b2t_jax import evaluation, experiment, sharding
   from b2t_jax.data import pipeline
 
   exp = experiment.Experiment(config, mesh=sharding.create_mesh((1, 1), jax.devices()[:1]))
   split = experiment.open_data(config, workdir, ("train",))["train"]
-  batch = pipeline.train_host_batch(split, config, 0)
-  device_batch = sharding.shard_batch(batch, exp.mesh)
+  idx = pipeline.train_batch_indices(split, config, 0)
+  device_batch = sharding.shard_batch(pipeline.train_host_batch(split, config, 0), exp.mesh)
+  # the PER of those trials as evaluation measures every PER (greedy, real rows only), in eval-size batches
+  size = config.data.eval_batch_size
+  plan = [idx[i : i + size] for i in range(0, len(idx), size)]
   state, curve, losses, t0 = exp.init_state(), [], [], time.time()
   for k in range(steps + 1):
     if k % every == 0 or k == steps:
-      curve.append((k, batch_per(exp, state.params, batch, device_batch)))
+      curve.append((k, evaluation.evaluate(exp, state.params, split, plan)["val_per"]))
       loss = f"{losses[-1]:.3f}" if losses else "-"
       print(f"step {k}  per {curve[-1][1]:.3f}  loss {loss}  {time.time() - t0:.0f} s", flush=True)
     if k < steps:
