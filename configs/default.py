@@ -136,7 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   l.intermediate_ctc_weight = 0.3  # model.intermediate_ctc: loss + w * mean CTC of the intermediate heads
   l.phoneme_ctc_weight = 0.3  # model.targets='both': loss + w * CTC of the auxiliary phoneme head (not tuned)
   # model.targets diphone/both: loss + w * CTC of the diphone head's phoneme marginals (DCoND's joint objective, its
-  # alpha = 0.5 up to scale); 0 = the diphone CTC alone. Neither learned on the demo in 600 steps (README)
+  # alpha = 0.5 up to scale); 0 = the diphone CTC alone. Both learn far more slowly than phonemes (README)
   l.marginal_ctc_weight = 1.0
 
   c.optim = o = ml_collections.ConfigDict()
