@@ -360,7 +360,8 @@ def shortfall(summary: dict[str, Any]) -> str:
 
 
 def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
-  """The README's table of tools/aot_compile.py JSON summaries (with 'config' and 'fsdp'): per chip, the train
+  """The README's table of tools/aot_compile.py JSON summaries (with 'config', 'fsdp' and 'encoder', the config's
+  model.encoder, named after the config when it is not the GRU; rows without it are GRU rows): per chip, the train
   step's argument and temporary bytes (or the compiler's refusal), the total against HBM, the step's FLOP bound."""
   out = [
     "| config | slice (chips) | fsdp | arguments | temporaries | per chip | HBM | fits | compile | step ≥ |",
@@ -374,8 +375,11 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
       need = f"{t['required_bytes'] / GIB:.2f} GiB" if t["required_bytes"] else "?"
       figures = f"{t['arg_bytes'] / GIB:.2f} GiB | refused: needs {need} | —"
     bound = f"{r['step_lower_bound_s'] * 1e3:.3g} ms" if r.get("step_lower_bound_s") else "—"
+    name = r["config"].removesuffix(".py")
+    if r.get("encoder", "gru") != "gru":
+      name += f" ({r['encoder']})"
     out.append(
-      f"| {r['config'].removesuffix('.py')} | {r['topology']} ({r['chips']}) | {'on' if r['fsdp'] else 'off'} | "
+      f"| {name} | {r['topology']} ({r['chips']}) | {'on' if r['fsdp'] else 'off'} | "
       f"{figures} | {r['hbm_bytes'] / GIB:.0f} GiB | {'yes' if r['fits'] else '**no**'} | {t['seconds']:.0f} s | "
       f"{bound} |"
     )

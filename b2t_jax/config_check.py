@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from b2t_jax.data.t15 import SPLITS
+from b2t_jax.diphones import TARGETS
 from b2t_jax.models import mamba2, transformer
 from b2t_jax.models.encoders import ENCODERS
 
@@ -27,6 +28,7 @@ ENUMS = {
   "data.synthetic.length_profile": ("demo", "t15"),
   "model.kind": ("gru", "triple"),
   "model.encoder": ENCODERS,
+  "model.targets": TARGETS,
   "model.dtype": ("float32", "bfloat16", "float16"),
   "model.gru_backward": ("custom", "autodiff"),
   "infer.split": SPLITS,
@@ -89,6 +91,8 @@ NON_NEGATIVE = (
   "aug.smooth_threshold",
   "aug.time_jitter_shift_bins",
   "loss.intermediate_ctc_weight",
+  "loss.phoneme_ctc_weight",
+  "loss.marginal_ctc_weight",
   "loss.noisy_weight",
   "loss.noise_l2_weight",
   "loss.adversarial_warmup_steps",

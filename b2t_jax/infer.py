@@ -13,7 +13,8 @@ n-best list, the rescorer) and writes what they give. Restores DIR/best (else DI
 - per_day.csv     per-day greedy PER and WERs (labelled splits), per_day.png the same as a plot
 - skipped_trials.json  the split's skip counts (the workdir itself is only read: it may be read-only)
 - metrics.json    the aggregate numbers (PER, WERs, OOV rate, vocabulary counts); logits.npz (with
-                  infer.save_logits) the raw logits per trial
+                  infer.save_logits) the raw (P, 41) logits per trial (diphone targets: the marginal phoneme
+                  log-probabilities; an ensemble: its merged log-probabilities)
 - missing_words.txt  words of the decoding vocabulary without a pronunciation (when there are any); words that
                   lost every trie slot to more probable homophones are listed in metrics.json
 - mismatched_transcripts.txt  training trials whose word count differs from their labels' word boundaries
@@ -88,7 +89,8 @@ def ensemble_logits(
 ) -> tuple[dict[int, np.ndarray], int]:
   """Record index -> (P, 41) scores of `split` from the workdir's checkpoint, merged with those of every workdir
   of `config.infer.ensemble_workdirs` (each restored with its own recorded config and this machine's
-  `LAUNCH_FIELDS`) by the mean log-probability of all their members (a K-member workdir counts K times).
+  `LAUNCH_FIELDS`) by the mean log-probability of all their members (a K-member workdir counts K times). Workdirs
+  of different `model.targets` merge: a diphone model contributes its marginal phoneme log-probabilities.
   Returns (scores, the main checkpoint's step)."""
   flat = workdir_lib.flat_config(config)
   launch = {k: flat[k] for k in LAUNCH_FIELDS}

@@ -1,4 +1,5 @@
-"""CTC with infeasible-trial masking (SPEC §4) and the triple objective (SPEC §3.4)."""
+"""CTC with infeasible-trial masking (SPEC §4), the triple objective (SPEC §3.4) and the diphone targets' CTC
+(`b2t_jax/diphones.py`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from b2t_jax import diphones
 from b2t_jax.vocab import BLANK_ID
 
 
@@ -53,21 +55,44 @@ def decoder_loss(
   noisy_weight: float,
   noise_l2_weight: float,
   intermediate_weight: float = 0.0,
+  phoneme_weight: float = 0.0,
+  marginal_weight: float = 0.0,
   denom: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
   """Mean CTC over trials with weight > 0 (after masking infeasible ones) of a model's 'full' outputs
-  ({'logits', 'intermediate', and for the triple model 'noisy_logits', 'noise'}):
+  ({'logits', 'intermediate', for diphone targets 'diphone_logits' (and 'phoneme_logits' for both), and for the
+  triple model 'noisy_logits', 'noise'}):
 
-    CTC(logits) + intermediate_weight * mean_k CTC(intermediate_k)
-                [triple] + noisy_weight * CTC(noisy_logits) + noise_l2_weight * mean(noise^2)
+    CTC(main) [diphone/both] + marginal_weight * CTC(logits) [both] + phoneme_weight * CTC(phoneme_logits)
+              + intermediate_weight * mean_k CTC(intermediate_k)
+              [triple] + noisy_weight * CTC(noisy_logits) + noise_l2_weight * mean(noise^2)
 
+  The main CTC ('ctc' in the metrics) is that of 'diphone_logits' on the diphone labels (diphones.diphone_labels)
+  when the model has a diphone head, else that of 'logits' on the phonemes; every other head is phoneme-level.
+  With a diphone head, 'logits' are its phoneme marginals: their CTC ('ctc_marginal', DCoND's joint objective)
+  trains the diphone head on the phonemes too.
+  A trial is feasible when its phonemes fit its frames, for every head: diphone labels never need more frames.
   `weights` (B,) is 1 for real trials and 0 for padding rows. Returns (loss, aux metrics).
   """
-  nll, feasible = ctc_per_trial(outputs["logits"], input_lens, labels, label_lens)
+  feasible = feasible_mask(input_lens, labels, label_lens)
+  if "diphone_logits" in outputs:
+    n_classes = outputs["logits"].shape[-1]  # the phoneme classes the diphones are pairs of
+    targets = diphones.diphone_labels(labels, label_lens, n_classes)
+    nll, _ = ctc_per_trial(outputs["diphone_logits"], input_lens, targets, label_lens)
+  else:
+    nll, _ = ctc_per_trial(outputs["logits"], input_lens, labels, label_lens)
   w = weights * feasible.astype(jnp.float32)
   ctc = masked_mean(nll, w, denom)
   aux = {"ctc": ctc, "n_infeasible": jnp.sum((weights > 0) & ~feasible), "n_trials": jnp.sum(w)}
   loss = ctc
+  if "diphone_logits" in outputs and marginal_weight:
+    aux["ctc_marginal"] = masked_mean(ctc_per_trial(outputs["logits"], input_lens, labels, label_lens)[0], w, denom)
+    loss = loss + marginal_weight * aux["ctc_marginal"]
+  if "phoneme_logits" in outputs:
+    aux["ctc_phoneme"] = masked_mean(
+      ctc_per_trial(outputs["phoneme_logits"], input_lens, labels, label_lens)[0], w, denom
+    )
+    loss = loss + phoneme_weight * aux["ctc_phoneme"]
   intermediate = outputs.get("intermediate", ())
   if intermediate:
     # the same trials as the final head: every head reads the same patches

@@ -107,6 +107,8 @@ def train_step(
       noisy_weight=config.loss.noisy_weight,
       noise_l2_weight=config.loss.noise_l2_weight / n_micro,
       intermediate_weight=config.loss.intermediate_ctc_weight,
+      phoneme_weight=config.loss.phoneme_ctc_weight,
+      marginal_weight=config.loss.marginal_ctc_weight,
       denom=denom,
     )
 
@@ -198,7 +200,8 @@ def inference_logits(
   params: Any, batch: dict, *, model: nn.Module, config: ml_collections.ConfigDict
 ) -> tuple[jax.Array, jax.Array]:
   """Eval-time preprocessing (smoothing only) and the inference-mode forward pass on a padded batch:
-  (logits (B, P, C), valid patches per trial (B,), negative for trials shorter than a patch)."""
+  (logits (B, P, C), valid patches per trial (B,), negative for trials shorter than a patch). C is the phoneme
+  classes whatever `model.targets`: a diphone model returns its marginal log-probabilities."""
   x, lengths = preprocess(None, batch["features"], batch["n_time_steps"], config.aug)
   input_lens = n_patches(lengths, config.model.patch_size, config.model.patch_stride)
   return model.apply({"params": params}, x, batch["day"], train=False, mode="inference"), input_lens
@@ -218,7 +221,12 @@ def ensemble_logits(
 
 def eval_step(params: Any, batch: dict, *, model: nn.Module, config: ml_collections.ConfigDict) -> dict:
   """Inference-mode forward pass on a padded eval batch: per-trial CTC loss and per-frame argmax (of the merged
-  log-probabilities for an ensemble, whose members' argmax is 'member_pred' (B, K, P))."""
+  log-probabilities for an ensemble, whose members' argmax is 'member_pred' (B, K, P)).
+
+  The loss (the val loss, and the best checkpoint's tie-break) is the phoneme CTC of what is decoded, for every
+  `model.targets`: for diphone targets the CTC of the marginal phoneme posteriors, not the diphone CTC trained on,
+  so that it ranks what PER and the word decoder read, means the same for one model and an ensemble (merged over
+  marginals), and compares across targets."""
   logits, input_lens, members = ensemble_logits(params, batch, model=model, config=config)
   nll, feasible = losses.ctc_per_trial(logits, input_lens, batch["labels"], batch["label_lens"])
   out = {

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from b2t_jax import diphones
 from b2t_jax.models import create_model, encoders
 from b2t_jax.models.decoders import model_hparams
 
@@ -32,8 +33,10 @@ def forward_flops(config: ml_collections.ConfigDict, time_bins: int) -> int:
 
   Counts the day layers and the optional projection (per bin), each encoder stack's own count
   (`encoders.stack_flops`: a GRU's input and recurrent projections, a transformer's projections and attention, a
-  Mamba-2 stack's projections, conv and SSD matmuls), the intermediate CTC heads and the output heads (per patch);
-  elementwise work (gates, softsign, norms, CTC) is left out, as MFU conventions do.
+  Mamba-2 stack's projections, conv and SSD matmuls), the intermediate CTC heads and the output heads (per patch:
+  the speech head's `model.targets` classes, the auxiliary phoneme head of 'both', the triple's phoneme-level noisy
+  head); elementwise work (gates, softsign, norms, the diphone marginalisation, CTC) is left out, as MFU
+  conventions do.
   """
   m = config.model
   hp = model_hparams(config)
@@ -46,14 +49,16 @@ def forward_flops(config: ml_collections.ConfigDict, time_bins: int) -> int:
     return encoders.stack_flops(hp, n_layers, d_in, width, patches, keep_width=keep_width)
 
   width = encoders.output_width(hp, m.hidden, keep_width=False)  # what the heads read
-  head = 2 * width * m.n_classes * patches
+  phoneme_head = 2 * width * m.n_classes * patches
+  speech_head = 2 * width * diphones.head_classes(m.targets, m.n_classes) * patches
+  speech_head += phoneme_head if m.targets == "both" else 0
   ictc = len(hp.intermediate_ctc) * 2 * (2 * encoders.stream_width(hp, m.hidden) * m.n_classes) * patches
   if m.kind == "gru":
-    return day + stack(m.n_layers, m.hidden) + ictc + head
+    return day + stack(m.n_layers, m.hidden) + ictc + speech_head
   noise = stack(m.noise_layers, patch_dim, keep_width=True)
   clean = stack(m.clean_layers, m.hidden)
   noisy = stack(m.noisy_layers, m.hidden)
-  return 2 * day + noise + clean + noisy + ictc + 2 * head
+  return 2 * day + noise + clean + noisy + ictc + speech_head + phoneme_head
 
 
 def train_step_flops(config: ml_collections.ConfigDict, batch: int, time_bins: int) -> int:

@@ -77,6 +77,9 @@ ADDED_LATER = {
   "model.encoder": "gru",
   "model.intermediate_ctc": [],
   "loss.intermediate_ctc_weight": 0.3,
+  "model.targets": "phoneme",
+  "loss.phoneme_ctc_weight": 0.3,  # unused by phoneme targets: the default
+  "loss.marginal_ctc_weight": 1.0,  # unused by phoneme targets: the default
   "aug.time_jitter_shift_bins": 0,
   "aug.time_jitter_stretch": 0.0,
   "aug.time_mask_fraction": 0.0,

@@ -124,12 +124,20 @@ def get_config() -> ml_collections.ConfigDict:
   m.transformer = transformer.default_config()  # encoder='transformer': one comment per knob in models/transformer.py
   m.mamba2 = mamba2.default_config()  # encoder='mamba2': one comment per knob in models/mamba2.py
   m.intermediate_ctc = ()  # layer indices of the speech stack followed by a self-conditioned CTC head; () = off
+  # What the speech head predicts (b2t_jax/diphones.py): phoneme (SPEC) | diphone (CTC over 1 + 40*40 (previous,
+  # current) pairs, decoded as their phoneme marginals; loss.marginal_ctc_weight) | both (diphone + a phoneme head,
+  # loss.phoneme_ctc_weight)
+  m.targets = "phoneme"
 
   c.loss = l = ml_collections.ConfigDict()
   l.noisy_weight = 0.2  # triple: weight of the adversarial CTC term
   l.noise_l2_weight = 0.0  # triple: weight of mean(noise^2)
   l.adversarial_warmup_steps = 0  # triple: GRL lambda ramps linearly from 0 over this many steps
   l.intermediate_ctc_weight = 0.3  # model.intermediate_ctc: loss + w * mean CTC of the intermediate heads
+  l.phoneme_ctc_weight = 0.3  # model.targets='both': loss + w * CTC of the auxiliary phoneme head (not tuned)
+  # model.targets diphone/both: loss + w * CTC of the diphone head's phoneme marginals (DCoND's joint objective, its
+  # alpha = 0.5 up to scale); 0 = the diphone CTC alone. Both learn far more slowly than phonemes (README)
+  l.marginal_ctc_weight = 1.0
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr_peak = 0.005  # peak learning rate
@@ -220,7 +228,8 @@ def get_config() -> ml_collections.ConfigDict:
   inf.split = "val"  # val (with PER/WER) | test (competition CSV) | train
   inf.out_dir = ""  # "" = WORKDIR/infer_<split>
   inf.checkpoint = "best"  # best | latest: which checkpoint manager to restore from (falls back to latest)
-  inf.save_logits = False  # also write logits.npz: (T, 41) logits (an ensemble's merged log-probs) per trial
+  inf.save_logits = False  # also write logits.npz: (T, 41) logits (an ensemble's merged log-probs; diphone targets'
+  # marginal log-probs) per trial
   inf.plot = True  # write per_day.png (per-day PER and WER)
   inf.member = -1  # k >= 0: decode only member k of an ensemble workdir (train.n_models > 1); -1 = all, merged
   inf.ensemble_workdirs = ""  # DIR,DIR: also merge these workdirs' members (same patching, classes, sessions)

@@ -5,7 +5,75 @@ import dataclasses
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA's CPU collectives abort the whole process (LOG(FATAL) "Termination timeout ... exceeded") when one simulated
+# device reaches a collective far later than the others; on 2 loaded cores the tests let them wait. A real
+# deadlock was seen once in a full run (test_sharding's fsdp test, mesh (4, 2)): the 8 device threads waited in
+# three different collectives (6 in a collective-permute, one in an all-to-all, one in an all-gather) while
+# XLA:CPU's intra-op pool sat idle. That program runs while loops with collectives in their bodies beside top-level
+# collectives, which XLA:CPU's thunk executor orders by launch only ("scheduling" edges). 1,350 more steps of the
+# same program (alone, and beside a second copy) did not hang. The per-test timeout (pyproject.toml, thread
+# method) turns such a hang into a failure with every thread's stack instead of holding CI to its deadline.
+CPU_COLLECTIVE_FLAGS = (
+  "--xla_cpu_collective_call_terminate_timeout_seconds=1800 --xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
+)
+
+
+# The suite is bound by XLA's compile time, not by running its tiny programs: LLVM's optimisation level 0 compiled
+# test_sharding's Mamba-2 mesh test in 44 s instead of 75 s (cold cache). The same setting ran the permutation
+# module's training steps 3x slower, so programs that run for minutes compile at XLA's default level with
+# `FAST_RUNTIME` (compiler_options, which override these flags per program).
+# XLA:CPU's MLIR fusion emitters and its XNNPACK rewrites cost compile time too: without them test_sharding's fsdp
+# test took 22 s instead of 29-36 s, the ensemble and wavefront tests 30 s instead of 42 s (one at a time, cold).
+FAST_COMPILE_FLAGS = (
+  "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  " --xla_cpu_use_fusion_emitters=false --xla_cpu_use_xnnpack=false"
+)
+FAST_RUNTIME = {
+  "xla_backend_optimization_level": 2,
+  "xla_llvm_disable_expensive_passes": False,
+  "xla_cpu_use_fusion_emitters": True,
+  "xla_cpu_use_xnnpack": True,
+}
+
+
+def xla_flags(devices: int, fast_compile: bool = True) -> str:
+  """XLA_FLAGS for `devices` simulated CPU devices, with the collectives' patience and the fast compiles above."""
+  fast = FAST_COMPILE_FLAGS if fast_compile else ""
+  return f"--xla_force_host_platform_device_count={devices} {CPU_COLLECTIVE_FLAGS} {fast}".strip()
+
+
+_RUNTIME_EXECUTABLES = {}  # lowered program text -> executable compiled with FAST_RUNTIME, for this process
+
+
+def compiled_for_runtime(jitted):
+  """`jitted` (a jax.jit function) compiled with FAST_RUNTIME, once per program: for a test's long loops. Runs that
+  build the same program (the permutation module's five trainings, on new Experiments) share the executable."""
+  import hashlib
+
+  import jax  # after the environment above is set
+
+  by_shapes = {}
+
+  def call(*args):
+    key = str([(getattr(a, "shape", None), getattr(a, "dtype", None)) for a in jax.tree.leaves(args)])
+    if key not in by_shapes:
+      lowered = jitted.lower(*args)
+      text = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+      if text not in _RUNTIME_EXECUTABLES:
+        _RUNTIME_EXECUTABLES[text] = lowered.compile(compiler_options=FAST_RUNTIME)
+      by_shapes[key] = _RUNTIME_EXECUTABLES[text]
+    return by_shapes[key](*args)
+
+  return call
+
+
+def cpu_env(devices: int, fast_compile: bool = True) -> dict:
+  """This process's environment for a command-line run on `devices` simulated CPU devices (`fast_compile=False`:
+  XLA's default optimisation, for the benchmark tools, whose figures describe optimised programs)."""
+  return {**os.environ, "XLA_FLAGS": xla_flags(devices, fast_compile)}
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite runs on the CPU. With libtpu installed (the tpu extra, for tools/aot_compile.py) JAX would probe for a
 # TPU in every process, this one and the command-line runs it starts, and log errors where there is none; the
@@ -14,7 +82,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same small programs, in-process and in the command-line runs they start (which inherit
 # this environment): JAX's persistent compilation cache compiles each of them once per machine, not once per test.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "b2t_jax_tests_xla_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -33,6 +101,9 @@ TINY_SIZES = {
   "data.days_per_batch": 2,
   "data.eval_batch_size": 8,
   "data.time_buckets": (256, 512),
+  # fewer GRU layers in the triple's clean and noisy decoders (3 and 2 in the demo): the same code, less to compile
+  "model.clean_layers": 2,
+  "model.noisy_layers": 1,
 }
 
 
@@ -158,8 +229,27 @@ def tiny(prepared_dir):
   return tiny_config(prepared_dir)
 
 
+UNGROUPED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's, which gives grouped tests their '@GROUP' ids
 def pytest_collection_modifyitems(config, items):
   """Tests marked slow run first, so that both xdist workers start on them and the run does not end on one
-  long test while the other worker idles."""
-  del config
+  long test while the other worker idles.
+
+  Under `--dist loadgroup`, pytest-xdist sends the tests of one `xdist_group` to one worker by appending
+  '@GROUP' to their ids; where a pytest release stops honouring that (9.2 with xdist 3.8), the group's module
+  fixture (the permutation module's five training runs) is silently computed once per worker. Such tests fail."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  if getattr(config.option, "loadgroup", False):
+    for item in items:
+      item.stash[UNGROUPED] = bool(item.get_closest_marker("xdist_group")) and "@" not in item.nodeid
+
+
+def pytest_runtest_setup(item):
+  if item.stash.get(UNGROUPED, False):
+    pytest.fail(
+      f"--dist loadgroup does not group {item.nodeid} with the other tests of its xdist_group under pytest "
+      f"{pytest.__version__}: install the versions pyproject.toml's test extra allows",
+      pytrace=False,
+    )

@@ -59,7 +59,8 @@ def test_train_eval_and_stream_steps_compile_for_a_tpu_slice_with_consistent_fig
   # The README table's rows: a fitting one with its figures, a refused one with the compiler's requirement.
   refused = {**small, "fits": False, "per_chip_bytes": None, "config": "demo.py", "fsdp": True}
   refused["steps"] = {"train": {**train, "compiled": False, "required_bytes": 20 * aot.GIB}}
-  rows = aot.markdown_table([{**s, "config": "demo.py", "fsdp": False}, refused]).splitlines()
+  mamba = {**s, "config": "demo.py", "fsdp": False, "encoder": "mamba2"}
+  rows = aot.markdown_table([{**s, "config": "demo.py", "fsdp": False}, refused, mamba]).splitlines()
   gib = aot.GIB
   assert rows[2] == (
     f"| demo | v5e-4 (4) | off | {train['argument'] / gib:.2f} GiB | {train['temp'] / gib:.2f} GiB | "
@@ -70,6 +71,7 @@ def test_train_eval_and_stream_steps_compile_for_a_tpu_slice_with_consistent_fig
     f"| demo | v5e-4 (4) | on | {train['arg_bytes'] / gib:.2f} GiB | refused: needs 20.00 GiB |"
   )
   assert "| **no** |" in rows[3]
+  assert rows[4].startswith("| demo (mamba2) | v5e-4 (4) | off |")  # the encoder is named unless it is the GRU
 
 
 def test_fsdp_lowers_the_compilers_argument_bytes_as_the_shardings_predict():

@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import cpu_env
 
 from b2t_jax import summary
 from b2t_jax.models import create_model
@@ -43,7 +44,7 @@ def _json_line(stdout: str) -> dict:
 
 @pytest.mark.slow
 def test_benchmark_scripts_agree_on_shapes_and_flops():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = cpu_env(2, fast_compile=False)
   sizes = dict(hidden=16, n_layers=2, batch=4, time_bins=40)
   jax_cmd = [
     sys.executable,

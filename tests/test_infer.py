@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY_SIZES, as_flags, load_hdf5_split
+from conftest import TINY_SIZES, as_flags, cpu_env, load_hdf5_split
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import evaluation, experiment, vocab
@@ -67,14 +67,16 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
       "--config.decode.nbest=3",
       "--config.decode.rescore.kind=ngram",
       f"--config.decode.rescore.path={lm}",
-      "--config.decode.rescore.weight=0.5",
-      "--config.decode.rescore.word_bonus=10",  # the longest hypothesis wins: the rescored words differ
+      # a negative LM weight prefers the n-best entries the first pass's LM liked least: whatever the tiny model
+      # emits (one word per trial, say), the second pass must then change some choices
+      "--config.decode.rescore.weight=-5",
+      "--config.decode.rescore.word_bonus=10",
     ],
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=600,
-    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    env=cpu_env(8),
   )
   assert p.returncode == 0, p.stderr[-3000:]
   last = p.stdout.strip().splitlines()[-1]
@@ -101,14 +103,14 @@ def test_infer_val_from_the_command_line(trained, synthetic_dir, prepared_dir):
     assert rec["true_phonemes"].split() == [vocab.PHONEMES[i].strip() for i in trial.labels]
     assert set(rec["greedy_phonemes"].split()) <= {p.strip() for p in vocab.PHONEMES[1:]}
     assert row[1] == rec["words_lm"] and isinstance(rec["words_no_lm"], str)
-    # the first pass's n-best list, rescored by 0.5 ln P of the same LM (natural log of its log10 score)
+    # the first pass's n-best list, rescored by -5 ln P of the same LM (natural log of its log10 score)
     nbest = rec["nbest"]
     assert 1 <= len(nbest) <= 3 and nbest[0]["words"] == rec["words_lm_first_pass"] and rec["rescored"]
     assert [h["total"] for h in nbest] == sorted((h["total"] for h in nbest), reverse=True)
     for h in nbest:
       assert h["rescore_lm"] == pytest.approx(np.log(10) * h["lm"], abs=1e-3)
       assert h["rescore_total"] == pytest.approx(
-        h["total"] + 0.5 * h["rescore_lm"] + 10 * len(h["words"].split()), abs=1e-3
+        h["total"] - 5 * h["rescore_lm"] + 10 * len(h["words"].split()), abs=1e-3
       )
     assert rec["words_lm"] == max(nbest, key=lambda h: h["rescore_total"])["words"]
   assert any(rec["words_lm"] != rec["words_lm_first_pass"] for rec in recs)

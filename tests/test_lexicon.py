@@ -90,8 +90,16 @@ def _write_tree(root):
 
 
 def test_build_lexicon_tool_writes_what_decode_lexicon_path_reads(tmp_path):
+  from absl import flags
+
   sys.path.insert(0, os.path.join(ROOT, "tools"))
+  defined = set(flags.FLAGS)
   import build_lexicon
+
+  # its required --data_dir/--out would otherwise stay in absl's global flags for every later test of this worker
+  # that parses b2t_jax.main's flags (test_main's documented commands); build() takes its arguments directly
+  for name in set(flags.FLAGS) - defined:
+    delattr(flags.FLAGS, name)
 
   _write_tree(tmp_path / "tree")
   out = str(tmp_path / "lexicon.txt")

@@ -15,6 +15,7 @@ import optax
 import pytest
 import torch
 import yaml
+from conftest import cpu_env
 from test_torch_import import TorchGRUDecoder, TorchTriple, _load_config
 
 from b2t_jax import checkpoint as ckpt_lib
@@ -361,7 +362,7 @@ def test_gru_export_loads_into_torch_and_imports_back_bit_for_bit(tmp_path):
   p = subprocess.run(
     [sys.executable, "tools/export_torch_checkpoint.py", f"--workdir={workdir}", f"--out={out}"],
     cwd=ROOT,
-    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    env=cpu_env(1),
     capture_output=True,
     text=True,
     timeout=300,
@@ -482,7 +483,7 @@ def _tiny_yaml(path, dataset_dir: str, output_dir: str, per_core: int, **top) ->
 
 
 def _tool(*args, cwd, devices: int = 1):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = cpu_env(devices)
   return subprocess.run(
     [sys.executable, os.path.join(ROOT, "tools", args[0]), *args[1:]],
     cwd=cwd,

@@ -25,9 +25,11 @@ ATOL = 2e-5
 
 
 @functools.cache  # one init per (kind, seed, ...) for the whole module
-def _model_and_params(kind: str, seed: int = 0, patch_features: int = 0, encoder: str = "gru"):
+def _model_and_params(
+  kind: str, seed: int = 0, patch_features: int = 0, encoder: str = "gru", targets: str = "phoneme"
+):
   c = tiny_encoder(encoder, kind, intermediate=(0,) if encoder != "gru" else ())
-  c.model.patch_features = patch_features
+  c.model.patch_features, c.model.targets = patch_features, targets
   c.data.sessions = c.data.sessions[:3]
   c.model.n_layers = 2  # fewer layers compile faster; the layer loop is the same code
   c.model.transformer.max_len = 40  # streaming KV cache of 40 patches: the 100-bin trial (22 patches) fits
@@ -69,13 +71,21 @@ def _stream(decoder, raw, sizes):
 
 
 @pytest.mark.parametrize(
-  "kind,patch_features,encoder",
-  [("gru", 0, "gru"), ("triple", 0, "gru"), ("triple", 5, "gru"), ("gru", 0, "transformer"), ("triple", 0, "mamba2")],
+  "kind,patch_features,encoder,targets",
+  [
+    ("gru", 0, "gru", "phoneme"),
+    ("triple", 0, "gru", "phoneme"),
+    ("triple", 5, "gru", "phoneme"),
+    ("gru", 0, "transformer", "phoneme"),
+    ("triple", 0, "mamba2", "phoneme"),
+    ("gru", 0, "gru", "both"),
+  ],
 )
-def test_streaming_equals_offline(kind, patch_features, encoder):
+def test_streaming_equals_offline(kind, patch_features, encoder, targets):
   """Every encoder streams (a transformer's KV cache, a Mamba-2 stack's conv and SSM states; both with an
-  intermediate CTC head conditioning the stream) to the offline logits."""
-  c, model, params = _model_and_params(kind, patch_features=patch_features, encoder=encoder)
+  intermediate CTC head conditioning the stream) to the offline logits; diphone targets stream their 41 marginal
+  log-probabilities."""
+  c, model, params = _model_and_params(kind, patch_features=patch_features, encoder=encoder, targets=targets)
   if kind == "triple":  # the projection exists exactly when asked for
     assert ("proj" in params["noise_model"]["frontend"]) == bool(patch_features)
   rng = np.random.default_rng(1)
@@ -84,7 +94,7 @@ def test_streaming_equals_offline(kind, patch_features, encoder):
     raw = rng.normal(size=(t, c.data.n_features)).astype(np.float32) + 0.5
     want = _offline(c, model, params, raw, 2, pad_to=128)
     got = _stream(decoder, raw, [4] * (t // 4))  # 80 ms chunks, the real-time case
-    assert got.shape == want.shape and want.shape[0] == (t - 14) // 4 + 1
+    assert got.shape == want.shape == ((t - 14) // 4 + 1, c.model.n_classes)
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
     assert np.abs(want).max() > 0.1
     # Ragged arrival (1, 7, 3, ... bins) must not change anything: the decoder re-chunks internally.

@@ -90,3 +90,21 @@ def test_colab_notebook_runs_on_cpu(tmp_path, prepared_dir):
   # the last cell evaluates the best checkpoint: the PER training recorded when it chose that checkpoint
   recorded = best_meta(str(tmp_path))
   assert (ns["best"]["step"], ns["best"]["val_per"]) == (recorded["step"], recorded["val_per"])
+
+
+def test_overfit_batch_trains_on_its_one_batch_and_reports_that_batchs_per(tiny, tmp_path):
+  """tools/overfit_batch.py: importing it defines no flags; it steps on one batch (its loss falls from step to
+  step at the peak LR, as a fixed batch's does) and reports the PER of that batch at the steps asked."""
+  from absl import flags
+  from test_train import live_lr
+
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  defined = set(flags.FLAGS)
+  import overfit_batch
+
+  assert set(flags.FLAGS) == defined
+  result = overfit_batch.overfit(live_lr(tiny), steps=4, every=2, workdir=str(tmp_path))
+  assert [s for s, _ in result["per"]] == [0, 2, 4]
+  losses = result["losses"]
+  assert len(losses) == 4 and all(b < a for a, b in zip(losses, losses[1:])), losses
+  assert all(0.5 < p <= 1.5 for _, p in result["per"]), result["per"]  # 4 steps: far from memorised

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch  # a plain import: the [test] extra installs torch, so a missing one fails the suite, never skips it
 import yaml
+from conftest import cpu_env
 from torch import nn as tnn
 
 from b2t_jax import checkpoint as ckpt_lib
@@ -247,7 +248,7 @@ def test_import_matches_torch_logits_and_phonemes(imported, synthetic_dir, tmp_p
 def test_infer_cli_runs_on_the_imported_workdir(imported, synthetic_dir, tmp_path):
   """The issue's flow: import, then `mode=infer` on the written config and checkpoint decodes a dataset."""
   _, workdir = imported
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = cpu_env(1)
   p = subprocess.run(
     [
       sys.executable,
@@ -272,6 +273,7 @@ def test_infer_cli_runs_on_the_imported_workdir(imported, synthetic_dir, tmp_pat
     metrics_json = json.load(f)
   assert p.stdout.strip().splitlines()[-1] == (
     f"greedy_per={metrics_json['greedy_per']:.4f} wer_no_lm={metrics_json['wer_no_lm']:.4f} wer_lm=n/a"
+    f" oov_rate={metrics_json['oov_rate']:.4f}"
   )
   with open(os.path.join(out_dir, "trials.jsonl")) as f:
     trials = [json.loads(line) for line in f]

@@ -52,12 +52,14 @@ def main(argv):
     return 1
   summary["config"] = os.path.basename(flags.FLAGS["config"].config_filename)
   summary["fsdp"] = bool(config.fsdp)
+  summary["encoder"] = config.model.encoder
   summary["batch"] = config.data.batch_size
   summary["grad_accum"] = config.optim.grad_accum_steps
   summary["dtype"] = config.model.dtype
   gib = aot.GIB
   print(
-    f"{summary['config']} on {summary['topology']} ({summary['chips']} x {summary['device_kind']}, mesh "
+    f"{summary['config']} ({summary['encoder']}) on {summary['topology']} ({summary['chips']} x "
+    f"{summary['device_kind']}, mesh "
     f"{tuple(summary['mesh'])}, fsdp {summary['fsdp']}, batch {summary['batch']} / accum {summary['grad_accum']}, "
     f"{_T.value} bins), per chip, HBM {summary['hbm_bytes'] / gib:.2f} GiB:"
   )
@@ -79,7 +81,7 @@ def main(argv):
     print(
       f"train step >= {summary['step_lower_bound_s'] * 1e3:.1f} ms on this slice: "
       f"{summary['model_flops_per_chip'] / 1e12:.2f} TFLOP of model matmuls per chip at the bf16 peak (XLA's "
-      "TFLOP above count each loop body once, so they miss most of the GRU recurrences)"
+      "TFLOP above count each loop body once, so they miss most of a recurrence's steps)"
     )
   print(json.dumps(summary), flush=True)
   if not summary["fits"]:

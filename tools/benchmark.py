@@ -147,6 +147,8 @@ def phase_times(exp: experiment.Experiment, state, batch, rounds: int) -> dict[s
       noisy_weight=cfg.loss.noisy_weight,
       noise_l2_weight=cfg.loss.noise_l2_weight,
       intermediate_weight=cfg.loss.intermediate_ctc_weight,
+      phoneme_weight=cfg.loss.phoneme_ctc_weight,
+      marginal_weight=cfg.loss.marginal_ctc_weight,
     )[0]
 
   grad = jax.jit(jax.grad(loss))

@@ -48,12 +48,16 @@ def main() -> None:
     )
     print(f"error: --model_path {model_path} is not a b2t_jax workdir; {hint}", file=sys.stderr)
     sys.exit(1)
-  config = workdir_lib.recorded_config(model_path)
-  config.mode = "infer"
-  config.infer.split = args.eval_type
-  config.infer.out_dir = ""  # MODEL_PATH/infer_<split>
-  config.data.data_dir = os.path.abspath(args.data_dir) if "://" not in args.data_dir else args.data_dir
-  config.decode.lm_path = args.lm_path
+  config = workdir_lib.recorded_config(
+    model_path,
+    {
+      "mode": "infer",
+      "infer.split": args.eval_type,
+      "infer.out_dir": "",  # MODEL_PATH/infer_<split>
+      "data.data_dir": os.path.abspath(args.data_dir) if "://" not in args.data_dir else args.data_dir,
+      "decode.lm_path": args.lm_path,
+    },
+  )
 
   def evaluate(_) -> int:
     status = b2t_main.launch(config, model_path)

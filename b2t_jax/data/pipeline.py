@@ -297,12 +297,17 @@ def train_host_batch(
   process_count: int | None = None,
 ) -> dict[str, np.ndarray]:
   """This process's rows of global training batch `step` (a pure function of (seed, step))."""
+  idx = train_batch_indices(s, config, step)
+  return _host_rows(s, config, idx, config.data.batch_size, "batch_size", process_index, process_count)
+
+
+def train_batch_indices(s: DataSplit, config: ml_collections.ConfigDict, step: int) -> np.ndarray:
+  """Global record indices of training batch `step` (every process's rows), as `config.data` samples them."""
   d = config.data
   lengths = s.n_time_steps if d.length_aware else None
-  idx = sampler.train_batch_indices(
+  return sampler.train_batch_indices(
     d.seed, step, s.days, d.batch_size, d.days_per_batch, lengths=lengths, window=d.length_window
   )
-  return _host_rows(s, config, idx, d.batch_size, "batch_size", process_index, process_count)
 
 
 def eval_plan(s: DataSplit, eval_batch_size: int) -> list[np.ndarray]:

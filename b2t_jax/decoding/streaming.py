@@ -19,7 +19,8 @@ A patch p (frames 4p .. 4p + 13) is emitted by the step that receives raw bin 4p
 algorithmic latency is the smoothing lag plus the patch span. The model itself (models/decoders.py) supplies
 the day layers (`frames`), the GRU states (`initial_carry`) and the step over patch slots (`step`); this module
 only knows the streaming geometry. For model kind 'triple' the noise and clean front ends run side by side
-and the clean logits (inference mode) are emitted.
+and the clean logits (inference mode) are emitted; for diphone targets (`model.targets`) the model's step emits
+their marginal phoneme log-probabilities, so every row has `model.n_classes` columns whatever the targets.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Each decoder defines its topology once (`_decode` of every sub-model) and runs i
 (`__call__`, training and evaluation) and a few patch slots at a time from carried stack states (the streaming
 pair `initial_carry` / `step`, with `frames` for the day layers: `decoding/streaming.py` cuts the patches).
 The stacks are `config.model.encoder`'s kind (GRU, transformer or Mamba-2: `encoders.py`); nothing here depends
-on which.
+on which. The speech decoder's head follows `config.model.targets` (`b2t_jax/diphones.py`): phonemes (SPEC), or
+diphones whose phoneme marginals are what inference and streaming return (41 classes whatever the targets), with
+`both` adding an auxiliary phoneme head for training.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from b2t_jax import diphones
 from b2t_jax.models.encoders import IntermediateCTC, make_stack, stream_width
 from b2t_jax.models.frontend import DayFrontEnd
 
@@ -52,6 +55,7 @@ class ModelHParams:
   transformer: ml_collections.FrozenConfigDict  # config.model.transformer
   mamba2: ml_collections.FrozenConfigDict  # config.model.mamba2
   intermediate_ctc: tuple[int, ...]  # layers of the speech stack followed by an intermediate CTC head
+  targets: str  # phoneme | diphone | both (b2t_jax/diphones.py)
   n_days: int  # len(config.data.sessions)
   n_input_features: int  # config.data.n_features // config.data.feature_pool
 
@@ -137,9 +141,10 @@ class _Parts:
     another kind projects back to when `keep_width`."""
     return make_stack(self.hp, n_layers, width, keep_width=keep_width, hidden_axis=hidden_axis, dtype=self.dtype)
 
-  def head(self) -> nn.Dense:
+  def head(self, n_classes: int | None = None) -> nn.Dense:
+    """Dense(n_classes) (default: the phoneme classes)."""
     return nn.Dense(
-      self.hp.n_classes,
+      self.hp.n_classes if n_classes is None else n_classes,
       dtype=self.dtype,
       kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, ("hidden", "classes")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)),
@@ -148,7 +153,12 @@ class _Parts:
 
 class _SpeechDecoder(nn.Module, _Parts):
   """Own front end -> patches (minus a noise estimate, when given) -> encoder stack (a GRU of width `hidden`)
-  -> Dense; intermediate CTC heads after the layers `model.intermediate_ctc` names."""
+  -> Dense; intermediate CTC heads after the layers `model.intermediate_ctc` names (phoneme-level whatever the
+  targets: they condition the stream on phoneme posteriors).
+
+  The head `out` predicts `model.targets`' classes: 41 phonemes, or 1 + 40 * 40 diphones (diphones.py). With
+  `both`, `phoneme_out` is a second, phoneme head on the same stream, trained by an auxiliary CTC only.
+  """
 
   hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
@@ -158,17 +168,31 @@ class _SpeechDecoder(nn.Module, _Parts):
     self.frontend = self.front_end()
     # 'gru' is the stack's name whatever its kind: checkpoints and the PyTorch import address `gru/...`.
     self.gru = self.stack(getattr(self.hp, self.layers_field), self.hp.hidden)
-    self.out = self.head()
+    self.out = self.head(diphones.head_classes(self.hp.targets, self.hp.n_classes))
+    if self.hp.targets == "both":
+      self.phoneme_out = self.head()
     width = stream_width(self.hp, self.hp.hidden)
     self.ictc = [IntermediateCTC(self.hp.n_classes, width, self.dtype) for _ in self.hp.intermediate_ctc]
 
   def _decode(self, patches: jax.Array, run: StackRun, noise: jax.Array | None = None):
-    """(fp32 logits, new carry or None, intermediate CTC logits) of `patches` (B, P, patch width)."""
+    """(heads (`_heads`), new carry or None, intermediate CTC logits) of `patches` (B, P, patch width)."""
     if noise is not None:
       patches = patches - noise.astype(patches.dtype)
     intermediate: list[jax.Array] = []
     h, carry = run(self.gru, patches, self._interlayer(intermediate))
-    return self.out(h).astype(jnp.float32), carry, tuple(intermediate)
+    return self._heads(h), carry, tuple(intermediate)
+
+  def _heads(self, h: jax.Array) -> dict[str, jax.Array]:
+    """fp32 outputs of the head(s) on the stack's output: 'logits' (B, P, n_classes) always (for diphone targets
+    the phoneme log-probabilities marginalised from the diphones), 'diphone_logits' (B, P, 1 + K^2) for
+    diphone/both, 'phoneme_logits' (B, P, n_classes) of the auxiliary head for both."""
+    out = self.out(h).astype(jnp.float32)
+    if self.hp.targets == "phoneme":
+      return {"logits": out}
+    heads = {"logits": diphones.marginal_log_probs(out, self.hp.n_classes), "diphone_logits": out}
+    if self.hp.targets == "both":
+      heads["phoneme_logits"] = self.phoneme_out(h).astype(jnp.float32)
+    return heads
 
   def _interlayer(self, collected: list):
     """The stack's `interlayer`: after each layer of `model.intermediate_ctc`, its head's logits are collected
@@ -188,16 +212,18 @@ class _SpeechDecoder(nn.Module, _Parts):
 
 
 class GRUDecoder(_SpeechDecoder):
-  """Day layers -> patches -> n_layers-deep encoder stack (SPEC: GRU(H)) -> Dense(n_classes); fp32 logits."""
+  """Day layers -> patches -> n_layers-deep encoder stack (SPEC: GRU(H)) -> Dense(n_classes, or the diphones);
+  fp32 logits."""
 
   layers_field = "n_layers"
 
   def __call__(self, x, day, *, train: bool = False, mode: str = "inference", grl_lambda=None):
-    """mode='inference' -> logits (B, P, C); mode='full' (training) -> {'logits', 'intermediate'} (the
-    intermediate CTC heads' logits, a tuple)."""
+    """mode='inference' -> logits (B, P, C) (diphone targets: the marginal log-probabilities); mode='full'
+    (training) -> {'logits', 'intermediate' (the intermediate CTC heads' logits, a tuple), and for diphone targets
+    'diphone_logits' ('both': also 'phoneme_logits')}."""
     del grl_lambda  # no adversarial branch
-    logits, _, intermediate = self._decode(self.frontend(x, day, deterministic=not train), _whole(not train))
-    return {"logits": logits, "intermediate": intermediate} if mode == "full" else logits
+    heads, _, intermediate = self._decode(self.frontend(x, day, deterministic=not train), _whole(not train))
+    return {**heads, "intermediate": intermediate} if mode == "full" else heads["logits"]
 
   def frames(self, x: jax.Array, day: jax.Array) -> dict[str, jax.Array]:
     """Inference frames (B, T, F') of each front end, by name; patches of them are `step`'s input."""
@@ -210,8 +236,8 @@ class GRUDecoder(_SpeechDecoder):
   def step(self, patches: dict[str, jax.Array], valid: jax.Array, carry: dict[str, jax.Array]):
     """patches {front end: (B, S, patch width)} of S slots, valid (S,), carry -> (new carry, logits (B, S, C)).
     An invalid slot leaves every state as it was; its logits are meaningless."""
-    logits, h, _ = self._decode(patches["frontend"], _stepping(valid, carry["gru"]))
-    return {"gru": h}, logits
+    heads, h, _ = self._decode(patches["frontend"], _stepping(valid, carry["gru"]))
+    return {"gru": h}, heads["logits"]
 
 
 class NoiseModel(nn.Module, _Parts):
@@ -235,7 +261,7 @@ class NoiseModel(nn.Module, _Parts):
 
 
 class CleanSpeechModel(_SpeechDecoder):
-  """Own front end; subtracts the noise estimate, then encoder stack -> Dense -> clean logits."""
+  """Own front end; subtracts the noise estimate, then encoder stack -> Dense -> clean heads (`_heads`)."""
 
   layers_field = "clean_layers"
 
@@ -244,7 +270,11 @@ class CleanSpeechModel(_SpeechDecoder):
 
 
 class NoisySpeechModel(nn.Module, _Parts):
-  """Encoder stack -> Dense on the (gradient-reversed) noise: an adversary that tries to read speech from noise."""
+  """Encoder stack -> Dense on the (gradient-reversed) noise: an adversary that tries to read speech from noise.
+
+  Phoneme-level whatever `model.targets`: its only job is to push phoneme information out of the noise estimate
+  (a diphone's current phoneme is a phoneme, and its previous one the phoneme before), it is dropped at inference,
+  and a 1601-way head would add 1560 * hidden parameters to a branch nobody decodes."""
 
   hp: ModelHParams
   dtype: jnp.dtype = jnp.float32
@@ -260,8 +290,9 @@ class NoisySpeechModel(nn.Module, _Parts):
 class TripleGRUDecoder(nn.Module):
   """Noise + clean + adversarial noisy decoders (SPEC §3.4).
 
-  mode='inference' -> clean logits (B, P, C); mode='full' -> {'logits': clean logits, 'intermediate': the clean
-  stack's intermediate CTC logits, 'noisy_logits', 'noise'}. The noisy
+  mode='inference' -> clean logits (B, P, C) (diphone targets: their phoneme marginals); mode='full' -> {'logits':
+  clean logits, 'intermediate': the clean stack's intermediate CTC logits, 'noisy_logits' (phoneme-level), 'noise',
+  and the clean heads' 'diphone_logits' / 'phoneme_logits' as `targets` asks}. The noisy
   (adversarial) branch is training-only: streaming (`step`) runs the noise and clean models.
   """
 
@@ -275,10 +306,10 @@ class TripleGRUDecoder(nn.Module):
 
   def _decode(self, patches: dict[str, jax.Array], runs: dict[str, StackRun]):
     """The inference topology: noise stack, clean = clean patches - noise, clean stack, head. Returns (clean
-    logits, noise, new carries, the clean stack's intermediate CTC logits)."""
+    heads (`_SpeechDecoder._heads`), noise, new carries, the clean stack's intermediate CTC logits)."""
     noise, h_noise = self.noise_model._decode(patches["noise"], runs["noise"])
-    clean_logits, h_clean, intermediate = self.clean_model._decode(patches["clean"], runs["clean"], noise)
-    return clean_logits, noise, {"noise": h_noise, "clean": h_clean}, intermediate
+    clean, h_clean, intermediate = self.clean_model._decode(patches["clean"], runs["clean"], noise)
+    return clean, noise, {"noise": h_noise, "clean": h_clean}, intermediate
 
   def __call__(self, x, day, *, train: bool = False, mode: str = "inference", grl_lambda=None):
     if mode not in ("inference", "full"):
@@ -287,16 +318,14 @@ class TripleGRUDecoder(nn.Module):
       "noise": self.noise_model.frontend(x, day, deterministic=not train),
       "clean": self.clean_model.frontend(x, day, deterministic=not train),
     }
-    clean_logits, noise, _, intermediate = self._decode(
-      patches, {"noise": _whole(not train), "clean": _whole(not train)}
-    )
+    clean, noise, _, intermediate = self._decode(patches, {"noise": _whole(not train), "clean": _whole(not train)})
     if mode == "inference" and not self.is_initializing():
-      return clean_logits
+      return clean["logits"]
     lam = jnp.asarray(self.hp.grl_lambda if grl_lambda is None else grl_lambda, jnp.float32)
     noisy_logits = self.noisy_model(gradient_reversal(noise, lam), train=train)
     if mode == "inference":  # initialising: build every sub-model, return what inference returns
-      return clean_logits
-    return {"logits": clean_logits, "intermediate": intermediate, "noisy_logits": noisy_logits, "noise": noise}
+      return clean["logits"]
+    return {**clean, "intermediate": intermediate, "noisy_logits": noisy_logits, "noise": noise}
 
   def frames(self, x: jax.Array, day: jax.Array) -> dict[str, jax.Array]:
     """Inference frames (B, T, F') of each front end, by name; patches of them are `step`'s input."""
@@ -309,8 +338,8 @@ class TripleGRUDecoder(nn.Module):
   def step(self, patches: dict[str, jax.Array], valid: jax.Array, carry: dict[str, jax.Array]):
     """As GRUDecoder.step; the clean logits are emitted."""
     runs = {name: _stepping(valid, carry[name]) for name in ("noise", "clean")}
-    clean_logits, _, new_carry, _ = self._decode(patches, runs)
-    return new_carry, clean_logits
+    clean, _, new_carry, _ = self._decode(patches, runs)
+    return new_carry, clean["logits"]
 
 
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:
