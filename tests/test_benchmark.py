@@ -92,6 +92,8 @@ def test_benchmark_scripts_agree_on_shapes_and_flops():
   assert rows[1].endswith(f"| {ph['forward']:.0f} |") and rows[-1].endswith(f"| **{j['step_ms_median']:.0f}** |")
   # Two independently written FLOP formulas (ours and the torch script's) agree on the same sizes.
   assert j["model_flops_per_step"] == t["model_flops_per_step"] > 0
+  # ... and on the parameter count (the torch module's own numel() against our parameter tree).
+  assert j["encoder"] == t["encoder"] == "gru" and j["n_params"] == t["n_params"] > 0, (j["n_params"], t["n_params"])
   for r in (j, t):
     assert r["step_ms_median"] > 0 and 0 < r["mfu"] < 1.5 and r["peak_memory_gib"] > 0
     assert math.isfinite(r["final_loss"])

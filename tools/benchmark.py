@@ -278,6 +278,8 @@ def main(argv):
         "tag": _TAG.value,
         "config": os.path.basename(flags.FLAGS["config"].config_filename),
         "model": config.model.kind,
+        "encoder": config.model.encoder,
+        "n_params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(state.params))),
         "platform": device.platform,
         "device_kind": device.device_kind,
         "n_devices": jax.device_count(),

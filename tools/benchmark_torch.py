@@ -155,7 +155,7 @@ def main():
   torch = _import_torch()
   torch.manual_seed(0)
   torch.set_num_threads(args.threads or os.cpu_count())
-  _, step = build(torch, args)
+  model, step = build(torch, args)
   rng = np.random.default_rng(0)
   b, t = args.batch, args.time_bins
   features = torch.tensor(rng.standard_normal((b, t, args.n_features)), dtype=torch.float32)
@@ -188,6 +188,8 @@ def main():
         "tag": args.tag,
         "config": "gru_baseline (torch)",
         "model": "gru",
+        "encoder": "gru",
+        "n_params": sum(p.numel() for p in model.parameters()),
         "platform": "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -1,7 +1,7 @@
 """Val PER against wall-clock time for each encoder, on both synthetic t15 generators, from the command line.
 
   python tools/compare_encoders.py --workdir=/tmp/b2t_compare [--seeds=10,11] [--num_steps=1200] [--eval_every=300]
-      [--arms=gru,transformer,mamba2,transformer_masked] [--generators=synthetic,independent]
+      [--arms=gru,transformer,mamba2,transformer_masked,diphone] [--generators=synthetic,independent]
 
 Writes both datasets (tools/make_synthetic_data.py: 8 sessions x 80 trials, seed 0; tools/make_independent_t15.py,
 seed 0), prepares them once (tools/prepare_data.py, outside the timed runs), then trains `configs/demo.py` once per
@@ -13,6 +13,8 @@ run's curve to WORKDIR/compare.md and WORKDIR/compare.json; the last stdout line
 The table gives, per generator and arm, the mean val PER over the seeds (each seed in brackets) after each
 evaluation step with the mean wall time, and the PER each arm had reached when the GRU finished (equal wall-clock
 time on this machine): the arms run one after the other on the same cores, so equal wall time is equal CPU time.
+A run that fails is reported at the end (exit 1) without stopping the others; compare.md and compare.json are
+rewritten after every run, so a comparison stopped part-way keeps the runs it finished.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ ARMS = {
     "--config.aug.time_mask_fraction=0.4",
     "--config.aug.time_mask_max_bins=20",
   ],
+  # The GRU with DCoND's diphone targets (issue 26): decoded as phoneme marginals, so its val PER is comparable.
+  "diphone": ["--config.model.targets=diphone"],
 }
 GENERATORS = ("synthetic", "independent")
 
@@ -139,7 +143,7 @@ def main(argv):
   unknown = sorted(set(_ARMS.value) - set(ARMS)) + sorted(set(_GENS.value) - set(GENERATORS))
   if unknown:
     raise app.UsageError(f"unknown arms/generators {unknown}: arms are {list(ARMS)}, generators {list(GENERATORS)}")
-  runs = []
+  runs, failed = [], []
   load_before = os.getloadavg()[0]
   for gen in _GENS.value:
     data = prepare(workdir, gen)
@@ -165,10 +169,27 @@ def main(argv):
           raise SystemExit(f"{run_dir} exists: give a new --workdir (runs are not resumed, their times would mix)")
         print(f"[{time.strftime('%H:%M:%S')}] {gen} {arm} seed {seed}", file=sys.stderr, flush=True)
         launched = datetime.datetime.now()
-        p = _run(cmd, log=run_dir + ".log")
+        try:
+          p = _run(cmd, log=run_dir + ".log")
+        except SystemExit as e:  # one failed run must not cost the hours of the others: reported at the end
+          failed.append(f"{gen} {arm} seed {seed}: {str(e).splitlines()[0]} (log: {run_dir}.log)")
+          print(f"  failed: {failed[-1]}", file=sys.stderr, flush=True)
+          continue
         curve = parse_curve(p.stderr, launched)
         runs.append({"generator": gen, "arm": arm, "seed": int(seed), "command": " ".join(cmd[1:]), "curve": curve})
         print(f"  {curve[-1]}", file=sys.stderr, flush=True)
+        text, info = write(workdir, runs, load_before)  # after every run: a stopped comparison keeps what it had
+  if not runs:
+    raise SystemExit("no run finished: " + "; ".join(failed))
+  text, info = write(workdir, runs, load_before)
+  print(text)
+  print(json.dumps({**info, "runs": runs}))
+  if failed:
+    raise SystemExit(f"{len(failed)} run(s) failed (the table has the others): " + "; ".join(failed))
+
+
+def write(workdir: str, runs: list[dict], load_before: float) -> tuple[str, dict]:
+  """Writes WORKDIR/compare.md and compare.json from the runs finished so far; returns the table and the facts."""
   text = table(runs, _ARMS.value, _GENS.value)
   info = {
     "machine": machine(),
@@ -181,8 +202,7 @@ def main(argv):
     f.write(f"{text}\n\n{info}\n")
   with open(os.path.join(workdir, "compare.json"), "w") as f:
     json.dump({**info, "runs": runs}, f, indent=1)
-  print(text)
-  print(json.dumps({**info, "runs": runs}))
+  return text, info
 
 
 if __name__ == "__main__":
