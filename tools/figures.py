@@ -753,20 +753,59 @@ def table_ensemble(r: dict[str, Record]) -> str:
   return md(head, rows) + "\n\n" + times
 
 
+ENCODERS = ("gru", "transformer", "mamba2")  # config.model.encoder, in the order the tables list them
+# --quick: demo-size encoders (configs/demo.py's sub-configs), so the plumbing check stays minutes.
+ENCODERS_QUICK = [
+  "--config.model.hidden=32",
+  "--config.model.n_layers=2",
+  "--config.model.transformer.d_model=32",
+  "--config.model.transformer.n_heads=2",
+  "--config.model.transformer.d_ff=64",
+  "--config.model.mamba2.d_model=32",
+  "--config.model.mamba2.head_dim=16",
+  "--config.model.mamba2.d_state=16",
+]
+
+
+def _encoder_runs(r: dict[str, Record], prefix: str) -> list[tuple[str, Record]]:
+  """(encoder, record) of a job's per-encoder commands, in ENCODERS order (the encoder read from the command)."""
+  runs = [(flag(rec.cmd, "config.model.encoder", "gru"), rec) for k, rec in r.items() if k.startswith(prefix)]
+  return sorted(runs, key=lambda x: ENCODERS.index(x[0]) if x[0] in ENCODERS else len(ENCODERS))
+
+
+_LATENCY = (
+  r"median ([0-9.]+) ms, p90 ([0-9.]+) ms, p99 ([0-9.]+) ms, max ([0-9.]+) ms .*budget (\d+) ms: ([A-Za-z ]+) at p99"
+)
+
+
 def run_streaming(ctx: Ctx) -> dict[str, Record]:
-  quick = ["--chunks=20", "--warmup=5", "--config.model.hidden=32", "--config.model.n_layers=2"]
-  return {"streaming": ctx.run("streaming", ["tools/benchmark_streaming.py", *ctx.q([], quick)])}
+  quick = ["--chunks=20", "--warmup=5", *ENCODERS_QUICK]
+  recs = {}
+  for enc in ENCODERS:  # the GRU's record keeps the plain name (and command) it always had
+    name, flags = ("streaming", []) if enc == "gru" else (f"streaming_{enc}", [f"--config.model.encoder={enc}"])
+    recs[name] = ctx.run(name, ["tools/benchmark_streaming.py", *flags, *ctx.q([], quick)])
+  return recs
 
 
 def table_streaming(r: dict[str, Record]) -> str:
-  out = r["streaming"].stdout
-  model = re.search(r"model (\w+) \(([0-9,]+) params, dtype (\w+)\)", out)
-  chunk = re.search(r"chunk (\d+) bins = (\d+) ms of signal, .*?, (\d+) timed chunks", out)
-  lat = re.search(
-    r"median ([0-9.]+) ms, p90 ([0-9.]+) ms, p99 ([0-9.]+) ms, max ([0-9.]+) ms .*budget (\d+) ms: ([A-Za-z ]+) at p99",
-    out,
-  )
-  diff = re.search(r"max \|diff\| (\S+) over (\d+) trial\(s\) of (\d+) bins", out)
+  rows = []
+  for enc, rec in _encoder_runs(r, "streaming"):
+    out = rec.stdout
+    model = re.search(r"model (\w+) \(([0-9,]+) params, dtype (\w+)\)", out)
+    chunk = re.search(r"chunk (\d+) bins = (\d+) ms of signal, .*?, (\d+) timed chunks", out)
+    lat = re.search(_LATENCY, out)
+    diff = re.search(r"max \|diff\| (\S+) over (\d+) trial\(s\) of (\d+) bins", out)
+    label = model.group(1) if enc == "gru" else f"{model.group(1)}, encoder {enc}"
+    rows.append(
+      [
+        f"{label}, {model.group(2)} params, {model.group(3)}",
+        f"{chunk.group(1)} bins = {chunk.group(2)} ms",
+        chunk.group(3),
+        *(f"{lat.group(i)} ms" for i in range(1, 5)),
+        f"{lat.group(5)} ms: {lat.group(6)}",
+        f"{diff.group(1)} ({diff.group(2)} trials of {diff.group(3)} bins)",
+      ]
+    )
   return md(
     [
       "model",
@@ -779,16 +818,56 @@ def table_streaming(r: dict[str, Record]) -> str:
       "real-time budget (p99)",
       "streamed vs offline logits, max abs diff",
     ],
-    [
+    rows,
+  )
+
+
+def run_encoder_speed(ctx: Ctx) -> dict[str, Record]:
+  size = ctx.q(
+    ["--config.data.batch_size=8", "--time_bins=500", "--steps=5"],
+    ["--config.data.batch_size=2", "--time_bins=64", "--steps=1", *ENCODERS_QUICK],
+  )
+  return {
+    f"speed_{enc}": ctx.run(
+      f"speed_{enc}",
+      ["tools/benchmark.py", "--config=configs/gru_baseline.py", f"--config.model.encoder={enc}", *size],
+    )
+    for enc in ENCODERS
+  }
+
+
+def table_encoder_speed(r: dict[str, Record]) -> str:
+  rows = []
+  for _, rec in _encoder_runs(r, "speed_"):
+    x = json_lines(rec.stdout)[-1]
+    rows.append(
       [
-        f"{model.group(1)}, {model.group(2)} params, {model.group(3)}",
-        f"{chunk.group(1)} bins = {chunk.group(2)} ms",
-        chunk.group(3),
-        *(f"{lat.group(i)} ms" for i in range(1, 5)),
-        f"{lat.group(5)} ms: {lat.group(6)}",
-        f"{diff.group(1)} ({diff.group(2)} trials of {diff.group(3)} bins)",
+        f"`{x['encoder']}`",
+        f"{x['n_params']:,}",
+        f"{x['compile_s']:.1f} s",
+        f"{x['step_ms_median']:,.0f} ms",
+        f"{x['global_batch'] * 1e3 / x['step_ms_median']:.1f}",
+        f"{x['model_flops_per_step'] / 1e9:.0f}",
+        f"{x['mfu']:.2f} (peak {x['peak_gflops_per_s']:.0f} GFLOP/s)",
+        f"{x['peak_memory_gib']:.1f} GiB RSS",
+        "yes" if x["quiet"] else "**no**",
       ]
+    )
+  x = json_lines(next(iter(r.values())).stdout)[-1]
+  return md(
+    [
+      f"encoder ({x['config'].removesuffix('.py')} train step, B={x['global_batch']}, T={x['time_bins']}, "
+      f"{x['dtype']})",
+      "parameters",
+      "compile",
+      f"step (median of {x['steps']})",
+      "trials/s",
+      "model GFLOP per step",
+      "MFU",
+      "peak memory",
+      "quiet",
     ],
+    rows,
   )
 
 
@@ -1281,10 +1360,17 @@ JOBS = {
     ),
     Job(
       "streaming",
-      "streaming latency per 80 ms chunk of the full-size GRU, and streamed vs offline logits",
-      "~2 min",
+      "streaming latency per 80 ms chunk of each full-size encoder, and streamed vs offline logits",
+      "~5 min",
       run_streaming,
       table_streaming,
+    ),
+    Job(
+      "encoder_speed",
+      "CPU train step of each encoder at the GRU baseline's size (tools/benchmark.py): time, MFU, memory",
+      "~5 min",
+      run_encoder_speed,
+      table_encoder_speed,
     ),
     Job(
       "bench",
