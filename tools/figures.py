@@ -1274,6 +1274,8 @@ def run_encoders(ctx: Ctx) -> dict[str, Record]:
     "--generators=synthetic",
     "--flag=--config.model.hidden=16",
     "--flag=--config.train.log_every=5",
+    "--flag=--config.optim.warmup_steps=5",  # the demo's 50-step warm-ups must stay below 20 steps' decay
+    "--flag=--config.optim.day_warmup_steps=5",
   ]
   out = ctx.path("encoders")
   return {
