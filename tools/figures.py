@@ -795,7 +795,7 @@ def table_streaming(r: dict[str, Record]) -> str:
     chunk = re.search(r"chunk (\d+) bins = (\d+) ms of signal, .*?, (\d+) timed chunks", out)
     lat = re.search(_LATENCY, out)
     diff = re.search(r"max \|diff\| (\S+) over (\d+) trial\(s\) of (\d+) bins", out)
-    label = model.group(1) if enc == "gru" else f"{model.group(1)}, encoder {enc}"
+    label = model.group(1) if enc == "gru" else f"{model.group(1)} model with the {enc} encoder"
     rows.append(
       [
         f"{label}, {model.group(2)} params, {model.group(3)}",
@@ -847,7 +847,7 @@ def table_encoder_speed(r: dict[str, Record]) -> str:
         f"{x['compile_s']:.1f} s",
         f"{x['step_ms_median']:,.0f} ms",
         f"{x['global_batch'] * 1e3 / x['step_ms_median']:.1f}",
-        f"{x['model_flops_per_step'] / 1e9:.0f}",
+        f"{x['model_flops_per_step'] / 1e9:,.1f}",
         f"{x['mfu']:.2f} (peak {x['peak_gflops_per_s']:.0f} GFLOP/s)",
         f"{x['peak_memory_gib']:.1f} GiB RSS",
         "yes" if x["quiet"] else "**no**",
