@@ -60,7 +60,8 @@ _EVAL_LINE = re.compile(r"^I(\d{4} \d\d:\d\d:\d\d\.\d+) .*\] step (\d+)  val PER
 def _run(cmd: list[str], log: str | None = None) -> subprocess.CompletedProcess:
   env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-  if log:
+  if log:  # written before the check: a run that fails before making its workdir still leaves its log
+    os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "w") as f:
       f.write(p.stderr)
   if p.returncode != 0:
