@@ -46,14 +46,6 @@ ARMS = {
 }
 GENERATORS = ("synthetic", "independent")
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "where data, runs and the table go", required=True)
-_SEEDS = flags.DEFINE_list("seeds", ["10", "11"], "model seeds (config.seed) per arm")
-_STEPS = flags.DEFINE_integer("num_steps", 1200, "training steps per run (the demo's schedule is fitted to it)")
-_EVAL = flags.DEFINE_integer("eval_every", 300, "validation cadence in steps")
-_ARMS = flags.DEFINE_list("arms", list(ARMS), f"arms to run, of {', '.join(ARMS)}")
-_GENS = flags.DEFINE_list("generators", list(GENERATORS), "synthetic (ours) and/or independent (another generator)")
-_EXTRA = flags.DEFINE_multi_string("flag", [], "extra --config.x=v flag for every run (repeatable)")
-
 _EVAL_LINE = re.compile(r"^I(\d{4} \d\d:\d\d:\d\d\.\d+) .*\] step (\d+)  val PER ([0-9.]+)")
 
 
@@ -172,7 +164,7 @@ def main(argv):
         launched = datetime.datetime.now()
         try:
           p = _run(cmd, log=run_dir + ".log")
-        except SystemExit as e:  # one failed run must not cost the hours of the others: reported at the end
+        except (SystemExit, OSError) as e:  # one failed run must not cost the hours of the others: reported at the end
           failed.append(f"{gen} {arm} seed {seed}: {str(e).splitlines()[0]} (log: {run_dir}.log)")
           print(f"  failed: {failed[-1]}", file=sys.stderr, flush=True)
           continue
@@ -207,4 +199,13 @@ def write(workdir: str, runs: list[dict], load_before: float) -> tuple[str, dict
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a script: importing the module (the tests do) must not claim --workdir,
+  # which b2t_jax.main defines in the same process.
+  _WORKDIR = flags.DEFINE_string("workdir", None, "where data, runs and the table go", required=True)
+  _SEEDS = flags.DEFINE_list("seeds", ["10", "11"], "model seeds (config.seed) per arm")
+  _STEPS = flags.DEFINE_integer("num_steps", 1200, "training steps per run (the demo's schedule is fitted to it)")
+  _EVAL = flags.DEFINE_integer("eval_every", 300, "validation cadence in steps")
+  _ARMS = flags.DEFINE_list("arms", list(ARMS), f"arms to run, of {', '.join(ARMS)}")
+  _GENS = flags.DEFINE_list("generators", list(GENERATORS), "synthetic (ours) and/or independent (another generator)")
+  _EXTRA = flags.DEFINE_multi_string("flag", [], "extra --config.x=v flag for every run (repeatable)")
   app.run(main)
