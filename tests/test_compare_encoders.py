@@ -40,12 +40,12 @@ def test_table_gives_seed_means_and_each_arm_at_the_grus_wall_time():
 
   runs = [
     run("gru", 10, (0.5, 0.3), (60, 120)),
-    run("gru", 11, (0.7, 0.5), (60, 120)),
-    run("transformer", 10, (0.2, 0.1), (100, 200)),  # at the GRU's 120 s it has only its step-300 PER
-    run("transformer", 11, (0.4, 0.1), (100, 200)),
+    run("gru", 11, (0.7, 0.5), (60, 130)),  # the slowest GRU run sets the budget: 130 s, not the mean 125 s
+    run("transformer", 10, (0.2, 0.1), (100, 200)),  # at 130 s it has only its step-300 PER
+    run("transformer", 11, (0.4, 0.1), (100, 128)),  # ... and this one its step-600 PER
   ]
   lines = ce.table(runs, ["gru", "transformer", "mamba2"], ["synthetic"]).splitlines()
   assert lines[0] == "| generator | arm | step 300 | step 600 | at the GRU's wall time |"
-  assert lines[2] == "| synthetic | gru | 0.600 (0.500, 0.700) 1.0 min | 0.400 (0.300, 0.500) 2.0 min | 0.400 |"
-  assert lines[3] == "| synthetic | transformer | 0.300 (0.200, 0.400) 1.7 min | 0.100 (0.100, 0.100) 3.3 min | 0.300 |"
+  assert lines[2] == "| synthetic | gru | 0.600 (0.500, 0.700) 1.0 min | 0.400 (0.300, 0.500) 2.1 min | 0.400 |"
+  assert lines[3] == "| synthetic | transformer | 0.300 (0.200, 0.400) 1.7 min | 0.100 (0.100, 0.100) 2.7 min | 0.150 |"
   assert len(lines) == 4  # an arm without runs (mamba2) gets no row

@@ -11,8 +11,9 @@ evaluations included: what a user waits) are read from its log. Prints a markdow
 run's curve to WORKDIR/compare.md and WORKDIR/compare.json; the last stdout line is that JSON.
 
 The table gives, per generator and arm, the mean val PER over the seeds (each seed in brackets) after each
-evaluation step with the mean wall time, and the PER each arm had reached when the GRU finished (equal wall-clock
-time on this machine): the arms run one after the other on the same cores, so equal wall time is equal CPU time.
+evaluation step with the mean wall time, and the PER each arm had reached when the slowest GRU run finished (equal
+wall-clock time on this machine): the arms run one after the other on the same cores, so equal wall time is equal
+CPU time.
 A run that fails is reported at the end (exit 1) without stopping the others; compare.md and compare.json are
 rewritten after every run, so a comparison stopped part-way keeps the runs it finished.
 """
@@ -101,7 +102,7 @@ def table(runs: list[dict], arms: list[str], generators: list[str]) -> str:
   for gen in generators:
     mine = [r for r in runs if r["generator"] == gen]
     gru = [r for r in mine if r["arm"] == "gru"]
-    budget = float(np.mean([r["curve"][-1]["wall_s"] for r in gru])) if gru else None
+    budget = max(r["curve"][-1]["wall_s"] for r in gru) if gru else None  # when the last GRU run had finished
     for arm in arms:
       rs = [r for r in mine if r["arm"] == arm]
       if not rs:
