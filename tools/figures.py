@@ -50,6 +50,9 @@ TRAIN_QUICK = {
   "train.checkpoint_every": 10,
   "model.hidden": 16,
 }
+# tools/benchmark.py's shape for every gru_baseline step table (encoder_speed, phases, levers), and its --quick one.
+BENCH_SIZE = ["--config.data.batch_size=8", "--time_bins=500", "--steps=5"]
+BENCH_SIZE_QUICK = ["--config.data.batch_size=2", "--time_bins=64", "--steps=1"]
 QUICK_DATA = ["--sessions=4", "--trials_per_session=24"]  # days_per_batch 4 needs 4 sessions; calibration 20
 DEMO_DATA = ["--sessions=8", "--trials_per_session=80", "--seed=0"]  # make demo's
 
@@ -823,10 +826,7 @@ def table_streaming(r: dict[str, Record]) -> str:
 
 
 def run_encoder_speed(ctx: Ctx) -> dict[str, Record]:
-  size = ctx.q(
-    ["--config.data.batch_size=8", "--time_bins=500", "--steps=5"],
-    ["--config.data.batch_size=2", "--time_bins=64", "--steps=1", *ENCODERS_QUICK],
-  )
+  size = ctx.q(BENCH_SIZE, [*BENCH_SIZE_QUICK, *ENCODERS_QUICK])
   return {
     f"speed_{enc}": ctx.run(
       f"speed_{enc}",
@@ -917,8 +917,8 @@ def table_bench(r: dict[str, Record]) -> str:
 
 def run_phases(ctx: Ctx) -> dict[str, Record]:
   size = ctx.q(
-    ["--config.data.batch_size=8", "--time_bins=500", "--steps=5", "--phase_rounds=3"],
-    ["--config.data.batch_size=2", "--time_bins=64", "--steps=1", "--phase_rounds=1", "--config.model.hidden=32"],
+    [*BENCH_SIZE, "--phase_rounds=3"],
+    [*BENCH_SIZE_QUICK, "--phase_rounds=1", "--config.model.hidden=32"],
   )
   return {"phases": ctx.run("phases", ["tools/benchmark.py", "--config=configs/gru_baseline.py", *size, "--phases"])}
 
@@ -976,10 +976,7 @@ LEVERS = {
 
 
 def run_levers(ctx: Ctx) -> dict[str, Record]:
-  base = ctx.q(
-    ["--config.data.batch_size=8", "--time_bins=500", "--steps=5"],
-    ["--config.data.batch_size=2", "--time_bins=64", "--steps=1", "--config.model.hidden=32"],
-  )
+  base = ctx.q(BENCH_SIZE, [*BENCH_SIZE_QUICK, "--config.model.hidden=32"])
   levers = ctx.q(LEVERS, {k: LEVERS[k] for k in ("default", "autodiff")})
   recs = {}
   for rnd in range(ctx.q(3, 1)):  # rounds alternate the variants, so load that comes and goes falls on all
