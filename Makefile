@@ -5,8 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= /tmp/b2t_demo
 # Default test parallelism: the suite is CPU bound and this machine has 2 cores. Tests marked
-# xdist_group(NAME) share a module-scoped fixture and run in one worker (--dist loadgroup).
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+# xdist_group(NAME) share a module-scoped fixture and run in one worker (--dist loadgroup). A worker that dies (a
+# test past pytest-timeout's limit ends its process) ends the run: under --dist loadgroup pytest-xdist 3.8 waits
+# forever for the worker it starts in its place (seen: a CI run held to its deadline).
+PYTEST_ARGS ?= -n 2 --dist loadgroup --max-worker-restart=0
 # The demo and the tests run on the CPU. With libtpu installed (the tpu extra) JAX would otherwise probe for a TPU
 # at start-up and log errors where there is none; `make demo JAX_PLATFORMS=` lets JAX pick an accelerator.
 JAX_PLATFORMS ?= cpu

@@ -272,6 +272,7 @@ def test_wavefront_bf16_runs_and_is_close():
 
 
 @pytest.mark.slow
+@pytest.mark.isolated  # a (4, 2) mesh: collectives inside the GRU's loops (conftest.py)
 def test_wavefront_train_step_matches_on_a_model_parallel_mesh(tiny):
   """model.gru_wavefront reaches every GRU stack of the triple model; with the noise GRU's hidden axis split over
   'model' (mesh 4x2) and dropout on, the train-step loss is that of the layer-by-layer run on 8x1."""

@@ -274,6 +274,7 @@ def test_resume_refuses_a_changed_member_count_and_reads_older_workdirs(tiny, tm
   assert train.train_and_evaluate(tiny, work)["step"] == 3
 
 
+@pytest.mark.isolated  # a (4, 2) mesh: collectives inside the GRU's loops (conftest.py)
 @pytest.mark.parametrize("n_models", [1, 2])
 def test_resume_on_another_mesh_with_fsdp_follows_the_straight_run(tiny, tmp_path, n_models):
   """Two steps on (8, 1), then resumed to four on (4, 2) with fsdp: the same losses and parameter updates as four

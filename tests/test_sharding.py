@@ -33,6 +33,7 @@ def test_noise_gru_kernels_are_split_over_model_axis(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.isolated  # a (4, 2) mesh: collectives inside the GRU's loops (conftest.py)
 def test_same_updates_on_every_mesh_shape(tiny):
   """Three steps at the peak LR on (8,1), (4,2) and (1,8): the same losses and parameter updates (the noise GRU's
   hidden axis is split over 'model' on the last two)."""
@@ -150,6 +151,7 @@ def test_state_shardings_follow_each_parameters_logical_axes():
 
 
 @pytest.mark.slow
+@pytest.mark.isolated  # a (4, 2) mesh: collectives inside the GRU's loops (conftest.py)
 def test_fsdp_splits_params_and_moments_over_data_and_trains_as_replicated(tiny):
   live_lr(tiny)  # three steps at the peak LR: every parameter moves
   batches = _batches(tiny, 3)
@@ -174,6 +176,7 @@ def test_fsdp_splits_params_and_moments_over_data_and_trains_as_replicated(tiny)
 
 
 @pytest.mark.slow
+@pytest.mark.isolated  # a (4, 2) mesh: collectives inside the GRU's loops (conftest.py)
 @pytest.mark.parametrize("encoder", ["transformer", "mamba2"])
 def test_every_encoder_updates_alike_on_one_device_and_on_the_meshes(prepared_dir, encoder):
   """Three steps at the peak LR of a tiny decoder of each encoder, with an intermediate CTC head: one device and
