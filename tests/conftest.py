@@ -189,6 +189,7 @@ def run_isolated(
   stall_seconds: float = ISOLATED_ATTEMPT_SECONDS,
   wall_seconds: float = ISOLATED_ATTEMPT_SECONDS,
   attempts: int = ISOLATED_ATTEMPTS,
+  poll_seconds: float = 2.0,
 ):
   """Runs the test `nodeid` alone in a child pytest under `run_watched`, its collectives' wait shortened. A run
   stopped by the watchdog, or one XLA ended because a collective's peers never came, is reported in a warning and
@@ -201,7 +202,8 @@ def run_isolated(
     # its own temporary root: the child's numbered pytest-N folders would otherwise crowd the parent's
     with tempfile.TemporaryDirectory(prefix="b2t_isolated_") as basetemp:
       base = ["--basetemp", os.path.join(basetemp, "t")]
-      run = run_watched(cmd + base, stall_seconds=stall_seconds, wall_seconds=wall_seconds, env=env, cwd=rootdir)
+      watch = {"stall_seconds": stall_seconds, "wall_seconds": wall_seconds, "poll_seconds": poll_seconds}
+      run = run_watched(cmd + base, **watch, env=env, cwd=rootdir)
     if run.returncode == 0:
       return
     gave_up = run.returncode == -signal.SIGABRT and XLA_GAVE_UP in run.output  # LOG(FATAL) aborts

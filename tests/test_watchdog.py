@@ -42,7 +42,7 @@ def test_a_process_past_its_wall_clock_limit_is_stopped():
 
 
 def test_an_exit_status_is_passed_on():
-  assert run_watched([sys.executable, "-c", "raise SystemExit(3)"], stall_seconds=5).returncode == 3
+  assert run_watched([sys.executable, "-c", "raise SystemExit(3)"], stall_seconds=5, poll_seconds=0.25).returncode == 3
 
 
 TESTS = r"""
@@ -83,24 +83,24 @@ def child_tests(tmp_path):
 
 
 def test_isolated_pass_and_failure(child_tests):
-  run_isolated("test_child.py::test_passes", child_tests, stall_seconds=5)
+  run_isolated("test_child.py::test_passes", child_tests, stall_seconds=5, poll_seconds=0.25)
   with pytest.raises(pytest.fail.Exception, match="the child's own message"):
-    run_isolated("test_child.py::test_fails", child_tests, stall_seconds=5)
+    run_isolated("test_child.py::test_fails", child_tests, stall_seconds=5, poll_seconds=0.25)
   with pytest.raises(pytest.fail.Exception, match="failed in its child process"):  # a crash is not a stall
-    run_isolated("test_child.py::test_aborts", child_tests, stall_seconds=5)
+    run_isolated("test_child.py::test_aborts", child_tests, stall_seconds=5, poll_seconds=0.25)
 
 
 def test_isolated_run_that_xla_ended_for_a_missing_peer_is_run_again(child_tests):
   with pytest.warns(UserWarning, match=r"(?s)run 1 of 4 stalled \(XLA ended it.*Termination timeout for `all-gather`"):
-    run_isolated("test_child.py::test_xla_gives_up_once", child_tests, stall_seconds=5)
+    run_isolated("test_child.py::test_xla_gives_up_once", child_tests, stall_seconds=5, poll_seconds=0.25)
 
 
 def test_isolated_stall_is_retried_once_then_fails(child_tests):
   with pytest.warns(UserWarning, match=r"run 1 of 2 stalled"):
-    run_isolated("test_child.py::test_stalls_once", child_tests, stall_seconds=3, attempts=2)
+    run_isolated("test_child.py::test_stalls_once", child_tests, stall_seconds=2, attempts=2, poll_seconds=0.25)
   with pytest.warns(UserWarning) as stalls:
     with pytest.raises(pytest.fail.Exception, match="stalled in all 2 runs"):
-      run_isolated("test_child.py::test_stalls", child_tests, stall_seconds=3, attempts=2)
+      run_isolated("test_child.py::test_stalls", child_tests, stall_seconds=2, attempts=2, poll_seconds=0.25)
   assert [str(w.message).split(" stalled")[0] for w in stalls] == [
     f"test_child.py::test_stalls: run {k} of 2" for k in (1, 2)
   ]
