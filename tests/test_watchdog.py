@@ -91,7 +91,7 @@ def test_isolated_pass_and_failure(child_tests):
 
 
 def test_isolated_run_that_xla_ended_for_a_missing_peer_is_run_again(child_tests):
-  with pytest.warns(UserWarning, match=r"(?s)run 1 of 4 stalled \(XLA ended it.*Termination timeout for `all-gather`"):
+  with pytest.warns(UserWarning, match=r"(?s)run 1 of 6 stalled \(XLA ended it.*Termination timeout for `all-gather`"):
     run_isolated("test_child.py::test_xla_gives_up_once", child_tests, stall_seconds=5, poll_seconds=0.25)
 
 
