@@ -118,6 +118,7 @@ ISOLATED_ATTEMPT_SECONDS = 240.0  # wall-clock limit of one run (a cold (4, 2) t
 # (4, 2) test, the fsdp test in 1 of 5, the other five in none of 3-5 runs each; none in two full suites.
 ISOLATED_ATTEMPTS = 6
 OUTPUT_TAIL = 8000  # characters of a child's output shown in a failure or a warning
+ABORT_GRACE_SECONDS = 30.0  # after SIGABRT, how long a stopped child may take to print its stacks before SIGKILL
 
 
 def _tree_cpu_seconds(root: int) -> float | None:
@@ -171,7 +172,7 @@ def run_watched(
       if why and proc.poll() is None:
         os.killpg(proc.pid, signal.SIGABRT)
         try:
-          proc.wait(30)
+          proc.wait(ABORT_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
           pass
         try:
@@ -381,7 +382,7 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
   for item in items:
     if item.get_closest_marker("isolated"):  # pytest-timeout's limit covers every run of it
-      item.add_marker(pytest.mark.timeout(ISOLATED_ATTEMPTS * ISOLATED_ATTEMPT_SECONDS + 120))
+      item.add_marker(pytest.mark.timeout(ISOLATED_ATTEMPTS * (ISOLATED_ATTEMPT_SECONDS + ABORT_GRACE_SECONDS) + 120))
   if getattr(config.option, "loadgroup", False):
     for item in items:
       item.stash[UNGROUPED] = bool(item.get_closest_marker("xdist_group")) and "@" not in item.nodeid
