@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from b2t_jax.data.t15 import SPLITS
-from b2t_jax.diphones import TARGETS
+from b2t_jax.diphones import HEADS, TARGETS
 from b2t_jax.models import mamba2, transformer
 from b2t_jax.models.encoders import ENCODERS
 
@@ -29,6 +29,7 @@ ENUMS = {
   "model.kind": ("gru", "triple"),
   "model.encoder": ENCODERS,
   "model.targets": TARGETS,
+  "model.diphone_head": HEADS,
   "model.dtype": ("float32", "bfloat16", "float16"),
   "model.gru_backward": ("custom", "autodiff"),
   "infer.split": SPLITS,

@@ -17,6 +17,14 @@ Marginalisation. p(cur = c) = sum over prev of p(prev, c) for c in 1..K, and p(b
 logsumexp over the prev axis of the (K, K) block of the diphone log-softmax. The N log-probabilities sum to one.
 Everything downstream of the model (PER, val loss, streaming, word decoding, ensembles, logits.npz) reads them.
 
+Parametrisation (`model.diphone_head`). `flat`: one Dense to the 1 + K^2 logits. `factored` (the default): the
+logit of (prev, cur) is a phoneme logit u[cur] plus a context term v[prev, cur] (and the blank's u[0] + log K plus
+v[blank]), with v's Dense initialised to zero. Both span the same logits (v alone is a full 1 + K^2 Dense); they
+differ in where training starts. At v = 0 the marginals are exactly softmax(u), a phoneme head, and each diphone
+is its phoneme's probability over K whatever came before: the joint objective's phoneme CTC trains u as it trains a
+phoneme head from the first step, while v learns what the context adds. With `flat`, 1,600 rarely seen classes start
+uniform and the demo learned ~5x more slowly than phonemes (README, "Diphone targets").
+
 Objective (`losses.decoder_loss`): the diphone CTC plus `loss.marginal_ctc_weight` x the phoneme CTC of the
 marginals, both through the one diphone head (DCoND's joint loss, alpha * phoneme + (1 - alpha) * diphone); `both`
 adds `loss.phoneme_ctc_weight` x the CTC of a separate phoneme head.
@@ -30,6 +38,7 @@ import jax.numpy as jnp
 from b2t_jax.vocab import SIL_ID
 
 TARGETS = ("phoneme", "diphone", "both")  # config.model.targets
+HEADS = ("factored", "flat")  # config.model.diphone_head
 
 
 def n_diphone_classes(n_classes: int) -> int:
@@ -67,3 +76,13 @@ def marginal_log_probs(diphone_logits: jax.Array, n_classes: int) -> jax.Array:
   # the layout puts the blank first in both vocabularies (vocab.BLANK_ID = 0), the (prev, cur) block after it
   pairs = lp[..., 1:].reshape(*lp.shape[:-1], k, k)  # (..., prev, cur)
   return jnp.concatenate([lp[..., :1], jax.scipy.special.logsumexp(pairs, axis=-2)], axis=-1)
+
+
+def factored_logits(phoneme_logits: jax.Array, context_logits: jax.Array, n_classes: int) -> jax.Array:
+  """The `factored` head: phoneme logits u (..., n_classes) and context logits v (..., 1 + K^2) -> diphone logits
+  (..., 1 + K^2): [u[0] + log K + v[0], u[cur] + v[(prev, cur)] ...]. With v = 0 the marginals equal softmax(u)."""
+  k = n_classes - 1
+  u = phoneme_logits.astype(jnp.float32)
+  blank = u[..., :1] + jnp.log(jnp.float32(k))  # the blank's one class stands for the K (prev, cur) slots of a phoneme
+  pairs = jnp.broadcast_to(u[..., None, 1:], (*u.shape[:-1], k, k)).reshape(*u.shape[:-1], k * k)
+  return jnp.concatenate([blank, pairs], axis=-1) + context_logits.astype(jnp.float32)

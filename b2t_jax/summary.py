@@ -34,8 +34,9 @@ def forward_flops(config: ml_collections.ConfigDict, time_bins: int) -> int:
   Counts the day layers and the optional projection (per bin), each encoder stack's own count
   (`encoders.stack_flops`: a GRU's input and recurrent projections, a transformer's projections and attention, a
   Mamba-2 stack's projections, conv and SSD matmuls), the intermediate CTC heads and the output heads (per patch:
-  the speech head's `model.targets` classes, the auxiliary phoneme head of 'both', the triple's phoneme-level noisy
-  head); elementwise work (gates, softsign, norms, the diphone marginalisation, CTC) is left out, as MFU
+  the speech head's `model.targets` classes, the auxiliary phoneme head of 'both', a factored diphone head's
+  phoneme logits, the triple's phoneme-level noisy head); elementwise work (gates, softsign, norms, the diphone
+  marginalisation, CTC) is left out, as MFU
   conventions do.
   """
   m = config.model
@@ -52,6 +53,7 @@ def forward_flops(config: ml_collections.ConfigDict, time_bins: int) -> int:
   phoneme_head = 2 * width * m.n_classes * patches
   speech_head = 2 * width * diphones.head_classes(m.targets, m.n_classes) * patches
   speech_head += phoneme_head if m.targets == "both" else 0
+  speech_head += phoneme_head if m.targets != "phoneme" and hp.diphone_head == "factored" else 0
   ictc = len(hp.intermediate_ctc) * 2 * (2 * encoders.stream_width(hp, m.hidden) * m.n_classes) * patches
   if m.kind == "gru":
     return day + stack(m.n_layers, m.hidden) + ictc + speech_head

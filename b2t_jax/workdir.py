@@ -78,8 +78,9 @@ ADDED_LATER = {
   "model.intermediate_ctc": [],
   "loss.intermediate_ctc_weight": 0.3,
   "model.targets": "phoneme",
-  "loss.phoneme_ctc_weight": 0.3,  # unused by phoneme targets: the default
-  "loss.marginal_ctc_weight": 1.0,  # unused by phoneme targets: the default
+  "loss.phoneme_ctc_weight": 0.3,  # compared only for diphone targets (TARGET_FIELDS)
+  "loss.marginal_ctc_weight": 1.0,  # compared only for diphone targets (TARGET_FIELDS)
+  "model.diphone_head": "flat",  # compared only for diphone targets (TARGET_FIELDS)
   "aug.time_jitter_shift_bins": 0,
   "aug.time_jitter_stretch": 0.0,
   "aug.time_mask_fraction": 0.0,
@@ -99,6 +100,9 @@ ADDED_LATER = {
 }
 # Each encoder's sub-config: compared only when the run uses that encoder (model.encoder, itself compared).
 ENCODER_SECTIONS = {"transformer": "model.transformer.", "mamba2": "model.mamba2."}
+# Fields that shape only a diphone head: compared only when the run has one (model.targets, itself compared), so a
+# phoneme workdir from before them resumes under their new defaults.
+TARGET_FIELDS = ("model.diphone_head", "loss.marginal_ctc_weight", "loss.phoneme_ctc_weight")
 _ABSENT = "<absent>"
 
 
@@ -146,20 +150,23 @@ def is_safe_to_change(field: str) -> bool:
   return any(field.startswith(s) if s.endswith(".") else field == s for s in SAFE_TO_CHANGE)
 
 
-def _unused_encoder_field(field: str, encoder: str) -> bool:
-  return any(field.startswith(prefix) for name, prefix in ENCODER_SECTIONS.items() if name != encoder)
+def _unused_field(field: str, current: dict[str, Any]) -> bool:
+  """A field the current run's model does not read: another encoder's sub-config, a diphone field of phonemes."""
+  encoder = current.get("model.encoder", ADDED_LATER["model.encoder"])
+  if any(field.startswith(prefix) for name, prefix in ENCODER_SECTIONS.items() if name != encoder):
+    return True
+  return field in TARGET_FIELDS and current.get("model.targets", ADDED_LATER["model.targets"]) == "phoneme"
 
 
 def config_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """'field: recorded -> current' for every field that differs and may not change on resume (the sub-configs of
-  encoders the run does not use are not compared)."""
+  """'field: recorded -> current' for every field that differs and may not change on resume (fields the run's
+  model does not read, such as the sub-configs of other encoders, are not compared)."""
   recorded = {**ADDED_LATER, **recorded}
-  encoder = current.get("model.encoder", ADDED_LATER["model.encoder"])
   return [
     f"{k}: {recorded.get(k, _ABSENT)!r} (workdir) -> {current.get(k, _ABSENT)!r} (now)"
     for k in sorted(set(recorded) | set(current))
     if not is_safe_to_change(k)
-    and not _unused_encoder_field(k, encoder)
+    and not _unused_field(k, current)
     and recorded.get(k, _ABSENT) != current.get(k, _ABSENT)
   ]
 

@@ -128,6 +128,8 @@ def get_config() -> ml_collections.ConfigDict:
   # current) pairs, decoded as their phoneme marginals; loss.marginal_ctc_weight) | both (diphone + a phoneme head,
   # loss.phoneme_ctc_weight)
   m.targets = "phoneme"
+  # diphone/both: factored (phoneme logit + a zero-initialised (prev, cur) term: starts as a phoneme head) | flat
+  m.diphone_head = "factored"
 
   c.loss = l = ml_collections.ConfigDict()
   l.noisy_weight = 0.2  # triple: weight of the adversarial CTC term
@@ -135,9 +137,9 @@ def get_config() -> ml_collections.ConfigDict:
   l.adversarial_warmup_steps = 0  # triple: GRL lambda ramps linearly from 0 over this many steps
   l.intermediate_ctc_weight = 0.3  # model.intermediate_ctc: loss + w * mean CTC of the intermediate heads
   l.phoneme_ctc_weight = 0.3  # model.targets='both': loss + w * CTC of the auxiliary phoneme head (not tuned)
-  # model.targets diphone/both: loss + w * CTC of the diphone head's phoneme marginals (DCoND's joint objective, its
-  # alpha = 0.5 up to scale); 0 = the diphone CTC alone. Both learn far more slowly than phonemes (README)
-  l.marginal_ctc_weight = 1.0
+  # model.targets diphone/both: loss + w * CTC of the diphone head's phoneme marginals (DCoND's joint objective);
+  # 0 = the diphone CTC alone. 3.0 from demo runs (README, "Diphone targets": 600 steps, PER 0.605 at 1.0, 0.493 at 3)
+  l.marginal_ctc_weight = 3.0
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr_peak = 0.005  # peak learning rate

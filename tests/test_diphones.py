@@ -69,6 +69,23 @@ def test_marginal_log_probs_sum_over_the_previous_phoneme():
   np.testing.assert_allclose(np.asarray(jax.nn.log_softmax(got)), got, atol=1e-6)  # already normalised
 
 
+def test_factored_logits_follow_the_documented_layout():
+  """The factored head's logit of (prev, cur) is u[cur] + v[(prev, cur)], the blank's u[0] + log K + v[0]
+  (explicit loops over the layout, float64); with v = 0 its marginals are softmax(u): a phoneme head."""
+  rng = np.random.default_rng(1)
+  u, v = rng.normal(size=(2, 3, N)) * 2, rng.normal(size=(2, 3, 1601))
+  want = np.empty((2, 3, 1601))
+  want[..., 0] = u[..., 0] + np.log(K) + v[..., 0]
+  for prev in range(1, N):
+    for cur in range(1, N):
+      i = 1 + (prev - 1) * K + (cur - 1)
+      want[..., i] = u[..., cur] + v[..., i]
+  got = diphones.factored_logits(jnp.asarray(u, jnp.float32), jnp.asarray(v, jnp.float32), N)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+  at_zero = diphones.factored_logits(jnp.asarray(u, jnp.float32), jnp.zeros((2, 3, 1601)), N)
+  np.testing.assert_allclose(np.asarray(diphones.marginal_log_probs(at_zero, N)), _log_softmax(u), atol=1e-5, rtol=0)
+
+
 def test_diphone_ctc_loss_against_numpy():
   """decoder_loss of diphone outputs: CTC of the diphone logits on the diphone labels, plus w_m * CTC of their
   phoneme marginals, plus w_p * CTC of the auxiliary phoneme head (both); infeasible trials by the phonemes' rule,
@@ -116,11 +133,11 @@ def test_diphone_ctc_loss_against_numpy():
 
 
 @functools.cache
-def _tiny(kind: str, targets: str, n_models: int = 1):
-  """A tiny model of `kind` and `targets` (2-layer GRU stacks, an intermediate head after layer 0) and its params
-  (stacked over `n_models` members of seeds 0..n-1)."""
+def _tiny(kind: str, targets: str, n_models: int = 1, head: str = "factored"):
+  """A tiny model of `kind` and `targets` (2-layer GRU stacks, an intermediate head after layer 0, a `head`
+  diphone head) and its params (stacked over `n_models` members of seeds 0..n-1)."""
   c = tiny_encoder("gru", kind, intermediate=(0,))
-  c.model.targets, c.train.n_models = targets, n_models
+  c.model.targets, c.model.diphone_head, c.train.n_models = targets, head, n_models
   model = create_model(c)
   x = jnp.zeros((1, 60, 8))
   init = jax.jit(lambda k: nn.unbox(model.init(k, x, jnp.zeros((1,), jnp.int32))["params"]))
@@ -134,11 +151,11 @@ def _inputs(seed=0):
   return jnp.asarray(rng.normal(size=(3, 60, 8)), jnp.float32), jnp.array([0, 1, 2], jnp.int32)
 
 
-@pytest.mark.parametrize("kind,targets", [("gru", "both"), ("triple", "diphone")])
-def test_every_model_kind_decodes_41_marginal_classes(kind, targets):
+@pytest.mark.parametrize("kind,targets,head", [("gru", "both", "factored"), ("triple", "diphone", "flat")])
+def test_every_model_kind_decodes_41_marginal_classes(kind, targets, head):
   """Inference returns the (B, P, 41) marginals of the 1601-way head's 'full' output; the intermediate heads, the
   auxiliary phoneme head and the triple's noisy head are phoneme-level."""
-  c, model, params = _tiny(kind, targets)
+  c, model, params = _tiny(kind, targets, head=head)
   x, day = _inputs()
   both_modes = jax.jit(lambda p: (model.apply({"params": p}, x, day, mode="full"), model.apply({"params": p}, x, day)))
   full, inference = both_modes(params)
@@ -151,10 +168,31 @@ def test_every_model_kind_decodes_41_marginal_classes(kind, targets):
   speech = params if kind == "gru" else params["clean_model"]
   assert speech["out"]["kernel"].shape == (16, 1601) and speech["ictc_0"]["head"]["kernel"].shape == (16, N)
   assert ("phoneme_out" in speech) == (targets == "both")
+  assert ("diphone_base" in speech) == (head == "factored")
   if targets == "both":
     assert full["phoneme_logits"].shape == (3, 12, N) and speech["phoneme_out"]["kernel"].shape == (16, N)
   if kind == "triple":
     assert full["noisy_logits"].shape == (3, 12, N) and params["noisy_model"]["out"]["kernel"].shape == (16, N)
+
+
+def test_a_factored_head_starts_as_a_phoneme_head():
+  """At initialisation the factored head's context kernel is zero, so its marginals are the log-softmax of its
+  phoneme logits (diphone_base on the stream: the stack's output, read back through a phoneme-target model with
+  the same stack parameters); a flat head's are near uniform over the 1,600 pairs instead."""
+  c, model, params = _tiny("gru", "diphone")
+  x, day = _inputs(2)
+  np.testing.assert_array_equal(np.asarray(params["out"]["kernel"]), 0.0)
+  marginals = np.asarray(jax.jit(lambda p: model.apply({"params": p}, x, day))(params))
+  phon = c.copy_and_resolve_references()
+  phon.model.targets = "phoneme"
+  as_phonemes = {k: v for k, v in params.items() if k not in ("out", "diphone_base")}
+  as_phonemes["out"] = params["diphone_base"]
+  want = jax.jit(lambda p: create_model(phon).apply({"params": p}, x, day))(as_phonemes)
+  np.testing.assert_allclose(marginals, np.asarray(jax.nn.log_softmax(want)), atol=1e-5, rtol=0)
+  assert np.abs(np.exp(marginals[..., 1:]).sum(-1) - 1).max() > 1e-3  # not a trivial case: the blank has its share
+  _, flat_model, flat_params = _tiny("gru", "diphone", head="flat")
+  flat = np.asarray(flat_model.apply({"params": flat_params}, x, day))
+  assert np.exp(flat[..., 0]).max() < 0.01  # the flat head's blank starts with about 1/1601 of the mass
 
 
 def test_ensembles_merge_the_members_marginals_and_the_val_loss_is_their_ctc():
@@ -185,12 +223,15 @@ def test_ensembles_merge_the_members_marginals_and_the_val_loss_is_their_ctc():
 def test_summary_counts_the_diphone_head_at_full_size():
   """configs/gru_baseline.py: the 768 x 1601 head replaces the 768 x 41 one; 'both' adds the phoneme head back."""
   c = gru_baseline.get_config()
-  c.model.targets = "diphone"
+  c.model.targets, c.model.diphone_head = "diphone", "flat"
   counts = summary.parameter_counts(c)
   assert counts["out"] == 768 * 1601 + 1601 and counts["total"] == 44_315_177 + 768 * 1560 + 1560
   c.model.targets = "both"
   counts = summary.parameter_counts(c)
   assert counts["phoneme_out"] == 768 * 41 + 41 and counts["total"] == 44_315_177 + 769 * 1601
+  c.model.diphone_head = "factored"  # adds the phoneme logits the context term is added to
+  counts = summary.parameter_counts(c)
+  assert counts["diphone_base"] == 768 * 41 + 41 and counts["total"] == 44_315_177 + 769 * 1601 + 769 * 41
 
 
 def test_config_check_workdir_guard_and_export_know_the_targets(tmp_path):
@@ -201,12 +242,30 @@ def test_config_check_workdir_guard_and_export_know_the_targets(tmp_path):
     "config.loss.phoneme_ctc_weight=-1.0: must be >= 0",
   ]
   # A workdir written before targets existed trained phonemes: it still evaluates, and a diphone resume is refused.
-  new_fields = ("model.targets", "loss.phoneme_ctc_weight", "loss.marginal_ctc_weight")
+  new_fields = ("model.targets", "loss.phoneme_ctc_weight", "loss.marginal_ctc_weight", "model.diphone_head")
   old = {k: v for k, v in workdir.flat_config(tiny_encoder("gru")).items() if k not in new_fields}
   assert workdir.config_differences(old, workdir.flat_config(tiny_encoder("gru"))) == []
   c.model.targets, c.loss.phoneme_ctc_weight = "diphone", 0.3
   assert workdir.config_differences(old, workdir.flat_config(c)) == [
-    "model.targets: 'phoneme' (workdir) -> 'diphone' (now)"
+    "loss.marginal_ctc_weight: 1.0 (workdir) -> 3.0 (now)",
+    "model.diphone_head: 'flat' (workdir) -> 'factored' (now)",
+    "model.targets: 'phoneme' (workdir) -> 'diphone' (now)",
+  ]
+  # model.diphone_head came later still: older diphone workdirs had a flat head, and a phoneme run ignores the field.
+  old_diphone = {k: v for k, v in workdir.flat_config(c).items() if k != "model.diphone_head"}
+  assert workdir.config_differences(old_diphone, workdir.flat_config(c)) == [
+    "model.diphone_head: 'flat' (workdir) -> 'factored' (now)"
+  ]
+  flat = tiny_encoder("gru")
+  flat.model.diphone_head, flat.loss.marginal_ctc_weight, flat.loss.phoneme_ctc_weight = "flat", 1.0, 0.5
+  assert workdir.config_differences(workdir.flat_config(flat), workdir.flat_config(tiny_encoder("gru"))) == []
+  flat.model.targets = "both"  # ... but a diphone run compares them: they shape its head and its loss
+  both = tiny_encoder("gru")
+  both.model.targets = "both"
+  assert workdir.config_differences(workdir.flat_config(flat), workdir.flat_config(both)) == [
+    "loss.marginal_ctc_weight: 1.0 (workdir) -> 3.0 (now)",
+    "loss.phoneme_ctc_weight: 0.5 (workdir) -> 0.3 (now)",
+    "model.diphone_head: 'flat' (workdir) -> 'factored' (now)",
   ]
   # The reference's checkpoint holds a phoneme model: a diphone workdir is refused by name, before anything is read.
   workdir.record_config(c, str(tmp_path))

@@ -56,6 +56,7 @@ class ModelHParams:
   mamba2: ml_collections.FrozenConfigDict  # config.model.mamba2
   intermediate_ctc: tuple[int, ...]  # layers of the speech stack followed by an intermediate CTC head
   targets: str  # phoneme | diphone | both (b2t_jax/diphones.py)
+  diphone_head: str  # factored | flat: how a diphone head is parametrised (b2t_jax/diphones.py)
   n_days: int  # len(config.data.sessions)
   n_input_features: int  # config.data.n_features // config.data.feature_pool
 
@@ -141,12 +142,13 @@ class _Parts:
     another kind projects back to when `keep_width`."""
     return make_stack(self.hp, n_layers, width, keep_width=keep_width, hidden_axis=hidden_axis, dtype=self.dtype)
 
-  def head(self, n_classes: int | None = None) -> nn.Dense:
-    """Dense(n_classes) (default: the phoneme classes)."""
+  def head(self, n_classes: int | None = None, zero: bool = False) -> nn.Dense:
+    """Dense(n_classes) (default: the phoneme classes); `zero`: the kernel starts at zero (a correction term)."""
+    kernel_init = nn.initializers.zeros_init() if zero else nn.linear.default_kernel_init
     return nn.Dense(
       self.hp.n_classes if n_classes is None else n_classes,
       dtype=self.dtype,
-      kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, ("hidden", "classes")),
+      kernel_init=nn.with_logical_partitioning(kernel_init, ("hidden", "classes")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)),
     )
 
@@ -156,7 +158,8 @@ class _SpeechDecoder(nn.Module, _Parts):
   -> Dense; intermediate CTC heads after the layers `model.intermediate_ctc` names (phoneme-level whatever the
   targets: they condition the stream on phoneme posteriors).
 
-  The head `out` predicts `model.targets`' classes: 41 phonemes, or 1 + 40 * 40 diphones (diphones.py). With
+  The head `out` predicts `model.targets`' classes: 41 phonemes, or 1 + 40 * 40 diphones (diphones.py); a
+  `factored` diphone head adds `diphone_base`, the phoneme logits each diphone's context term `out` is added to. With
   `both`, `phoneme_out` is a second, phoneme head on the same stream, trained by an auxiliary CTC only.
   """
 
@@ -168,7 +171,10 @@ class _SpeechDecoder(nn.Module, _Parts):
     self.frontend = self.front_end()
     # 'gru' is the stack's name whatever its kind: checkpoints and the PyTorch import address `gru/...`.
     self.gru = self.stack(getattr(self.hp, self.layers_field), self.hp.hidden)
-    self.out = self.head(diphones.head_classes(self.hp.targets, self.hp.n_classes))
+    self.factored = self.hp.targets != "phoneme" and self.hp.diphone_head == "factored"
+    self.out = self.head(diphones.head_classes(self.hp.targets, self.hp.n_classes), zero=self.factored)
+    if self.factored:
+      self.diphone_base = self.head()
     if self.hp.targets == "both":
       self.phoneme_out = self.head()
     width = stream_width(self.hp, self.hp.hidden)
@@ -189,6 +195,8 @@ class _SpeechDecoder(nn.Module, _Parts):
     out = self.out(h).astype(jnp.float32)
     if self.hp.targets == "phoneme":
       return {"logits": out}
+    if self.factored:
+      out = diphones.factored_logits(self.diphone_base(h), out, self.hp.n_classes)
     heads = {"logits": diphones.marginal_log_probs(out, self.hp.n_classes), "diphone_logits": out}
     if self.hp.targets == "both":
       heads["phoneme_logits"] = self.phoneme_out(h).astype(jnp.float32)
