@@ -2,8 +2,11 @@
 (the table tools/figures.py pastes into the README): its parsing and table on log lines in the trainer's format."""
 
 import datetime
+import json
 import os
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -49,3 +52,31 @@ def test_table_gives_seed_means_and_each_arm_at_the_grus_wall_time():
   assert lines[2] == "| synthetic | gru | 0.600 (0.500, 0.700) 1.0 min | 0.400 (0.300, 0.500) 2.1 min | 0.400 |"
   assert lines[3] == "| synthetic | transformer | 0.300 (0.200, 0.400) 1.7 min | 0.100 (0.100, 0.100) 2.7 min | 0.150 |"
   assert len(lines) == 4  # an arm without runs (mamba2) gets no row
+
+
+def test_from_runs_merges_comparisons_run_in_parts_and_refuses_a_run_recorded_twice(tmp_path):
+  def part(name, arms, seeds=(10, 11)):
+    runs = [
+      {"generator": "synthetic", "arm": a, "seed": s, "curve": [{"step": 900, "val_per": 0.1 + s / 100, "wall_s": 60}]}
+      for a in arms
+      for s in seeds
+    ]
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"machine": "m", "load_before": 1.0, "command": name, "runs": runs}))
+    return str(path)
+
+  a, b = part("a", ["gru", "transformer"]), part("b", ["transformer_masked", "diphone"])
+  runs, sources = ce.merged_runs([a, b], ["gru", "transformer_masked"], ["synthetic"])
+  assert [(r["arm"], r["seed"]) for r in runs] == [
+    ("gru", 10),
+    ("gru", 11),
+    ("transformer_masked", 10),
+    ("transformer_masked", 11),
+  ]
+  assert [(s["path"], s["command"]) for s in sources] == [(a, "a"), (b, "b")]
+  lines = ce.table(runs, ["gru", "transformer_masked"], ["synthetic"]).splitlines()
+  assert lines[3] == "| synthetic | transformer_masked | 0.205 (0.200, 0.210) 1.0 min | 0.205 |"
+  with pytest.raises(SystemExit, match="synthetic transformer 10 is recorded in both"):
+    ce.merged_runs([a, part("c", ["transformer"], seeds=(10,))], ["transformer"], ["synthetic"])
+  with pytest.raises(SystemExit, match="no run of arms"):
+    ce.merged_runs([a], ["mamba2"], ["synthetic"])

@@ -2,6 +2,7 @@
 
   python tools/compare_encoders.py --workdir=/tmp/b2t_compare [--seeds=10,11] [--num_steps=1200] [--eval_every=300]
       [--arms=gru,transformer,mamba2,transformer_masked,diphone] [--generators=synthetic,independent]
+  python tools/compare_encoders.py --workdir=DIR --from_runs=A/compare.json,B/compare.json [--arms=...]
 
 Writes both datasets (tools/make_synthetic_data.py: 8 sessions x 80 trials, seed 0; tools/make_independent_t15.py,
 seed 0), prepares them once (tools/prepare_data.py, outside the timed runs), then trains `configs/demo.py` once per
@@ -16,6 +17,10 @@ wall-clock time on this machine): the arms run one after the other on the same c
 CPU time.
 A run that fails is reported at the end (exit 1) without stopping the others; compare.md and compare.json are
 rewritten after every run, so a comparison stopped part-way keeps the runs it finished.
+
+`--from_runs` trains nothing: it tabulates the runs recorded in earlier compare.json files (comparisons run in
+parts, e.g. one arm at a time) into WORKDIR. Their wall times were taken under whatever load each part had, so the
+equal-time column compares parts only as well as their loads agree (each file's machine and loads are listed).
 """
 
 from __future__ import annotations
@@ -139,6 +144,13 @@ def main(argv):
     raise app.UsageError(f"unknown arms/generators {unknown}: arms are {list(ARMS)}, generators {list(GENERATORS)}")
   runs, failed = [], []
   load_before = os.getloadavg()[0]
+  if _FROM.value:
+    runs, sources = merged_runs(_FROM.value, _ARMS.value, _GENS.value)
+    os.makedirs(workdir, exist_ok=True)
+    text, info = write(workdir, runs, load_before, sources)
+    print(text)
+    print(json.dumps({**info, "runs": runs}))
+    return
   for gen in _GENS.value:
     data = prepare(workdir, gen)
     for arm in _ARMS.value:
@@ -182,8 +194,30 @@ def main(argv):
     raise SystemExit(f"{len(failed)} run(s) failed (the table has the others): " + "; ".join(failed))
 
 
-def write(workdir: str, runs: list[dict], load_before: float) -> tuple[str, dict]:
-  """Writes WORKDIR/compare.md and compare.json from the runs finished so far; returns the table and the facts."""
+def merged_runs(paths: list[str], arms: list[str], generators: list[str]) -> tuple[list[dict], list[dict]]:
+  """The runs of `arms` x `generators` recorded in the compare.json files `paths`, and each file's facts (command,
+  machine, date, loads). A (generator, arm, seed) recorded twice is refused: which one to keep is the user's call."""
+  runs, sources, seen = [], [], {}
+  for path in paths:
+    with open(path) as f:
+      record = json.load(f)
+    sources.append({"path": path, **{k: v for k, v in record.items() if k != "runs"}})
+    for r in record["runs"]:
+      if r["arm"] not in arms or r["generator"] not in generators:
+        continue
+      key = (r["generator"], r["arm"], r["seed"])
+      if key in seen:
+        raise SystemExit(f"{' '.join(map(str, key))} is recorded in both {seen[key]} and {path}: keep one")
+      seen[key] = path
+      runs.append(r)
+  if not runs:
+    raise SystemExit(f"no run of arms {arms} on generators {generators} in {paths}")
+  return runs, sources
+
+
+def write(workdir: str, runs: list[dict], load_before: float, sources: list[dict] | None = None) -> tuple[str, dict]:
+  """Writes WORKDIR/compare.md and compare.json from the runs finished so far (or merged from `sources`); returns
+  the table and the facts."""
   text = table(runs, _ARMS.value, _GENS.value)
   info = {
     "machine": machine(),
@@ -192,6 +226,8 @@ def write(workdir: str, runs: list[dict], load_before: float) -> tuple[str, dict
     "date": time.strftime("%Y-%m-%d"),
     "command": " ".join(["python", "tools/compare_encoders.py", *sys.argv[1:]]),
   }
+  if sources:
+    info["sources"] = sources
   with open(os.path.join(workdir, "compare.md"), "w") as f:
     f.write(f"{text}\n\n{info}\n")
   with open(os.path.join(workdir, "compare.json"), "w") as f:
@@ -209,4 +245,5 @@ if __name__ == "__main__":
   _ARMS = flags.DEFINE_list("arms", list(ARMS), f"arms to run, of {', '.join(ARMS)}")
   _GENS = flags.DEFINE_list("generators", list(GENERATORS), "synthetic (ours) and/or independent (another generator)")
   _EXTRA = flags.DEFINE_multi_string("flag", [], "extra --config.x=v flag for every run (repeatable)")
+  _FROM = flags.DEFINE_list("from_runs", [], "compare.json files of earlier comparisons: tabulate them, train nothing")
   app.run(main)
