@@ -5,12 +5,26 @@ Reduced: widths, batch (16) and schedule, and a learned projection (model.patch_
 day layer's 512 outputs to 16 features before patching, so the noise GRU is 14 * 16 = 224 wide, not 7,168.
 No feature pooling: every one of the 512 columns reaches the model, in whatever order the files hold them.
 Launch: python -m b2t_jax.main --config=configs/demo.py --workdir=/tmp/b2t_demo
+
+`--config=configs/demo.py:ENCODER` (gru, transformer or mamba2) is the demo with that encoder and the settings
+the demo-size experiments chose for it (RECIPES; README, "Recipes, by experiment"), where
+`--config.model.encoder=ENCODER` alone changes the stack only.
 """
 
 from configs import default
 
+# What the demo-size experiments chose per encoder, beyond the shared defaults (seed 10, 900 steps, val PER).
+RECIPES = {
+  "gru": {},
+  "transformer": {},  # lr_peak 0.005 and 0.01 tie (0.084 / 0.083); 0.002 is worse (0.124)
+  "mamba2": {"optim.lr_peak": 0.01},  # 0.061 against 0.075 at 0.005 on our generator, 0.013 against 0.017 on the other
+}
 
-def get_config():
+
+def get_config(encoder: str = ""):
+  """The demo config; `encoder` (the `:ENCODER` of --config=configs/demo.py:ENCODER): that encoder's recipe."""
+  if encoder and encoder not in RECIPES:
+    raise ValueError(f"configs/demo.py:{encoder}: expected one of {', '.join(RECIPES)} (or nothing, the GRU demo)")
   c = default.get_config()
   c.model.kind = "triple"
   c.model.patch_features = 16  # Dense(512 -> 16) before patching: noise GRU width 14 * 16 = 224
@@ -36,4 +50,9 @@ def get_config():
   c.train.eval_every = 300
   c.train.log_every = 50
   c.train.checkpoint_every = 300
+  if encoder:
+    c.model.encoder = encoder
+    for key, value in RECIPES[encoder].items():
+      section, field = key.split(".")
+      c[section][field] = value
   return c

@@ -58,6 +58,15 @@ def test_demo_switches_to_a_demo_size_stack_of_each_kind(encoder):
   assert out["noise"].shape == (1, 13, 224) and out["logits"].shape == out["noisy_logits"].shape == (1, 13, 41)
 
 
+def test_demo_recipes_set_the_encoder_and_what_the_experiments_chose():
+  assert demo.get_config("gru").to_dict() == demo.get_config().to_dict()
+  tfm, mamba = demo.get_config("transformer"), demo.get_config("mamba2")
+  assert (tfm.model.encoder, tfm.optim.lr_peak) == ("transformer", 0.005)
+  assert (mamba.model.encoder, mamba.optim.lr_peak, mamba.optim.day_lr_peak) == ("mamba2", 0.01, 0.005)
+  with pytest.raises(ValueError, match=r"configs/demo.py:mamba: expected one of gru, transformer, mamba2"):
+    demo.get_config("mamba")
+
+
 def _apply_full(c, seed=0):
   model = create_model(c)
   rng = np.random.default_rng(seed)
