@@ -23,7 +23,7 @@ v[blank]), with v's Dense initialised to zero. Both span the same logits (v alon
 differ in where training starts. At v = 0 the marginals are exactly softmax(u), a phoneme head, and each diphone
 is its phoneme's probability over K whatever came before: the joint objective's phoneme CTC trains u as it trains a
 phoneme head from the first step, while v learns what the context adds. With `flat`, 1,600 rarely seen classes start
-uniform and the demo learned ~5x more slowly than phonemes (README, "Diphone targets").
+uniform (demo, 600 steps: val PER 0.950 flat, 0.605 factored, phonemes 0.437; README, "Diphone targets").
 
 Objective (`losses.decoder_loss`): the diphone CTC plus `loss.marginal_ctc_weight` x the phoneme CTC of the
 marginals, both through the one diphone head (DCoND's joint loss, alpha * phoneme + (1 - alpha) * diphone); `both`
@@ -39,6 +39,11 @@ from b2t_jax.vocab import SIL_ID
 
 TARGETS = ("phoneme", "diphone", "both")  # config.model.targets
 HEADS = ("factored", "flat")  # config.model.diphone_head
+
+
+def is_factored(targets: str, diphone_head: str) -> bool:
+  """Whether the speech head is the `factored` diphone head (it has the phoneme logits `diphone_base`)."""
+  return targets != "phoneme" and diphone_head == "factored"
 
 
 def n_diphone_classes(n_classes: int) -> int:

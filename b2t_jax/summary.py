@@ -53,7 +53,7 @@ def forward_flops(config: ml_collections.ConfigDict, time_bins: int) -> int:
   phoneme_head = 2 * width * m.n_classes * patches
   speech_head = 2 * width * diphones.head_classes(m.targets, m.n_classes) * patches
   speech_head += phoneme_head if m.targets == "both" else 0
-  speech_head += phoneme_head if m.targets != "phoneme" and hp.diphone_head == "factored" else 0
+  speech_head += phoneme_head if diphones.is_factored(m.targets, hp.diphone_head) else 0
   ictc = len(hp.intermediate_ctc) * 2 * (2 * encoders.stream_width(hp, m.hidden) * m.n_classes) * patches
   if m.kind == "gru":
     return day + stack(m.n_layers, m.hidden) + ictc + speech_head

@@ -52,7 +52,5 @@ def get_config(encoder: str = ""):
   c.train.checkpoint_every = 300
   if encoder:
     c.model.encoder = encoder
-    for key, value in RECIPES[encoder].items():
-      section, field = key.split(".")
-      c[section][field] = value
+    c.update_from_flattened_dict(RECIPES[encoder])
   return c

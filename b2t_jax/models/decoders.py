@@ -171,7 +171,7 @@ class _SpeechDecoder(nn.Module, _Parts):
     self.frontend = self.front_end()
     # 'gru' is the stack's name whatever its kind: checkpoints and the PyTorch import address `gru/...`.
     self.gru = self.stack(getattr(self.hp, self.layers_field), self.hp.hidden)
-    self.factored = self.hp.targets != "phoneme" and self.hp.diphone_head == "factored"
+    self.factored = diphones.is_factored(self.hp.targets, self.hp.diphone_head)
     self.out = self.head(diphones.head_classes(self.hp.targets, self.hp.n_classes), zero=self.factored)
     if self.factored:
       self.diphone_base = self.head()
