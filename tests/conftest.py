@@ -11,22 +11,25 @@ import time
 import warnings
 
 # XLA's CPU collectives abort the whole process (LOG(FATAL) "Termination timeout ... exceeded") when one simulated
-# device reaches a collective far later than the others; on 2 loaded cores the tests let them wait. A real
-# deadlock was seen once in a full run (test_sharding's fsdp test, mesh (4, 2)): the 8 device threads waited in
-# three different collectives (6 in a collective-permute, one in an all-to-all, one in an all-gather) while
-# XLA:CPU's intra-op pool sat idle. That program runs while loops with collectives in their bodies beside top-level
-# collectives, which XLA:CPU's thunk executor orders by launch only ("scheduling" edges). 1,350 more steps of the
-# same program (alone, and beside a second copy) did not hang. The per-test timeout (pyproject.toml, thread
-# method) turns such a hang into a failure with every thread's stack instead of holding CI to its deadline.
-# It came back in full runs on a clean clone (test_same_updates_on_every_mesh_shape, mesh (4, 2), twice), and in runs
-# of the (4, 2) tests two at a time (ISOLATED_ATTEMPTS, below). XLA's own report of one (below) shows the cause: 7
-# devices waited in the all-gather (channel 1) inside the noise GRU's while loop while the 8th waited in a top-level
-# all-to-all (channel 30, devices [3, 7]) that the others had not reached: XLA:CPU ran a loop and a top-level
-# collective in different orders on different devices. Tests that run such programs are marked `isolated`: each
-# runs in a child process (`run_isolated`, below) whose collectives give up after ISOLATED_COLLECTIVE_FLAGS' shorter
-# wait, with XLA's message naming the collective and how many devices came; that run, or one past its wall-clock
-# limit, is reported in a warning naming the test and the test runs again. Every run stalling, or any other
-# failure, fails the test.
+# device reaches a collective far later than the others; on 2 loaded cores the tests let them wait.
+# Programs of a (4, 2) mesh deadlocked now and then: 7 devices waited in the all-gather (channel 1) inside the noise
+# GRU's while loop while the 8th waited in a top-level all-to-all (channel 30) the others had not reached, and XLA's
+# stack traces show those waits on the threads of XLA:CPU's intra-op pool (ThunkExecutor hands ready thunks to it,
+# and a collective blocks its thread until every peer arrives). That pool has max(cores, devices) threads: 8 here,
+# one per device, while each device can have two collectives in flight (the loop's and the top-level one, ordered
+# by launch only), so once 8 waiting collectives hold all 8 threads, the peers they wait for sit in the pool's queue
+# for ever. PJRT_NPROC (read by XLA's DefaultThreadPoolSize) sets the pool's size. Measured (the two mesh-shape tests
+# alone, one after the other, `PJRT_NPROC=N pytest tests/test_sharding.py::test_same_updates_on_every_mesh_shape`):
+# with 8 threads, 4 stalled runs in one try and 1 in the next; with 16 or 32, none in two tries each, in 42-48 s.
+# It may not be the only cause: an earlier hang (the fsdp test, (4, 2)) was recorded with 8 device threads in three
+# different collectives while the intra-op pool sat idle, which starvation does not explain. So the `isolated`
+# machinery below stays as the net: those tests run in a child process whose collectives give up after
+# ISOLATED_COLLECTIVE_FLAGS' shorter wait, XLA's message naming the collective and how many devices came is reported
+# in a warning, and the test runs again; every run stalling, or any other failure, fails the test. The per-test
+# timeout (pyproject.toml, thread method) turns any other hang into a failure with every thread's stack instead of
+# holding CI to its deadline.
+POOL_THREADS_PER_DEVICE = 4
+MAX_TEST_DEVICES = 8  # the most simulated devices any test or its subprocesses uses
 CPU_COLLECTIVE_FLAGS = (
   "--xla_cpu_collective_call_terminate_timeout_seconds=1800 --xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
 )
@@ -87,7 +90,10 @@ def cpu_env(devices: int, fast_compile: bool = True) -> dict:
   return {**os.environ, "XLA_FLAGS": xla_flags(devices, fast_compile)}
 
 
-os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+os.environ.setdefault("XLA_FLAGS", xla_flags(MAX_TEST_DEVICES))
+# Before JAX starts (read once, by every process the tests start too): the intra-op pool large enough that
+# collectives waiting for their peers cannot take every thread (the deadlock described above).
+os.environ.setdefault("PJRT_NPROC", str(POOL_THREADS_PER_DEVICE * MAX_TEST_DEVICES))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite runs on the CPU. With libtpu installed (the tpu extra, for tools/aot_compile.py) JAX would probe for a
 # TPU in every process, this one and the command-line runs it starts, and log errors where there is none; the
@@ -114,8 +120,8 @@ ISOLATED_COLLECTIVE_FLAGS = (
 )
 XLA_GAVE_UP = "Termination timeout for"  # how XLA's rendezvous begins the message it exits with (rendezvous.cc)
 ISOLATED_ATTEMPT_SECONDS = 240.0  # wall-clock limit of one run (a cold (4, 2) test takes ~30-110 s on 2 cores)
-# Runs of an `isolated` test before stalls fail it: the mesh-shape test stalled in 3 of its 5 runs beside another
-# (4, 2) test, the fsdp test in 1 of 5, the other five in none of 3-5 runs each; none in two full suites.
+# Runs of an `isolated` test before stalls fail it (with the intra-op pool XLA sizes by default, the mesh-shape test
+# stalled in 3 of its 5 runs beside another (4, 2) test, the fsdp test in 1 of 5).
 ISOLATED_ATTEMPTS = 6
 OUTPUT_TAIL = 8000  # characters of a child's output shown in a failure or a warning
 ABORT_GRACE_SECONDS = 30.0  # after SIGABRT, how long a stopped child may take to print its stacks before SIGKILL
