@@ -3,12 +3,13 @@ and the ARPA file as KenLM (inside flashlight-text) reads it."""
 
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from b2t_jax.decoding import ngram
+from b2t_jax.decoding import lexicon, ngram
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ["A b.", "a B", "", "b"]  # normalised to: a b / a b / b (the empty line is skipped)
@@ -168,3 +169,24 @@ def test_default_corpus_is_the_training_sentences(tmp_path, synthetic_dir):
   assert len(sentences) == 3 * 16 and f"{len(sentences)} sentences" in p.stdout
   words = {w for s in sentences for w in s.split()}
   assert set(ngram.arpa_vocabulary(str(out))) == words
+
+
+def test_the_label_readers_name_a_wrong_folder_and_the_unlabelled_split(tmp_path, synthetic_dir):
+  """ngram.dataset_sentences and lexicon.dataset_transcripts (both on t15.split_trial_groups): a missing folder,
+  a folder without the split's files and the test split (no labels in t15) each raise naming the path (and the
+  trial); the labelled splits come in session, then trial order, the same trials for both readers."""
+  missing = str(tmp_path / "absent")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  for read, unlabelled in ((ngram.dataset_sentences, "unlabelled"), (lexicon.dataset_transcripts, "labelled splits")):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data_dir {missing!r} does not exist")):
+      next(read(missing))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{empty}: no */data_train.hdf5 files")):
+      next(read(str(empty)))
+    with pytest.raises(ValueError, match=rf"/t15\.[0-9.]+/data_test\.hdf5: trial_0000: .*{unlabelled}"):
+      next(read(synthetic_dir, "test"))
+  transcripts = list(lexicon.dataset_transcripts(synthetic_dir, "val"))
+  ids = [t for t, _, _ in transcripts]
+  assert len(ids) == len(set(ids)) > 3 and ids == sorted(ids)
+  assert all(re.fullmatch(r"t15\.[0-9.]+/trial_[0-9]{4}", t) for t in ids)
+  assert list(ngram.dataset_sentences(synthetic_dir, "val")) == [s for _, s, _ in transcripts]

@@ -327,6 +327,25 @@ def iter_file(
       yield Trial(x, labels, sentence, day, session, block, trial, i, transcription)
 
 
+def split_trial_groups(data_dir: str, split: str, *, hint: str) -> Iterator[tuple[str, str, str, h5py.Group]]:
+  """(session, path, trial name, group) of every trial of one split under a t15 tree, session folders and trials
+  in sorted order, each file open (read-only) while its trials are yielded. For readers of labels and attributes
+  only; `hint` ends the error for a missing `data_dir` (what to pass instead)."""
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"data_dir {data_dir!r} does not exist; {hint}")
+  found = False
+  for session in sorted(os.listdir(data_dir)):
+    path = os.path.join(data_dir, session, f"data_{split}.hdf5")
+    if not os.path.exists(path):
+      continue
+    found = True
+    with h5py.File(path, "r") as f:
+      for name in sorted(k for k in f.keys() if k.startswith("trial_")):
+        yield session, path, name, f[name]
+  if not found:
+    raise FileNotFoundError(f"{data_dir}: no */data_{split}.hdf5 files; is this a t15 data folder?")
+
+
 def session_files(
   data_dir: str,
   sessions: Sequence[str],

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from absl import logging
 
+from b2t_jax.data import t15
 from b2t_jax.decoding import ngram
 from b2t_jax.metrics import sentence_words
 from b2t_jax.vocab import BLANK_ID, PHONEMES, SIL_ID
@@ -161,35 +162,21 @@ def learn_pronunciations(transcripts: Iterable[tuple[str, str, Sequence[int]]]) 
 def dataset_transcripts(data_dir: str, split: str = "train") -> Iterator[tuple[str, str, np.ndarray]]:
   """(trial, sentence, phoneme ids) of every labelled trial of one split: a prepared dataset (read record by
   record) or a t15 tree (HDF5 attributes and labels only, never the features)."""
-  import h5py
-
   from b2t_jax.data import pipeline, prepare  # imports TFDS: only when transcripts are asked for
 
   dataset_dir = prepare.find_dataset_dir(data_dir)
   if dataset_dir is not None:
     yield from pipeline.split_transcripts(dataset_dir, split)
     return
-  if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"data_dir {data_dir!r} does not exist; pass a t15 hdf5_data_final folder")
-  found = False
-  for session in sorted(os.listdir(data_dir)):
-    path = os.path.join(data_dir, session, f"data_{split}.hdf5")
-    if not os.path.exists(path):
-      continue
-    found = True
-    with h5py.File(path, "r") as f:
-      for name in sorted(k for k in f.keys() if k.startswith("trial_")):
-        g = f[name]
-        if "seq_class_ids" not in g or "sentence_label" not in g.attrs or "seq_len" not in g.attrs:
-          raise ValueError(
-            f"{path}: {name}: seq_class_ids, seq_len or sentence_label missing; only labelled splits "
-            "(train, val) teach pronunciations"
-          )
-        v = g.attrs["sentence_label"]
-        sentence = v.decode("utf-8") if isinstance(v, bytes) else str(v)
-        yield f"{session}/{name}", sentence, np.asarray(g["seq_class_ids"][: int(g.attrs["seq_len"])])
-  if not found:
-    raise FileNotFoundError(f"{data_dir}: no */data_{split}.hdf5 files; is this a t15 data folder?")
+  for session, path, name, g in t15.split_trial_groups(data_dir, split, hint="pass a t15 hdf5_data_final folder"):
+    if "seq_class_ids" not in g or "sentence_label" not in g.attrs or "seq_len" not in g.attrs:
+      raise ValueError(
+        f"{path}: {name}: seq_class_ids, seq_len or sentence_label missing; only labelled splits "
+        "(train, val) teach pronunciations"
+      )
+    v = g.attrs["sentence_label"]
+    sentence = v.decode("utf-8") if isinstance(v, bytes) else str(v)
+    yield f"{session}/{name}", sentence, np.asarray(g["seq_class_ids"][: int(g.attrs["seq_len"])])
 
 
 def write_lexicon_file(path: str, learned: LearnedPronunciations, *, only_missing_from_cmudict: bool = True) -> int:

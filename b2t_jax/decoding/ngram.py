@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 from collections.abc import Iterable, Iterator, Sequence
 
-import h5py
 from absl import logging
+
+from b2t_jax.data import t15
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 LOG10_ZERO = -99.0  # ARPA convention for probability 0 (the unigram <s>)
@@ -214,25 +214,12 @@ def dataset_sentences(data_dir: str, split: str = "train") -> Iterator[str]:
   if dataset_dir is not None:
     yield from pipeline.split_sentences(dataset_dir, split)
     return
-  if not os.path.isdir(data_dir):
-    raise FileNotFoundError(
-      f"data_dir {data_dir!r} does not exist; pass the hdf5_data_final folder (or "
-      "--corpus=FILE with one sentence per line)"
-    )
-  found = False
-  for session in sorted(os.listdir(data_dir)):
-    path = os.path.join(data_dir, session, f"data_{split}.hdf5")
-    if not os.path.exists(path):
-      continue
-    found = True
-    with h5py.File(path, "r") as f:
-      for name in sorted(k for k in f.keys() if k.startswith("trial_")):
-        if "sentence_label" not in f[name].attrs:
-          raise ValueError(
-            f"{path}: {name}: attribute 'sentence_label' missing; the {split} split has no "
-            "sentences (the test split is unlabelled)"
-          )
-        v = f[name].attrs["sentence_label"]
-        yield v.decode("utf-8") if isinstance(v, bytes) else str(v)
-  if not found:
-    raise FileNotFoundError(f"{data_dir}: no */data_{split}.hdf5 files; is this a t15 data folder?")
+  hint = "pass the hdf5_data_final folder (or --corpus=FILE with one sentence per line)"
+  for _, path, name, g in t15.split_trial_groups(data_dir, split, hint=hint):
+    if "sentence_label" not in g.attrs:
+      raise ValueError(
+        f"{path}: {name}: attribute 'sentence_label' missing; the {split} split has no sentences (the test "
+        "split is unlabelled)"
+      )
+    v = g.attrs["sentence_label"]
+    yield v.decode("utf-8") if isinstance(v, bytes) else str(v)
