@@ -122,11 +122,12 @@ class Trial:
     return int(self.features.shape[0])
 
 
-def _decode_str(v) -> str:
+def decode_str(v) -> str:
+  """An HDF5 string attribute (bytes, str or a 0-d array of either, as h5py returns them) as str."""
   if isinstance(v, bytes):
     return v.decode("utf-8")
   if isinstance(v, np.ndarray):
-    return _decode_str(v.item())
+    return decode_str(v.item())
   return str(v)
 
 
@@ -227,7 +228,7 @@ class _TrialReader:
         f"{seq_len} phonemes exceed config.data.max_label_len={self.max_label_len}; raise it",
         "label_too_long",
       )
-    sentence = _decode_str(self.attr(g, name, "sentence_label"))
+    sentence = decode_str(self.attr(g, name, "sentence_label"))
     codes = self.dataset(g, name, "transcription").astype(np.int64).reshape(-1)
     end = int(np.argmax(codes == 0)) if (codes == 0).any() else len(codes)
     transcription = "".join(map(chr, codes[:end]))
@@ -313,7 +314,7 @@ def iter_file(
       try:
         g = f[name]
         x, labels, sentence, transcription, block, trial = reader.read(g, name)
-        sess_attr = _decode_str(reader.attr(g, name, "session"))
+        sess_attr = decode_str(reader.attr(g, name, "session"))
         if sess_attr != session:
           raise reader.fail(
             name, "session", f"says {sess_attr!r} but the file sits in folder {session!r}", "session_mismatch"

@@ -174,9 +174,8 @@ def dataset_transcripts(data_dir: str, split: str = "train") -> Iterator[tuple[s
         f"{path}: {name}: seq_class_ids, seq_len or sentence_label missing; only labelled splits "
         "(train, val) teach pronunciations"
       )
-    v = g.attrs["sentence_label"]
-    sentence = v.decode("utf-8") if isinstance(v, bytes) else str(v)
-    yield f"{session}/{name}", sentence, np.asarray(g["seq_class_ids"][: int(g.attrs["seq_len"])])
+    labels = np.asarray(g["seq_class_ids"][: int(g.attrs["seq_len"])])
+    yield f"{session}/{name}", t15.decode_str(g.attrs["sentence_label"]), labels
 
 
 def write_lexicon_file(path: str, learned: LearnedPronunciations, *, only_missing_from_cmudict: bool = True) -> int:

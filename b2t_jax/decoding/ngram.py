@@ -221,5 +221,4 @@ def dataset_sentences(data_dir: str, split: str = "train") -> Iterator[str]:
         f"{path}: {name}: attribute 'sentence_label' missing; the {split} split has no sentences (the test "
         "split is unlabelled)"
       )
-    v = g.attrs["sentence_label"]
-    yield v.decode("utf-8") if isinstance(v, bytes) else str(v)
+    yield t15.decode_str(g.attrs["sentence_label"])
