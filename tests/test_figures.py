@@ -116,3 +116,18 @@ def test_cpu_model_reads_the_family_from_proc_cpuinfo(tmp_path):
     "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\n"
   )
   assert figures.cpu_model(str(info)) == "AMD EPYC (family 26, model 2)"
+
+
+def test_levers_compare_each_round_with_that_rounds_default():
+  """Rounds drift (here the first is slow for every variant): a variant faster in one round and slower in another
+  is no consistent difference, though its median (1000 ms) is below the default's (1100 ms)."""
+
+  def rec(tag: str, ms: float) -> figures.Record:
+    line = {"tag": tag, "step_ms_median": ms, "quiet": True, "config": "gru_baseline.py", "global_batch": 8}
+    return figures.Record(cmd="", stdout=json.dumps({**line, "time_bins": 500}) + "\n", stderr="", seconds=0.0)
+
+  times = {"default": [1500, 1100, 900], "unroll2": [1450, 1000, 950], "remat": [1800, 1320, 1080]}
+  records = {f"lever_{tag}_{rnd}": rec(tag, ms) for tag, each in times.items() for rnd, ms in enumerate(each)}
+  rows = {row.split(" | ")[0].lstrip("| "): row.split(" | ") for row in figures.table_levers(records).splitlines()}
+  assert rows["`gru_unroll=2`"][1:3] == ["1000 ms (1450 / 1000 / 950)", "no consistent difference (ratios 0.91–1.06)"]
+  assert rows["`gru_remat=True`"][2] == "1.20× slower (ratios 1.20–1.20)"

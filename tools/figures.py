@@ -989,28 +989,43 @@ def run_levers(ctx: Ctx) -> dict[str, Record]:
 
 
 def table_levers(r: dict[str, Record]) -> str:
-  runs: dict[str, list[dict]] = {}
+  """Each variant against the default of the same round: the machine drifts between rounds (the first is often
+  the slowest for every variant), so a ratio of medians taken from different rounds can show a gain that no round
+  shows. A variant whose rounds disagree on the direction is reported as no consistent difference."""
+  runs: dict[str, dict[int, dict]] = {}
   for k in r:
     if k.startswith("lever_"):
       x = json_lines(r[k].stdout)[-1]
-      runs.setdefault(x["tag"], []).append(x)
-  ms = {name: statistics.median(x["step_ms_median"] for x in xs) for name, xs in runs.items()}
+      runs.setdefault(x["tag"], {})[int(k.rsplit("_", 1)[1])] = x
   rows = []
   for name, (_, label, kept) in LEVERS.items():
     if name not in runs:
       continue
-    each = " / ".join(f"{x['step_ms_median']:.0f}" for x in runs[name])
-    ratio = ms[name] / ms["default"]
-    vs = "—" if name == "default" else (f"{ratio:.2f}× slower" if ratio >= 1 else f"{1 / ratio:.2f}× faster")
-    quiet = sum(x["quiet"] for x in runs[name])
-    rows.append([label, f"{ms[name]:.0f} ms ({each})", vs, f"{quiet} of {len(runs[name])}", kept])
-  x = runs["default"][0]
+    xs = [runs[name][rnd] for rnd in sorted(runs[name])]
+    ms = statistics.median(x["step_ms_median"] for x in xs)
+    each = " / ".join(f"{x['step_ms_median']:.0f}" for x in xs)
+    ratios = [runs[name][rnd]["step_ms_median"] / runs["default"][rnd]["step_ms_median"] for rnd in sorted(runs[name])]
+    ratio, span = (
+      statistics.median(ratios),
+      f"ratios {min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else "1 round",
+    )
+    if name == "default":
+      vs = "—"
+    elif all(q > 1 for q in ratios):
+      vs = f"{ratio:.2f}× slower ({span})"
+    elif all(q < 1 for q in ratios):
+      vs = f"{1 / ratio:.2f}× faster ({span})"
+    else:
+      vs = f"no consistent difference ({span})"
+    quiet = sum(x["quiet"] for x in xs)
+    rows.append([label, f"{ms:.0f} ms ({each})", vs, f"{quiet} of {len(xs)}", kept])
+  x = runs["default"][min(runs["default"])]
   return md(
     [
       f"variant ({x['config'].removesuffix('.py')} train step, B={x['global_batch']}, T={x['time_bins']} unless "
       "padded)",
       "step (median of the rounds; each round)",
-      "vs default",
+      "vs default (median over the rounds of the time over that round's default)",
       "quiet rounds",
       "kept?",
     ],
