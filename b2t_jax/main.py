@@ -16,6 +16,7 @@ import json
 import logging as py_logging
 import os
 import sys
+from typing import Any
 
 import jax
 import ml_collections
@@ -169,11 +170,45 @@ def _user_error(e: BaseException) -> BaseException | None:
   return found
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, except that an error a config file raised for the user (e.g. an unknown key of a
-  reference rnn_args.yaml) prints as one `error: ...` line, like every other user error, and exits 1."""
+def _unknown_field(e: BaseException, argv: list[str]) -> str:
+  """The message for a `--config.a.b=v` override naming no field: ConfigDict raises a KeyError (its first line the
+  key, then a "Did you mean" line) wrapped in an AttributeError, outside absl's flag errors."""
+  while e is not None and not (isinstance(e, KeyError) and e.args and isinstance(e.args[0], str)):
+    e = e.__cause__ or e.__context__
+  lines = str(e.args[0]).splitlines() if e is not None else []
+  key = lines[0].strip("'\"") if lines else "?"
+  hint = (
+    " ".join(lines[1:]) or "python -m b2t_jax.main --config=... --config.mode=summary lists none; see the config file"
+  )
+  named = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
+  where = named[0] if named else "a --config.FIELD override"
+  return f"{where}: the config has no field {key!r}. {hint}"
+
+
+def _load_error(config: Any) -> str | None:
+  """ml_collections defers a config file that cannot be loaded (missing, unreadable) to the first attribute read,
+  where it raises OSError with a traceback; this reads one and returns the message for the user, or None."""
+  if config is None:
+    return None
   try:
-    return flags.FLAGS(argv)
+    getattr(config, "mode", None)  # the first read raises what loading the file deferred
+  except OSError as e:
+    cause = e.__cause__ or e
+    detail = str(cause).strip().splitlines()[-1].strip()
+    return (
+      f"--config={flags.FLAGS['config'].config_filename}: the config file cannot be loaded ({detail}); a relative "
+      "path is read from the current directory (run from the checkout's root, or give an absolute path)"
+    )
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that a fault in the config or its overrides prints as one `error: ...` line, like
+  every other user error, and exits 1: an error a config file raised for the user (e.g. an unknown key of a
+  reference rnn_args.yaml, an unknown `configs/demo.py:RECIPE`), a config file that cannot be loaded, and an
+  override that names no field."""
+  try:
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
     user = _user_error(e)
     if user is not None:
@@ -181,6 +216,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     else:  # as absl reports it
       print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
     sys.exit(1)
+  except (AttributeError, KeyError) as e:
+    print(f"error: {_unknown_field(e, argv)}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  message = _load_error(_CONFIG.value)
+  if message is not None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  return rest
 
 
 def main(argv):

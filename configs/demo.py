@@ -11,6 +11,7 @@ the demo-size experiments chose for it (RECIPES; README, "Recipes, by experiment
 `--config.model.encoder=ENCODER` alone changes the stack only.
 """
 
+from b2t_jax.config_check import ConfigError
 from configs import default
 
 # What the demo-size experiments chose per encoder, beyond the shared defaults (seed 10, 900 steps, val PER).
@@ -24,7 +25,7 @@ RECIPES = {
 def get_config(encoder: str = ""):
   """The demo config; `encoder` (the `:ENCODER` of --config=configs/demo.py:ENCODER): that encoder's recipe."""
   if encoder and encoder not in RECIPES:
-    raise ValueError(f"configs/demo.py:{encoder}: expected one of {', '.join(RECIPES)} (or nothing, the GRU demo)")
+    raise ConfigError(f"configs/demo.py:{encoder}: expected one of {', '.join(RECIPES)} (or nothing, the GRU demo)")
   c = default.get_config()
   c.model.kind = "triple"
   c.model.patch_features = 16  # Dense(512 -> 16) before patching: noise GRU width 14 * 16 = 224

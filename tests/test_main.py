@@ -271,15 +271,19 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path, pre
   [
     (["--config.data.on_bad_trial=skpi"], "error: invalid config (fix these flags or the config file):"),
     (["--config.data.data_dir=/nonexistent/t15"], "error: "),
+    (["--config.train.num_step=5"], "error: --config.train.num_step: the config has no field 'num_step'. Did you"),
+    (["--config=configs/demo.py:bad"], "error: configs/demo.py:bad: expected one of gru, transformer, mamba2"),
+    (["--config=configs/missing.py"], "error: --config=configs/missing.py: the config file cannot be loaded ([Errno"),
   ],
-  ids=["bad-config", "missing-data"],
+  ids=["bad-config", "missing-data", "misspelt-override", "unknown-recipe", "missing-config-file"],
 )
 def test_user_errors_exit_1_with_one_error_line_and_no_traceback(tmp_path, flags, message):
   """What a scheduler and a user see of a fault b2t_jax knows: status 1 (not a crash's), one `error:` line on
   stderr naming the problem, no traceback, and nothing written into the workdir."""
   work = tmp_path / "work"
+  config = [] if flags[0].startswith("--config=") else ["--config=configs/demo.py"]
   p = subprocess.run(
-    [sys.executable, "-m", "b2t_jax.main", "--config=configs/demo.py", f"--workdir={work}", *flags],
+    [sys.executable, "-m", "b2t_jax.main", *config, f"--workdir={work}", *flags],
     cwd=ROOT,
     env=_env(1),
     capture_output=True,
