@@ -95,7 +95,7 @@ def test_intermediate_ctc_heads_condition_the_stream_and_enter_the_loss(encoder)
   assert np.abs(np.asarray(full(bumped)["logits"]) - np.asarray(out["logits"])).max() > 1e-3
 
   labels = np.array([[3, 5, 40, 7, 0], [9, 40, 0, 0, 0], [1, 2, 3, 4, 40]], np.int32)
-  label_lens, input_lens = np.array([4, 2, 5]), np.array([12, 9, 11])
+  label_lens, input_lens = np.array([4, 2, 5], np.int32), np.array([12, 9, 11], np.int32)  # as the pipeline feeds them
   loss, aux = losses.decoder_loss(
     out, input_lens, labels, label_lens, jnp.ones(3), noisy_weight=0.2, noise_l2_weight=0.0, intermediate_weight=0.3
   )
