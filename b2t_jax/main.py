@@ -12,9 +12,11 @@ training, unreadable checkpoints, bad data).
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging as py_logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -23,6 +25,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+from ml_collections.config_flags import config_path
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import config_check, evaluation, reference_args, train
@@ -170,35 +173,67 @@ def _user_error(e: BaseException) -> BaseException | None:
   return found
 
 
-def _unknown_field(e: BaseException, argv: list[str]) -> str:
-  """The message for a `--config.a.b=v` override naming no field: ConfigDict raises a KeyError (its first line the
-  key, then a "Did you mean" line) wrapped in an AttributeError, outside absl's flag errors."""
-  while e is not None and not (isinstance(e, KeyError) and e.args and isinstance(e.args[0], str)):
-    e = e.__cause__ or e.__context__
-  lines = str(e.args[0]).splitlines() if e is not None else []
-  key = lines[0].strip("'\"") if lines else "?"
-  hint = (
-    " ".join(lines[1:]) or "python -m b2t_jax.main --config=... --config.mode=summary lists none; see the config file"
-  )
-  named = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
-  where = named[0] if named else "a --config.FIELD override"
-  return f"{where}: the config has no field {key!r}. {hint}"
+def _config_argument(argv: list[str]) -> str | None:
+  """The value of `--config` in `argv` (as config_flags reads it: `--config=PATH` or `--config PATH`), or None."""
+  for i, arg in enumerate(argv):
+    flag, eq, value = arg.partition("=")
+    if flag in ("--config", "-config"):
+      return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+  return None
 
 
-def _load_error(config: Any) -> str | None:
+def _load_error(config: Any, path: str) -> str | None:
   """ml_collections defers a config file that cannot be loaded (missing, unreadable) to the first attribute read,
   where it raises OSError with a traceback; this reads one and returns the message for the user, or None."""
-  if config is None:
-    return None
   try:
     getattr(config, "mode", None)  # the first read raises what loading the file deferred
   except OSError as e:
-    cause = e.__cause__ or e
-    detail = str(cause).strip().splitlines()[-1].strip()
+    detail = str(e.__cause__ or e).strip().splitlines()[-1].strip()
     return (
-      f"--config={flags.FLAGS['config'].config_filename}: the config file cannot be loaded ({detail}); a relative "
-      "path is read from the current directory (run from the checkout's root, or give an absolute path)"
+      f"--config={path}: the config file cannot be loaded ({detail}); a relative path is read from the current "
+      "directory (run from the checkout's root, or give an absolute path)"
     )
+  return None
+
+
+def _override_error(config: ml_collections.ConfigDict, field: str) -> str | None:
+  """Why `--config.FIELD` names nothing in `config` (a missing field, with the nearest names; or a field below a
+  value that is not a group of fields), or None if it names a field."""
+  try:
+    config_path.get_value(field, config)
+    return None
+  except Exception:  # noqa: BLE001 - any failure to resolve the path is the user's override
+    pass
+  node, done = config, []
+  for part in field.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"--config.{field}: {'.'.join(done)} is a {type(node).__name__}, not a group of fields"
+    if part not in node:
+      near = difflib.get_close_matches(part, list(node.keys()), n=3)
+      where = f"config.{'.'.join(done)}" if done else "the config"
+      hint = f"; did you mean {' or '.join('--config.' + '.'.join([*done, m]) for m in near)}?" if near else ""
+      return f"--config.{field}: {where} has no field {part!r}{hint}"
+    node, done = node[part], [*done, part]
+  return f"--config.{field}: not a field of the config"
+
+
+def _diagnose(argv: list[str]) -> str | None:
+  """After flag parsing failed outside absl's flag errors: the user's fault in the config flags, as one message
+  (the config file cannot be loaded; an override names no field), or None when the fault is elsewhere (a bug in a
+  config file's get_config, which is re-raised with its traceback)."""
+  path = _config_argument(argv)
+  if path is None:
+    return None
+  config = flags.FLAGS["config"].parser.parse(path)  # the config flag's own loader; raises what the file raises
+  load = _load_error(config, path)
+  if load is not None:
+    return load
+  for arg in argv:
+    m = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    if m:
+      problem = _override_error(config, m.group(1))
+      if problem is not None:
+        return problem
   return None
 
 
@@ -206,7 +241,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, except that a fault in the config or its overrides prints as one `error: ...` line, like
   every other user error, and exits 1: an error a config file raised for the user (e.g. an unknown key of a
   reference rnn_args.yaml, an unknown `configs/demo.py:RECIPE`), a config file that cannot be loaded, and an
-  override that names no field."""
+  override that names no field. Any other failure keeps its traceback."""
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
@@ -216,10 +251,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     else:  # as absl reports it
       print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
     sys.exit(1)
-  except (AttributeError, KeyError) as e:
-    print(f"error: {_unknown_field(e, argv)}", file=sys.stderr, flush=True)
+  except (AttributeError, KeyError, OSError):  # raised while applying overrides, outside absl's flag errors
+    try:
+      message = _diagnose(argv)
+    except Exception:  # noqa: BLE001 - re-reading the config failed too: the original error, with its traceback
+      message = None
+    if message is None:
+      raise
+    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
-  message = _load_error(_CONFIG.value)
+  path = _config_argument(argv)
+  message = _load_error(_CONFIG.value, path) if path is not None else None
   if message is not None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)

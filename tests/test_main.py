@@ -271,11 +271,27 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path, pre
   [
     (["--config.data.on_bad_trial=skpi"], "error: invalid config (fix these flags or the config file):"),
     (["--config.data.data_dir=/nonexistent/t15"], "error: "),
-    (["--config.train.num_step=5"], "error: --config.train.num_step: the config has no field 'num_step'. Did you"),
+    (
+      ["--config.train.num_step=5"],
+      "error: --config.train.num_step: config.train has no field 'num_step'; did you mean --config.train.num_steps?",
+    ),
+    (
+      ["--config.optim.lr_peak.x=1"],
+      "error: --config.optim.lr_peak.x: optim.lr_peak is a float, not a group of fields",
+    ),
     (["--config=configs/demo.py:bad"], "error: configs/demo.py:bad: expected one of gru, transformer, mamba2"),
     (["--config=configs/missing.py"], "error: --config=configs/missing.py: the config file cannot be loaded ([Errno"),
+    (["--config=configs/missing.py", "--config.train.num_steps=5"], "error: --config=configs/missing.py: the config"),
   ],
-  ids=["bad-config", "missing-data", "misspelt-override", "unknown-recipe", "missing-config-file"],
+  ids=[
+    "bad-config",
+    "missing-data",
+    "misspelt-override",
+    "override-below-a-value",
+    "unknown-recipe",
+    "missing-config-file",
+    "missing-config-file-and-an-override",
+  ],
 )
 def test_user_errors_exit_1_with_one_error_line_and_no_traceback(tmp_path, flags, message):
   """What a scheduler and a user see of a fault b2t_jax knows: status 1 (not a crash's), one `error:` line on
@@ -295,3 +311,19 @@ def test_user_errors_exit_1_with_one_error_line_and_no_traceback(tmp_path, flags
   assert len(errors) == 1 and errors[0].startswith(message), p.stderr[-2000:]
   assert "Traceback" not in p.stderr and p.stdout == ""
   assert not work.exists() or not any(work.iterdir()) or sorted(os.listdir(work)) == []
+
+
+def test_a_bug_in_a_config_file_keeps_its_traceback(tmp_path):
+  """A KeyError inside a config's own get_config is a bug, not a misspelt override: it is not passed off as one."""
+  config = tmp_path / "buggy.py"
+  config.write_text("from configs import demo\n\n\ndef get_config():\n  return demo.get_config().model.hiddn\n")
+  p = subprocess.run(
+    [sys.executable, "-m", "b2t_jax.main", f"--config={config}", "--config.train.num_steps=5", f"--workdir={tmp_path}"],
+    cwd=ROOT,
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert p.returncode == 1 and "Traceback" in p.stderr and f'{config}", line 5, in get_config' in p.stderr
+  assert not [line for line in p.stderr.splitlines() if line.startswith("error:")], p.stderr[-2000:]

@@ -1001,10 +1001,11 @@ def table_levers(r: dict[str, Record]) -> str:
   for name, (_, label, kept) in LEVERS.items():
     if name not in runs:
       continue
-    xs = [runs[name][rnd] for rnd in sorted(runs[name])]
+    rounds = sorted(set(runs[name]) & set(runs["default"]))  # a round without its default has nothing to pair
+    xs = [runs[name][rnd] for rnd in rounds]
     ms = statistics.median(x["step_ms_median"] for x in xs)
     each = " / ".join(f"{x['step_ms_median']:.0f}" for x in xs)
-    ratios = [runs[name][rnd]["step_ms_median"] / runs["default"][rnd]["step_ms_median"] for rnd in sorted(runs[name])]
+    ratios = [runs[name][rnd]["step_ms_median"] / runs["default"][rnd]["step_ms_median"] for rnd in rounds]
     ratio, span = (
       statistics.median(ratios),
       f"ratios {min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else "1 round",
