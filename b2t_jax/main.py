@@ -174,7 +174,8 @@ def _user_error(e: BaseException) -> BaseException | None:
 
 
 def _config_argument(argv: list[str]) -> str | None:
-  """The value of `--config` in `argv` (as config_flags reads it: `--config=PATH` or `--config PATH`), or None."""
+  """The value of `--config` in `argv` (`--config=PATH` or `--config PATH`), or None: for a parse that failed, when
+  the config flag has not recorded its argument."""
   for i, arg in enumerate(argv):
     flag, eq, value = arg.partition("=")
     if flag in ("--config", "-config"):
@@ -260,7 +261,8 @@ def parse_flags(argv: list[str]) -> list[str]:
       raise
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
-  path = _config_argument(argv)
+  # Parsed: the config flag knows its own argument (and, given twice, the one it used).
+  path = config_flags.get_config_filename(flags.FLAGS["config"]) if _CONFIG.value is not None else None
   message = _load_error(_CONFIG.value, path) if path is not None else None
   if message is not None:
     print(f"error: {message}", file=sys.stderr, flush=True)

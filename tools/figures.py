@@ -1006,10 +1006,8 @@ def table_levers(r: dict[str, Record]) -> str:
     ms = statistics.median(x["step_ms_median"] for x in xs)
     each = " / ".join(f"{x['step_ms_median']:.0f}" for x in xs)
     ratios = [runs[name][rnd]["step_ms_median"] / runs["default"][rnd]["step_ms_median"] for rnd in rounds]
-    ratio, span = (
-      statistics.median(ratios),
-      f"ratios {min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else "1 round",
-    )
+    ratio = statistics.median(ratios)
+    span = f"ratios {min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else "1 round"
     if name == "default":
       vs = "—"
     elif all(q > 1 for q in ratios):
