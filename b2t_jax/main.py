@@ -174,13 +174,14 @@ def _user_error(e: BaseException) -> BaseException | None:
 
 
 def _config_argument(argv: list[str]) -> str | None:
-  """The value of `--config` in `argv` (`--config=PATH` or `--config PATH`), or None: for a parse that failed, when
-  the config flag has not recorded its argument."""
+  """The value of `--config` in `argv` (`--config=PATH` or `--config PATH`; the last one, as absl takes it), or
+  None: for a parse that failed, when the config flag has not recorded its argument."""
+  found = None
   for i, arg in enumerate(argv):
     flag, eq, value = arg.partition("=")
     if flag in ("--config", "-config"):
-      return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-  return None
+      found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+  return found
 
 
 def _load_error(config: Any, path: str) -> str | None:

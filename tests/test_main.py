@@ -282,6 +282,10 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path, pre
     (["--config=configs/demo.py:bad"], "error: configs/demo.py:bad: expected one of gru, transformer, mamba2"),
     (["--config=configs/missing.py"], "error: --config=configs/missing.py: the config file cannot be loaded ([Errno"),
     (["--config=configs/missing.py", "--config.train.num_steps=5"], "error: --config=configs/missing.py: the config"),
+    (  # given twice, absl takes the last --config: the missing file is the fault, not the override
+      ["--config=configs/demo.py", "--config=configs/missing.py", "--config.trian.num_steps=5"],
+      "error: --config=configs/missing.py: the config",
+    ),
   ],
   ids=[
     "bad-config",
@@ -291,6 +295,7 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path, pre
     "unknown-recipe",
     "missing-config-file",
     "missing-config-file-and-an-override",
+    "config-given-twice",
   ],
 )
 def test_user_errors_exit_1_with_one_error_line_and_no_traceback(tmp_path, flags, message):
