@@ -78,17 +78,26 @@ PROFILE_WARMUP = 2  # steps of a run never traced: the first compiles the step, 
 class _Profile:
   """config.train.profile_steps > 0: a trace of that many steps, from the run's step start + PROFILE_WARMUP on,
   written by jax.profiler to WORKDIR/plugins/profile/<run>/ (TensorBoard's Profile tab and XProf read it there,
-  beside the metrics). Process 0 only: several processes on one host would write the same file name."""
+  beside the metrics). Process 0 only: several processes on one host would write the same file name.
 
-  def __init__(self, workdir: str, start: int, n_steps: int):
+  Python function calls are traced only with `python=True` (config.train.profile_python): XLA's Python tracer
+  walks every thread's state to install itself, and on Python 3.11 that crashes the process (SIGSEGV) when a
+  thread that is not Python's (tensorstore's under orbax, for one) enters Python at the same moment
+  (tests/test_train.py::test_profiling_survives_native_threads_entering_python)."""
+
+  def __init__(self, workdir: str, start: int, n_steps: int, python: bool = False):
     self.workdir, self.first, self.stop = workdir, start + PROFILE_WARMUP, start + PROFILE_WARMUP + n_steps
     self.enabled = n_steps > 0 and jax.process_index() == 0
     self.active = False
+    self.options = jax.profiler.ProfileOptions()
+    self.options.python_tracer_level = int(python)
 
   def before(self, step: int) -> None:
     if self.enabled and step == self.first:
       logging.info("profiling steps %d..%d into %s/plugins/profile", self.first + 1, self.stop, self.workdir)
-      jax.profiler.start_trace(self.workdir)
+      if self.options.python_tracer_level:
+        logging.warning("train.profile_python: XLA's Python tracer can crash this process (SIGSEGV); see _Profile")
+      jax.profiler.start_trace(self.workdir, profiler_options=self.options)
       self.active = True
 
   def annotation(self, step: int):
@@ -181,7 +190,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t_log, step_log = time.time(), start
   real_bins = padded_bins = 0  # this process's rows in the log window: trial bins, and bins after padding
   preempted = False
-  profile = _Profile(workdir, start, tc.profile_steps)
+  profile = _Profile(workdir, start, tc.profile_steps, tc.profile_python)
   try:
     if d.loader == "grain":  # the same batches, built by Grain transforms in worker processes
       loader = grain_loader.TrainBatches(train_split, config, start, tc.num_steps)

@@ -97,6 +97,7 @@ ADDED_LATER = {
   "data.loader": "threads",
   "data.grain_workers": 2,
   "train.profile_steps": 0,
+  "train.profile_python": False,
 }
 # Each encoder's sub-config: compared only when the run uses that encoder (model.encoder, itself compared).
 ENCODER_SECTIONS = {"transformer": "model.transformer.", "mamba2": "model.mamba2."}

@@ -171,6 +171,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.lock_heartbeat_s = 30.0  # seconds between refreshes of WORKDIR/lock
   t.lock_stale_s = 600.0  # a lock not refreshed for this long is taken over (its run is dead)
   t.profile_steps = 0  # trace this many steps (after the run's first 2, which compile) into WORKDIR/plugins/profile
+  t.profile_python = False  # also trace Python calls (XLA's Python tracer: can segfault on Python 3.11, see train.py)
 
   c.eval = ev = ml_collections.ConfigDict()
   ev.out_dir = ""  # mode=eval writes metrics.json and skipped_trials.json here; "" = WORKDIR/eval

@@ -1,8 +1,11 @@
 """The jitted train step over a mesh, resume, preemption and the full-size TPU step's compilation."""
 
 import dataclasses
+import glob
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,6 +19,8 @@ from b2t_jax.data import pipeline, prepare, sampler
 from b2t_jax.optim import DAY_PARAMS, DayAdamState
 from b2t_jax.sharding import create_mesh
 from configs import tpu_v4
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _batches(config, n):
@@ -244,3 +249,61 @@ def test_unreadable_latest_checkpoint_falls_back_to_previous(tiny, tmp_path, cap
     state = ckpts.restore(exp.abstract_state())
   assert int(state.step) == 2
   assert "unreadable" in caplog.text
+
+
+# Native threads (pthreads with no Python thread state, as tensorstore's under orbax) calling into Python while
+# the run's profiler starts and stops its traces. argv: workdir, reps, profile_python.
+_PROFILE_UNDER_NATIVE_THREADS = """
+import ctypes, sys, threading
+import jax, jax.numpy as jnp
+from b2t_jax import train
+workdir, reps, python = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "True"
+libc = ctypes.CDLL(None)
+ENTRY = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
+enter_python = ENTRY(lambda _: sum(range(50)) and None)  # each call: a new thread state, made without the GIL
+libc.pthread_create.argtypes = [ctypes.POINTER(ctypes.c_ulong), ctypes.c_void_p, ENTRY, ctypes.c_void_p]
+libc.pthread_join.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
+done = threading.Event()
+def spawn():
+  while not done.is_set():
+    ids = [ctypes.c_ulong() for _ in range(4)]
+    for t in ids:
+      libc.pthread_create(ctypes.byref(t), None, enter_python, None)
+    for t in ids:
+      libc.pthread_join(t.value, None)
+spawners = [threading.Thread(target=spawn) for _ in range(2)]
+for t in spawners:
+  t.start()
+x = jnp.ones((32, 32))
+for _ in range(reps):
+  profile = train._Profile(workdir, 0, 1, python)
+  profile.before(train.PROFILE_WARMUP)
+  with profile.annotation(train.PROFILE_WARMUP):
+    y = x @ x
+  profile.after(train.PROFILE_WARMUP, y)
+done.set()
+for t in spawners:
+  t.join()
+print("traced", reps)
+"""
+
+
+def test_profiling_survives_native_threads_entering_python(tmp_path):
+  """A run's profile (config.train.profile_steps) while threads that are not Python's enter Python, as orbax's
+  tensorstore threads do: 300 traces started and stopped, the process alive and each trace written. XLA's Python
+  tracer (config.train.profile_python=True) crashed this process with SIGSEGV within 200 traces in each of 8
+  tries on Python 3.11 (jaxlib 0.10.2); it also crashed a CI run in the Grain training test."""
+  from configs import default
+
+  python = default.get_config().train.profile_python
+  p = subprocess.run(
+    [sys.executable, "-c", _PROFILE_UNDER_NATIVE_THREADS, str(tmp_path), "300", str(python)],
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+  assert p.stdout.split() == ["traced", "300"]
+  assert len(glob.glob(str(tmp_path / "plugins" / "profile" / "*" / "*.xplane.pb"))) >= 1
