@@ -81,8 +81,8 @@ class _Profile:
   beside the metrics). Process 0 only: several processes on one host would write the same file name.
 
   Python function calls are traced only with `python=True` (config.train.profile_python): XLA's Python tracer
-  walks every thread's state to install itself, and on Python 3.11 that crashes the process (SIGSEGV) when a
-  thread that is not Python's (tensorstore's under orbax, for one) enters Python at the same moment
+  walks every thread's state to install and to remove itself, and on Python 3.11 that can crash the process
+  (SIGSEGV) when a thread that is not Python's (tensorstore's under orbax, for one) enters Python at that moment
   (tests/test_train.py::test_profiling_survives_native_threads_entering_python)."""
 
   def __init__(self, workdir: str, start: int, n_steps: int, python: bool = False):

@@ -267,39 +267,42 @@ done = threading.Event()
 def spawn():
   while not done.is_set():
     ids = [ctypes.c_ulong() for _ in range(4)]
-    for t in ids:
-      libc.pthread_create(ctypes.byref(t), None, enter_python, None)
+    for t in ids:  # a thread not created would be joined as thread 0, a segfault of its own
+      if libc.pthread_create(ctypes.byref(t), None, enter_python, None):
+        raise OSError("pthread_create failed")
     for t in ids:
       libc.pthread_join(t.value, None)
 spawners = [threading.Thread(target=spawn) for _ in range(2)]
 for t in spawners:
   t.start()
 x = jnp.ones((32, 32))
-for _ in range(reps):
-  profile = train._Profile(workdir, 0, 1, python)
-  profile.before(train.PROFILE_WARMUP)
-  with profile.annotation(train.PROFILE_WARMUP):
-    y = x @ x
-  profile.after(train.PROFILE_WARMUP, y)
-done.set()
-for t in spawners:
-  t.join()
+try:
+  for _ in range(reps):
+    profile = train._Profile(workdir, 0, 1, python)
+    profile.before(train.PROFILE_WARMUP)
+    with profile.annotation(train.PROFILE_WARMUP):
+      y = x @ x
+    profile.after(train.PROFILE_WARMUP, y)
+finally:  # an error here ends the spawners too, so that it is reported instead of a hang
+  done.set()
+  for t in spawners:
+    t.join()
 print("traced", reps)
 """
 
 
 def test_profiling_survives_native_threads_entering_python(tmp_path):
   """A run's profile (config.train.profile_steps) while threads that are not Python's enter Python, as orbax's
-  tensorstore threads do: 300 traces started and stopped, the process alive and each trace written. XLA's Python
-  tracer (config.train.profile_python=True) crashed this process with SIGSEGV within 200 traces in each of 8
-  tries on Python 3.11 (jaxlib 0.10.2); it also crashed a CI run in the Grain training test."""
+  tensorstore threads do: 300 traces started and stopped, the process alive and traces written. With XLA's Python
+  tracer on (config.train.profile_python=True) this test failed with SIGSEGV in 5 of 5 tries on Python 3.11
+  (jaxlib 0.10.2); the tracer also crashed a CI run of the Grain training test."""
   from configs import default
 
   python = default.get_config().train.profile_python
   p = subprocess.run(
     [sys.executable, "-c", _PROFILE_UNDER_NATIVE_THREADS, str(tmp_path), "300", str(python)],
-    cwd=ROOT,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    cwd=tmp_path,  # a crash's core file, if the system writes one, lands here
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "PYTHONFAULTHANDLER": "1"},
     capture_output=True,
     text=True,
     timeout=300,
