@@ -18,7 +18,7 @@ from b2t_jax import evaluation, experiment, main, sharding, train
 from b2t_jax.data import pipeline, prepare, sampler
 from b2t_jax.optim import DAY_PARAMS, DayAdamState
 from b2t_jax.sharding import create_mesh
-from configs import tpu_v4
+from configs import default, tpu_v4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -296,8 +296,6 @@ def test_profiling_survives_native_threads_entering_python(tmp_path):
   tensorstore threads do: 300 traces started and stopped, the process alive and traces written. With XLA's Python
   tracer on (config.train.profile_python=True) this test failed with SIGSEGV in 5 of 5 tries on Python 3.11
   (jaxlib 0.10.2); the tracer also crashed a CI run of the Grain training test."""
-  from configs import default
-
   python = default.get_config().train.profile_python
   p = subprocess.run(
     [sys.executable, "-c", _PROFILE_UNDER_NATIVE_THREADS, str(tmp_path), "300", str(python)],
