@@ -191,14 +191,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   real_bins = padded_bins = 0  # this process's rows in the log window: trial bins, and bins after padding
   preempted = False
   profile = _Profile(workdir, start, tc.profile_steps, tc.profile_python)
+  loader = None
   try:
     if d.loader == "grain":  # the same batches, built by Grain transforms in worker processes
       loader = grain_loader.TrainBatches(train_split, config, start, tc.num_steps)
     else:
       read = functools.partial(pipeline.train_host_batch, train_split, config)
       loader = batching.Prefetcher(read, range(start, tc.num_steps), d.prefetch, d.prefetch_workers)
-    with _Preemption(start) as preempt, loader as batches:
-      for step, batch in batches:
+    with _Preemption(start) as preempt:
+      for step, batch in loader:
         shapes_seen.add(batch["features"].shape[1])
         real_bins += int(batch["n_time_steps"].sum())
         padded_bins += batch["features"].shape[0] * batch["features"].shape[1]
@@ -268,6 +269,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   finally:
     profile.end()  # a run shorter than the window, or an error: stop the trace here
     ckpts.wait()
+    if loader is not None:  # after the saves: no checkpoint is being written while Grain's workers are torn down
+      loader.close()
     writer.flush()
   ckpts.close()
   step = int(jax.device_get(state.step))

@@ -1,7 +1,10 @@
 """The Grain input pipeline gives the thread pipeline's batches byte for byte; training on it, with a profile."""
 
+import gc
 import glob
 import os
+import time
+from multiprocessing import shared_memory
 
 import pytest
 from conftest import tiny_config
@@ -54,3 +57,42 @@ def test_training_on_grain_takes_the_same_steps_and_writes_a_profile(prepared_di
   assert out["step"] == 3 and out["train"]["loss"] == float(m["loss"])  # log_every=1: the loss of step 2
   traces = glob.glob(str(tmp_path / "plugins" / "profile" / "*" / "*.xplane.pb"))
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+
+
+@pytest.mark.slow
+def test_shared_memory_is_closed_once(tiny, monkeypatch):
+  """Two worker processes put each batch in shared memory, a block per array. Over a pass through the batches,
+  its close and a garbage collection (as the training loop's end brings about), no block is finalized while still
+  open (Grain's own thread closes it then too, and one of the two closes can hit a descriptor another thread has
+  just opened: CI's 'fsync ... Bad file descriptor' in an orbax save; see TrainBatches), no close fails, and every
+  block ends closed and unlinked."""
+  tiny.data.grain_workers, tiny.data.prefetch_workers = 2, 1
+  finalized_open, failed = [], []
+  real_close, real_del = os.close, shared_memory.SharedMemory.__del__
+
+  def close(fd):
+    try:
+      real_close(fd)
+    except OSError as e:
+      failed.append((fd, e.errno))
+      raise
+
+  def finalize(self):
+    if self.buf is not None:
+      finalized_open.append(self.name)
+    real_del(self)
+
+  monkeypatch.setattr(os, "close", close)
+  monkeypatch.setattr(shared_memory.SharedMemory, "__del__", finalize)
+  names = set()
+  with grain_loader.TrainBatches(_split(tiny), tiny, 0, 6) as batches:
+    for _, batch in batches:
+      names |= {v.shm.name for v in batch.values()}  # names only: a reference to a block would keep it alive
+  assert len(names) == 6 * 6  # six arrays a batch, each in its own block
+  del batch, batches
+  gc.collect()
+  deadline = time.monotonic() + 10
+  while any(os.path.exists(f"/dev/shm/{n}") for n in names) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert not [n for n in names if os.path.exists(f"/dev/shm/{n}")]
+  assert finalized_open == [] and failed == []

@@ -10,8 +10,10 @@ batch k is byte-identical to the thread pipeline's, and a resume at step k start
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Iterator
+from multiprocessing import shared_memory
 
 import grain
 import jax
@@ -21,6 +23,10 @@ from absl import flags
 
 from b2t_jax.data import batching, sampler, t15
 from b2t_jax.data.pipeline import DataSplit, rows_per_process
+
+# The shared-memory blocks of TrainBatches that closed before Grain had closed them (see TrainBatches): kept
+# reachable until it has, whatever becomes of their arrays.
+_still_open: list[shared_memory.SharedMemory] = []
 
 
 class _Plan:
@@ -135,7 +141,15 @@ class TrainBatches:
   """Iterates `(step, host batch)` for steps start .. stop - 1 through the Grain pipeline: batches are built
   ahead by `config.data.grain_workers` worker processes (0: threads of this process), each with
   `config.data.prefetch_workers` threads, about `config.data.prefetch` batches ahead in all. Use it as a
-  context manager (or call `close()`): it stops the worker processes."""
+  context manager (or call `close()`): it stops the worker processes.
+
+  With worker processes, each batch's arrays lie in shared memory (a `SharedMemory` block per array), and when an
+  array is deleted Grain closes its block on a thread of its own. When the cyclic garbage collector deletes an
+  array, it finalizes the array's block in the same pass, on this thread: both threads then close the block's file
+  descriptor, and the second close can hit a descriptor another thread has just opened (an orbax checkpoint's
+  directory: 'fsync ... Bad file descriptor'). Grain's prefetch threads leave their last batches in such cycles.
+  So every block is held here until Grain has closed it (`_hold`), which keeps it out of the collector's pass, and
+  `close()` collects those cycles at once (tests/test_grain_loader.py::test_shared_memory_is_closed_once)."""
 
   def __init__(self, split: DataSplit, config: ml_collections.ConfigDict, start: int, stop: int, **process):
     d = config.data
@@ -149,14 +163,27 @@ class TrainBatches:
       per_worker = max(1, math.ceil(d.prefetch / d.grain_workers))
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.grain_workers, per_worker_buffer_size=per_worker))
     self._it = iter(ds)
+    self._held: list[shared_memory.SharedMemory] = []
 
   def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    return zip(range(self.start, self.stop), self._it)
+    for step, batch in zip(range(self.start, self.stop), self._it):
+      self._hold(batch)
+      yield step, batch
+
+  def _hold(self, batch: dict[str, np.ndarray]) -> None:
+    """Keeps the batch's shared-memory blocks reachable until closed (`buf` is None once closed)."""
+    self._held = [s for s in self._held if s.buf is not None]
+    self._held += [s for v in batch.values() if isinstance(s := getattr(v, "shm", None), shared_memory.SharedMemory)]
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)
     if close is not None:
       close()
+    if self._held:
+      self._it = None
+      gc.collect()  # the batches Grain's finished threads still reference: deleted now, while their blocks are held
+      _still_open[:] = [s for s in _still_open + self._held if s.buf is not None]
+      self._held = []
 
   def __enter__(self):
     return self
