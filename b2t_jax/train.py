@@ -267,11 +267,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           logging.warning("stopped at step %d on SIGTERM; rerun the same command to resume", done)
           break
   finally:
-    profile.end()  # a run shorter than the window, or an error: stop the trace here
-    ckpts.wait()
-    if loader is not None:  # after the saves: no checkpoint is being written while Grain's workers are torn down
-      loader.close()
-    writer.flush()
+    try:
+      profile.end()  # a run shorter than the window, or an error: stop the trace here
+      ckpts.wait()
+    finally:
+      if loader is not None:  # after the saves: no checkpoint is being written while Grain's workers are torn down
+        loader.close()
+      writer.flush()
   ckpts.close()
   step = int(jax.device_get(state.step))
   if preempted:

@@ -24,8 +24,8 @@ from absl import flags
 from b2t_jax.data import batching, sampler, t15
 from b2t_jax.data.pipeline import DataSplit, rows_per_process
 
-# The shared-memory blocks of TrainBatches that closed before Grain had closed them (see TrainBatches): kept
-# reachable until it has, whatever becomes of their arrays.
+# Shared-memory blocks still open when their TrainBatches was closed (see TrainBatches): kept reachable until their
+# close has begun, whatever becomes of their arrays.
 _still_open: list[shared_memory.SharedMemory] = []
 
 
@@ -145,11 +145,14 @@ class TrainBatches:
 
   With worker processes, each batch's arrays lie in shared memory (a `SharedMemory` block per array), and when an
   array is deleted Grain closes its block on a thread of its own. When the cyclic garbage collector deletes an
-  array, it finalizes the array's block in the same pass, on this thread: both threads then close the block's file
-  descriptor, and the second close can hit a descriptor another thread has just opened (an orbax checkpoint's
-  directory: 'fsync ... Bad file descriptor'). Grain's prefetch threads leave their last batches in such cycles.
-  So every block is held here until Grain has closed it (`_hold`), which keeps it out of the collector's pass, and
-  `close()` collects those cycles at once (tests/test_grain_loader.py::test_shared_memory_is_closed_once)."""
+  array, it finalizes the array's block in the same pass, on the collecting thread: both threads then close the
+  block's file descriptor, and the second close can hit a descriptor another thread has just opened (an orbax
+  checkpoint's directory: 'fsync ... Bad file descriptor'). Grain's prefetch threads leave their last batches in
+  such cycles. So every block that reaches this iterator is held here until its close has begun (`_hold`), which
+  keeps it out of the collector's pass, and `close()` collects those cycles at once
+  (tests/test_grain_loader.py::test_shared_memory_is_closed_once). Not covered: a batch Grain had built but this
+  iterator never yielded, left in such a cycle when the loop stops a few steps before its end (preemption, an
+  error); the training loop closes the loader after its last save, so no checkpoint is written meanwhile."""
 
   def __init__(self, split: DataSplit, config: ml_collections.ConfigDict, start: int, stop: int, **process):
     d = config.data
@@ -171,19 +174,22 @@ class TrainBatches:
       yield step, batch
 
   def _hold(self, batch: dict[str, np.ndarray]) -> None:
-    """Keeps the batch's shared-memory blocks reachable until closed (`buf` is None once closed)."""
+    """Keeps the batch's shared-memory blocks reachable until their close has begun (`buf` is None from then on;
+    dropping a block then is safe: Grain's thread holds it until its close returns)."""
     self._held = [s for s in self._held if s.buf is not None]
     self._held += [s for v in batch.values() if isinstance(s := getattr(v, "shm", None), shared_memory.SharedMemory)]
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)
-    if close is not None:
-      close()
-    if self._held:
-      self._it = None
-      gc.collect()  # the batches Grain's finished threads still reference: deleted now, while their blocks are held
-      _still_open[:] = [s for s in _still_open + self._held if s.buf is not None]
-      self._held = []
+    try:
+      if close is not None:
+        close()
+    finally:
+      if self._held:
+        self._it = None
+        gc.collect()  # the batches Grain's finished threads still reference: deleted now, their blocks held
+        _still_open[:] = [s for s in _still_open + self._held if s.buf is not None]
+        self._held = []
 
   def __enter__(self):
     return self
