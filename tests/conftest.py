@@ -112,6 +112,7 @@ from b2t_jax.data.synthetic import make_synthetic_dataset  # noqa: E402
 from b2t_jax.data.t15 import T15_SESSIONS  # noqa: E402
 from configs import demo  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 IN_CHILD = "B2T_TEST_ISOLATED_CHILD"  # set in the child process that runs an `isolated` test
 # In an isolated test's child a collective waits at most this long for its peers: steps of the tests' tiny models
 # take well under a second, so a peer this late is in another collective (the deadlock above), not slow.

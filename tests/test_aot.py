@@ -1,16 +1,14 @@
 """Ahead-of-time compilation with the TPU compiler (libtpu) for a TPU slice this machine does not have."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import TINY_SIZES, as_flags, tiny_config
+from conftest import ROOT, TINY_SIZES, as_flags, tiny_config
 
 from b2t_jax import aot, summary
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICE = "v5e-4"  # 4 single-core chips (v5e:2x2), 16 GiB each: the smallest multi-chip slice
 
 

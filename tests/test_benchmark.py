@@ -10,13 +10,11 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import cpu_env
+from conftest import ROOT, cpu_env
 
 from b2t_jax import summary
 from b2t_jax.models import create_model
 from configs import default
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("kind,patch_features", [("gru", 0), ("triple", 0), ("gru", 24), ("triple", 24)])

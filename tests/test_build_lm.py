@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from b2t_jax.decoding import lexicon, ngram
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ["A b.", "a B", "", "b"]  # normalised to: a b / a b / b (the empty line is skipped)
 
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY_SIZES, as_flags, cpu_env, load_hdf5_split
+from conftest import ROOT, TINY_SIZES, as_flags, cpu_env, load_hdf5_split
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import evaluation, experiment, vocab
@@ -16,8 +16,6 @@ from b2t_jax import metrics as metrics_lib
 from b2t_jax.data import pipeline, t15
 from b2t_jax.decoding import ngram
 from b2t_jax.patching import n_patches
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import os
 import subprocess
 
 import pytest
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "launch_tpu_pod.sh")
 # Writes its argv (NUL-separated) to the next numbered file in $RECORD; `mkdir` keeps the numbering race-free.
 RECORDER = """#!/usr/bin/env bash

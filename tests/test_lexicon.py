@@ -7,12 +7,12 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from conftest import ROOT
 from test_decoding import emissions
 
 from b2t_jax.decoding import beam_search, lexicon
 from b2t_jax.vocab import PHONEMES, SIL_ID
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ID = {p: i for i, p in enumerate(PHONEMES)}
 ZORBLAT = "Z AO R B L AE T"  # a word CMUdict lacks
 ZORBLAT_VARIANT = "Z AO R B L AH T"

@@ -14,14 +14,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_SIZES, as_flags, best_meta, cpu_env
+from conftest import ROOT, TINY_SIZES, as_flags, best_meta, cpu_env
 from test_train import assert_same_updates
 
 from b2t_jax import checkpoint as ckpt_lib
 from b2t_jax import experiment, train
 from configs import demo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The test-size demo of the command-line tests: the peak LR from step 0 (the demo's 50-step warm-up would leave the
 # three steps at LR ~0, so that runs that should differ would not).
 TINY_OVERRIDES = {

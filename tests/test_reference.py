@@ -15,7 +15,7 @@ import optax
 import pytest
 import torch
 import yaml
-from conftest import cpu_env
+from conftest import ROOT, cpu_env
 from test_torch_import import TorchGRUDecoder, TorchTriple, _load_config
 
 from b2t_jax import checkpoint as ckpt_lib
@@ -30,7 +30,6 @@ from b2t_jax.torch_import.export import CheckpointExportError, export_workdir, r
 from configs import default
 from configs import reference_yaml as reference_yaml_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_VAL = {0, 28, 32, 33}  # the released file's dataset_probability_val zeros (sessions without val data)
 
 # The released model_training/rnn_args.yaml (NEJM 2024, commit 980a5b7): its full key set and values, comments

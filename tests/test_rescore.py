@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from test_decoding import _lm, arpa_log10, emissions
 
 from b2t_jax.decoding import beam_search, lexicon, rescore
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["i", "red", "read", "a", "book", "car"]
 PRON = {"i": "AY", "red": "R EH D", "read": "R EH D", "a": "AH", "book": "B UH K", "car": "K AA R"}
 

@@ -6,9 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY_SIZES, best_meta
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, TINY_SIZES, best_meta
 
 
 def test_launch_script_dry_run_prints_the_gcloud_commands():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch  # a plain import: the [test] extra installs torch, so a missing one fails the suite, never skips it
 import yaml
-from conftest import cpu_env
+from conftest import ROOT, cpu_env
 from torch import nn as tnn
 
 from b2t_jax import checkpoint as ckpt_lib
@@ -24,7 +24,6 @@ from b2t_jax.experiment import Experiment, open_data
 from b2t_jax.torch_import import CheckpointImportError, import_checkpoint, state_dict_to_params
 from configs import default
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_DAYS, FEATURES, HIDDEN, LAYERS, CLASSES, SIZE, STRIDE = 3, 512, 32, 2, 41, 14, 4
 
 

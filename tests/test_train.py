@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from test_losses import frames_needed, hand_batch
 
 from b2t_jax import checkpoint as ckpt_lib
@@ -19,8 +19,6 @@ from b2t_jax.data import pipeline, prepare, sampler
 from b2t_jax.optim import DAY_PARAMS, DayAdamState
 from b2t_jax.sharding import create_mesh
 from configs import default, tpu_v4
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _batches(config, n):
@@ -295,7 +293,7 @@ def test_profiling_survives_native_threads_entering_python(tmp_path):
   """A run's profile (config.train.profile_steps) while threads that are not Python's enter Python, as orbax's
   tensorstore threads do: 300 traces started and stopped, the process alive and traces written. With XLA's Python
   tracer on (config.train.profile_python=True) this test failed with SIGSEGV in 5 of 5 tries on Python 3.11
-  (jaxlib 0.10.2); the tracer also crashed a CI run of the Grain training test."""
+  (jaxlib 0.10.2)."""
   python = default.get_config().train.profile_python
   p = subprocess.run(
     [sys.executable, "-c", _PROFILE_UNDER_NATIVE_THREADS, str(tmp_path), "300", str(python)],
